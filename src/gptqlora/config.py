@@ -1,0 +1,218 @@
+"""The one typed configuration tree.
+
+Every default is written once, here. The command line (``cli.py``) is derived from these dataclasses:
+each field becomes ``--field-name`` (``--field_name`` is accepted too) with the field's ``help`` as its
+description. Validation lives in ``__post_init__`` so a bad value fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_HUB_DATASET = "openai/gsm8k"
+
+# Names of the decoder-block linears, in the order true-sequential GPTQ quantizes them: each inner list is
+# one stage whose inputs are collected after the previous stage is quantized.
+ATTN_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP_TARGETS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ALL_TARGETS = ATTN_TARGETS + MLP_TARGETS
+
+
+def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, aliases: tuple[str, ...] = (),
+        factory: Any = None) -> Any:
+    """A dataclass field carrying its CLI help (the field's docstring), choices and extra flag spellings."""
+    meta = {"help": help, "choices": choices, "aliases": aliases}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text (docstring) of one field of a config dataclass."""
+    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
+
+
+def default_data_source() -> str:
+    """``$GSM8K_DIR`` when set, else the hub dataset id."""
+    return os.environ.get("GSM8K_DIR") or DEFAULT_HUB_DATASET
+
+
+def resolve_targets(targets: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Turn a target spec into block-relative module names.
+
+    Args:
+        targets: ``"attn"`` (q/k/v/o), ``"mlp"``, ``"all"`` (every linear in a block), a comma-separated
+            list or a list of names; short names (``q_proj``) are completed to ``self_attn.q_proj``.
+    Returns:
+        The names, in true-sequential order.
+    Raises:
+        ValueError: for a name that is not a LLaMA block linear.
+    """
+    if isinstance(targets, str):
+        presets = {"attn": ATTN_TARGETS, "mlp": MLP_TARGETS, "all": ALL_TARGETS}
+        if targets in presets:
+            return presets[targets]
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    out = []
+    for t in targets:
+        full = next((name for name in ALL_TARGETS if name == t or name.split(".")[-1] == t), None)
+        if full is None:
+            raise ValueError(f"unknown quantization target {t!r}: use 'attn', 'mlp', 'all' or a comma-separated list "
+                             f"of {', '.join(n.split('.')[-1] for n in ALL_TARGETS)}")
+        if full not in out:
+            out.append(full)
+    if not out:
+        raise ValueError("no quantization targets given: use 'attn', 'mlp', 'all' or a list such as 'q_proj,v_proj'")
+    return tuple(n for n in ALL_TARGETS if n in out)
+
+
+@dataclass
+class ModelConfig:
+    model: str = opt(DEFAULT_MODEL, "Model: the alias 'smollm2-135m' (embedded), a local Hugging Face or gptqlora "
+                                    "directory, or a hub id such as meta-llama/Llama-2-7b-hf.")
+    dtype: str = opt("auto", "Compute dtype: 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32' or 'bfloat16'.",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = opt("auto", "Device: 'auto' (cuda when available), 'cpu' or 'cuda'.")
+    cache_dir: str | None = opt(None, "Where the embedded model is cached as safetensors "
+                                      "(default $GPTQLORA_CACHE or ~/.cache/gptqlora).")
+
+
+@dataclass
+class QuantConfig:
+    method: str = opt("gptq", "Quantization method: 'gptq' or round-to-nearest 'rtn' (the baseline).",
+                      choices=("gptq", "rtn"))
+    bits: int = opt(4, "Bits per weight.", choices=(2, 3, 4, 8))
+    group_size: int = opt(64, "Columns sharing one scale and zero; -1 for one group per row.")
+    sym: bool = opt(True, "Symmetric grid (zero fixed at the middle); --asym for a free zero point.",
+                    aliases=("--asym",))
+    act_order: bool = opt(False, "GPTQ act-order (desc_act): quantize columns by descending Hessian diagonal.")
+    static_groups: bool = opt(False, "Compute every group's scale and zero from the original weights up front.")
+    damp_percent: float = opt(0.01, "Damping added to the Hessian diagonal, as a fraction of its mean.")
+    block_size: int = opt(128, "GPTQ lazy-update block size (columns).")
+    true_sequential: bool = opt(True, "Quantize a block's linears stage by stage ([k,v,q] -> o -> [up,gate] -> down), "
+                                      "each stage calibrated on the outputs of the quantized previous ones.")
+    targets: str = opt("attn", "Linears to quantize: 'attn' (q/k/v/o), 'mlp', 'all', or a comma list "
+                               "such as 'q_proj,v_proj'.")
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits={self.bits} is not supported: choose 2, 3, 4 or 8")
+        if self.group_size == 0 or self.group_size < -1:
+            raise ValueError(f"group_size={self.group_size} is invalid: use -1 (one group per row) or a positive size "
+                             "such as 32, 64 or 128")
+        if self.method not in ("gptq", "rtn"):
+            raise ValueError(f"method={self.method!r} is unknown: use 'gptq' or 'rtn'")
+        if not 0 < self.damp_percent < 1:
+            raise ValueError(f"damp_percent={self.damp_percent} must be in (0, 1); 0.01 is the usual value")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size={self.block_size} must be positive (128 is usual)")
+        resolve_targets(self.targets)
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        return resolve_targets(self.targets)
+
+
+@dataclass
+class DataConfig:
+    data: str = opt(None, "GSM8K source: a directory with train.jsonl/test.jsonl or a hub dataset id "
+                          "(default $GSM8K_DIR when set, else openai/gsm8k).", factory=default_data_source)
+    prompt_style: str = opt("auto", "Prompt format: 'plain' (base models), 'chat' (the tokenizer's chat template) "
+                                    "or 'auto' (chat when the tokenizer has a template).",
+                            choices=("auto", "plain", "chat"))
+    calib_samples: int = opt(128, "Number of calibration sequences.")
+    calib_seqlen: int = opt(512, "Tokens per calibration sequence.")
+    calib_text: str | None = opt(None, "A UTF-8 text file to calibrate on instead of GSM8K train.")
+    seed: int = opt(0, "Seed for sampling calibration data and everything random.")
+
+    def __post_init__(self) -> None:
+        if self.calib_samples <= 0 or self.calib_seqlen <= 0:
+            raise ValueError(f"calib_samples={self.calib_samples} and calib_seqlen={self.calib_seqlen} must be positive")
+        if self.calib_text is not None and not os.path.isfile(self.calib_text):
+            raise FileNotFoundError(f"calibration text file {self.calib_text!r} does not exist: give a path to a "
+                                    "UTF-8 text file, or leave --calib-text out to calibrate on GSM8K train")
+
+
+LORA_TARGET_RE = re.compile(r"^[\w.,|*\\()\[\]^$+?-]+$")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = opt(16, "LoRA rank.", aliases=("--lora-r", "--rank"))
+    alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --rslora).",
+                       aliases=("--lora-alpha",))
+    dropout: float = opt(0.05, "Dropout on the LoRA input.", aliases=("--lora-dropout",))
+    lora_targets: str = opt("attn", "Modules to adapt: 'attn' (q/k/v/o), 'mlp', 'all', a comma list of names, "
+                                    "or a regex over full module names prefixed 're:'.")
+    rslora: bool = opt(False, "Rank-stabilised scaling alpha/sqrt(r).")
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"LoRA rank r={self.r} must be positive (8 or 16 are usual)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
+
+
+@dataclass
+class TrainConfig:
+    out: str = opt("checkpoints", "Output directory: quantized_base/, lora_adapter/, training checkpoints and logs.")
+    epochs: float = opt(1.0, "Passes over the training examples (ignored when --max-steps is set).")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
+    batch_size: int = opt(2, "Examples per micro-batch.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.", aliases=("--gradient-accumulation-steps",))
+    lr: float = opt(2e-4, "Peak learning rate (AdamW).", aliases=("--learning-rate",))
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    warmup_steps: int = opt(10, "Linear warmup steps before cosine decay.")
+    min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).")
+    max_length: int = opt(256, "Tokens per training example (prompt + solution), truncated beyond.")
+    train_limit: int | None = opt(None, "Use only the first N (shuffled) training examples.")
+    eval_holdout: int = opt(64, "Training examples held out for periodic eval loss.")
+    eval_every: int = opt(50, "Steps between held-out evaluations.")
+    save_every: int = opt(50, "Steps between training checkpoints.")
+    log_every: int = opt(1, "Steps between metric lines in metrics.jsonl.")
+    gradient_checkpointing: bool = opt(True, "Recompute block activations in the backward pass to save memory.")
+    bf16: bool | None = opt(None, "bf16 autocast (default: when the hardware supports it).")
+    resume: bool = opt(False, "Continue from the last training checkpoint in --out.")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_length", "eval_every", "save_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps={self.max_steps} must be positive")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs={self.epochs} must be positive")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be positive")
+
+
+@dataclass
+class EvalConfig:
+    split: str = opt("test", "GSM8K split to evaluate.", choices=("train", "test"))
+    limit: int | None = opt(None, "Evaluate the first N questions only.")
+    eval_batch_size: int = opt(8, "Questions per generation batch.")
+    max_new_tokens: int = opt(256, "Generation budget per answer.")
+    shots: int = opt(0, "Fixed few-shot exemplars from the train split placed before the question (for base models).")
+    samples: int = opt(0, "Self-consistency: sampled solutions per question, majority-voted (0 = greedy only).")
+    temperature: float = opt(0.7, "Sampling temperature for self-consistency.")
+    top_p: float = opt(0.95, "Nucleus sampling threshold for self-consistency.")
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"limit={self.limit} must be positive")
+        if self.eval_batch_size <= 0 or self.max_new_tokens <= 0:
+            raise ValueError("eval batch size and max_new_tokens must be positive")
+        if self.shots < 0 or self.samples < 0:
+            raise ValueError("shots and samples must be >= 0")
+        if self.samples and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"self-consistency needs temperature > 0 and 0 < top_p <= 1 "
+                             f"(got {self.temperature}, {self.top_p})")

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny seeded models and a tiny byte-level tokenizer, so unit tests run in seconds offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K_DIR = Path(os.environ.get("GSM8K_DIR", REPO.parent / "shared" / "data" / "gsm8k")).resolve()
+
+SMOLLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tiny_tokenizer(chat_template: bool = True):
+    """A byte-level tokenizer (256 byte tokens + 3 specials); pad == eos, as in the embedded SmolLM2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    if chat_template:
+        tok.chat_template = SMOLLM_CHAT_TEMPLATE
+    return tok
+
+
+def make_tiny_llama(num_layers: int = 2, hidden: int = 64, intermediate: int = 128, vocab: int = 259, seed: int = 0):
+    """A seeded random LlamaForCausalLM with SmolLM2's shape ratios (GQA, tied embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=257, eos_token_id=258,
+                         pad_token_id=258)
+    model = LlamaForCausalLM(config).eval()
+    return model
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def gsm8k_dir() -> Path:
+    if not (GSM8K_DIR / "train.jsonl").is_file():
+        pytest.fail(f"GSM8K not found at {GSM8K_DIR}: set GSM8K_DIR to the directory holding train.jsonl/test.jsonl")
+    return GSM8K_DIR
