@@ -1,0 +1,1 @@
+"""GSM8K data: loading, prompts, the training dataset and calibration samples."""
