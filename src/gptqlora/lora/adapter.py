@@ -1,0 +1,230 @@
+"""Save and load LoRA adapters in PEFT's format, which PEFT and vLLM read.
+
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors``; tensor keys are
+``base_model.model.<module>.lora_A.weight`` [r, in] and ``...lora_B.weight`` [out, r]. Only safetensors is
+read or written: a pickle (``adapter_model.bin``) could run code on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gptqlora.lora.layer import (PEFT_PREFIX, LoRALinear, adapter_state_dict, find_targets, get_adapter_params,
+                                 inject_lora_layers, is_linear, linear_layer_names, lora_modules)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_KEY_RE = re.compile(re.escape(PEFT_PREFIX) + r"(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight")
+# Config fields whose non-default values would change the computation in ways we do not implement.
+_UNSUPPORTED = {"rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None,
+                "fan_in_fan_out": False, "lora_bias": False, "layer_replication": None}
+
+
+def _shared(modules: dict[str, LoRALinear], attr: str) -> Any:
+    """The value of ``attr`` common to every LoRA layer; PEFT's per-layer patterns are not written."""
+    values = {getattr(m, attr) for m in modules.values()}
+    if len(values) != 1:
+        raise ValueError(f"LoRA layers differ in {attr} ({sorted(values)}): one adapter file needs one value")
+    return values.pop()
+
+
+def _target_modules(model: nn.Module, adapted: list[str]) -> list[str] | str:
+    """Sorted short names (``["k_proj", "q_proj"]``) when they select exactly the adapted layers, else a regex.
+
+    PEFT matches a list as suffixes of module names and a string with ``re.fullmatch``; the regex of full
+    names keeps an adapter on, say, layer 0 only from being re-created on every layer when loaded.
+    """
+    short = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    selected = {n for n in linear_layer_names(model) if n.rsplit(".", 1)[-1] in short}
+    if selected == set(adapted):
+        return short
+    return "|".join(re.escape(n) for n in sorted(adapted))
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str,
+                 lora_config_extra: dict[str, Any] | None = None) -> Path:
+    """Write the model's LoRA weights and config as a PEFT adapter directory.
+
+    The files are staged in a temporary directory next to ``out_dir`` and moved in with ``os.replace``,
+    so an existing adapter is never left half-overwritten (the weights move before the config).
+
+    Args:
+        model: a model carrying ``LoRALinear`` layers.
+        out_dir: the adapter directory (created if needed).
+        base_model_name_or_path: what the adapter was trained on (a hub id or path), recorded for loaders.
+        lora_config_extra: extra or overriding ``adapter_config.json`` fields (e.g. ``{"revision": "main"}``).
+    Returns:
+        ``out_dir`` as a Path.
+    Raises:
+        ValueError: if the model has no LoRA layers or its layers differ in r, alpha, dropout or rslora.
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("the model has no LoRA layers to save: call inject_lora_layers or load_adapter first")
+    alpha = float(_shared(modules, "alpha"))
+    config: dict[str, Any] = {
+        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "layer_replication": None, "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+        "lora_alpha": int(alpha) if alpha.is_integer() else alpha, "lora_dropout": _shared(modules, "dropout_p"),
+        "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None, "peft_type": "LORA",
+        "r": _shared(modules, "r"), "rank_pattern": {}, "revision": None,
+        "target_modules": _target_modules(model, list(modules)), "task_type": "CAUSAL_LM", "use_dora": False,
+        "use_rslora": _shared(modules, "use_rslora"),
+    }
+    config.update(lora_config_extra or {})
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(adapter_state_dict(model), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if not out.exists():
+            os.replace(staging, out)  # the whole directory appears at once
+        else:
+            # Keep other files in an existing directory (README, tokenizer); replace ours one by one.
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``adapter_config.json`` of a PEFT LoRA adapter directory.
+
+    Raises:
+        FileNotFoundError: if the directory or either adapter file is missing.
+        ValueError: for an unreadable config, a non-LoRA adapter, DoRA, a trained bias, or other PEFT
+            features gptqlora does not implement.
+    """
+    d = Path(adapter_dir)
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (d / n).is_file()]
+    if missing:
+        hint = (f"; {d / 'adapter_model.bin'} is a pickle, which is not loaded for safety: re-save it with "
+                "safetensors (PEFT's save_pretrained(safe_serialization=True))"
+                if (d / "adapter_model.bin").is_file() else "")
+        where = "" if d.is_dir() else " (the directory does not exist)"
+        raise FileNotFoundError(f"{d} is not a PEFT LoRA adapter directory{where}: expected {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME}, missing {', '.join(missing)}{hint}")
+    path = d / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are supported")
+    if config.get("use_dora"):
+        raise ValueError(f"{path}: use_dora is true; DoRA adapters are not supported, only plain LoRA")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias is {config['bias']!r}; only bias 'none' is supported (as in vLLM)")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if config.get(key) is None:
+            raise ValueError(f"{path}: the field {key!r} is missing")
+    for key, default in _UNSUPPORTED.items():
+        if config.get(key, default) not in (default, None, {}, False):
+            raise ValueError(f"{path}: {key}={config[key]!r} is not supported by gptqlora; "
+                             f"only adapters with {key}={default!r} can be loaded")
+    return config
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (never a pickle), with a clear error for a damaged file."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read {path}: the file is truncated or corrupt ({e}); save the adapter again") from e
+
+
+def _targets_from_config(target_modules: list[str] | str) -> list[str] | str:
+    """PEFT's target_modules as our targets: a list is matched as name suffixes, a string is a full-match regex."""
+    if isinstance(target_modules, str):
+        return "all" if target_modules == "all-linear" else "re:" + target_modules
+    return list(target_modules)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load a PEFT LoRA adapter into ``model``, injecting ``LoRALinear`` layers first if it has none.
+
+    Everything is checked before the model is changed, so a failed load leaves it as it was.
+
+    Args:
+        model: the base model the adapter was trained on (float or quantized linears), with or without LoRA.
+        adapter_dir: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        strict: if true, every LoRA layer must receive both of its tensors.
+    Returns:
+        ``model``, with the adapter loaded and only LoRA trainable.
+    Raises:
+        FileNotFoundError, ValueError: see ``read_adapter_config``; also for a damaged weights file, a key whose
+            module this model lacks (an adapter for another base), a shape mismatch, mismatched LoRA
+            hyperparameters on an already-injected model, and (if strict) missing keys.
+    """
+    d = Path(adapter_dir)
+    config = read_adapter_config(d)
+    tensors = _read_tensors(d / WEIGHTS_NAME)
+    base = config.get("base_model_name_or_path")
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    dropout, rslora = float(config.get("lora_dropout", 0.0)), bool(config.get("use_rslora", False))
+
+    existing = lora_modules(model)
+    if existing:
+        for name, m in existing.items():
+            if (m.r, m.alpha, m.use_rslora) != (r, alpha, rslora):
+                raise ValueError(f"{name} already has LoRA with r={m.r}, alpha={m.alpha}, rslora={m.use_rslora} but "
+                                 f"the adapter in {d} has r={r}, lora_alpha={alpha}, use_rslora={rslora}")
+        targets = list(existing)
+    else:
+        try:
+            targets = find_targets(model, _targets_from_config(config["target_modules"]))
+        except ValueError as e:
+            raise ValueError(f"the adapter in {d} (trained for {base}) does not fit this model: {e}") from e
+
+    # Validate every key against the layer it will fill: [r, in] for A, [out, r] for B.
+    found: set[str] = set()
+    for key, t in tensors.items():
+        m = _KEY_RE.fullmatch(key)
+        if m is None:
+            raise ValueError(f"{d / WEIGHTS_NAME}: unexpected key {key!r}; a PEFT LoRA adapter has only "
+                             f"'{PEFT_PREFIX}<module>.lora_A.weight' and '.lora_B.weight' keys")
+        name = m["module"]
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"adapter key {key!r} is for module {name!r}, which this model does not have: the "
+                             f"adapter was trained for another base model ({base})") from None
+        if name not in targets or not (is_linear(module) or isinstance(module, LoRALinear)):
+            raise ValueError(f"adapter key {key!r} is for {name!r}, which is not among the LoRA layers selected by "
+                             f"target_modules={config['target_modules']!r}; the adapter is inconsistent")
+        rank = module.r if isinstance(module, LoRALinear) else r
+        expected = (rank, module.in_features) if m["which"] == "lora_A" else (module.out_features, rank)
+        if tuple(t.shape) != expected:
+            raise ValueError(f"shape mismatch for {key!r}: this model expects {expected} but the adapter has "
+                             f"{tuple(t.shape)}; the adapter was trained for another base model ({base}) or rank")
+        found.add(key)
+    wanted = {f"{PEFT_PREFIX}{n}.{w}.weight" for n in targets for w in ("lora_A", "lora_B")}
+    missing = sorted(wanted - found)
+    if missing and strict:
+        raise ValueError(f"{d / WEIGHTS_NAME} lacks {len(missing)} LoRA tensors, e.g. {missing[:3]}; "
+                         "pass strict=False to leave those layers at their initial (zero) update")
+
+    if not existing:
+        inject_lora_layers(model, targets, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora)
+    params = get_adapter_params(model)
+    with torch.no_grad():
+        for key in found:
+            params[key[len(PEFT_PREFIX):]].copy_(tensors[key])
+    return model

@@ -1,0 +1,217 @@
+"""PEFT-format adapters: fixed key names, round trips, and parity with PEFT's own loader and saver."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gptqlora.lora import adapter as adapter_mod
+from gptqlora.lora.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config, save_adapter
+from gptqlora.lora.layer import adapter_state_dict, inject_lora_layers, lora_modules
+
+from conftest import make_tiny_llama
+
+BASE_NAME = "tiny-llama-seed0"
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def randomize_B(model: nn.Module, std: float = 0.1) -> None:
+    """Give every LoRA layer a non-zero B so the adapter actually changes the outputs."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0, std)
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    ids = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def trained_adapter(tmp_path: Path, targets="attn", use_rslora: bool = False) -> tuple[Path, torch.Tensor]:
+    """Save a non-trivial adapter from the tiny model; return its directory and the adapted model's logits."""
+    model = make_tiny_llama()
+    base_logits = logits(model)
+    inject_lora_layers(model, targets, r=4, alpha=8.0, dropout=0.05, use_rslora=use_rslora)
+    randomize_B(model)
+    model.eval()
+    ours = logits(model)
+    assert not torch.allclose(ours, base_logits, atol=1e-3)  # the adapter is not a no-op
+    return save_adapter(model, tmp_path / "adapter", BASE_NAME), ours
+
+
+def test_peft_key_names_and_shapes_are_fixed(tiny_llama):
+    inject_lora_layers(tiny_llama, "attn", r=4, alpha=8.0)
+    sd = adapter_state_dict(tiny_llama)
+    assert set(sd) == {f"base_model.model.model.layers.{i}.self_attn.{p}.{ab}.weight"
+                       for i in range(2) for p in ATTN for ab in ("lora_A", "lora_B")}
+    # hidden 64; k/v have 2 KV heads of 16 dims each, so 32 outputs.
+    assert sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 64)
+    assert sd["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (64, 4)
+    assert sd["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (32, 4)
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in sd.values())
+
+
+def test_saved_files_and_config(tmp_path):
+    out, _ = trained_adapter(tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert not [p for p in tmp_path.iterdir() if p.name != "adapter"]  # no staging directory left
+    config = json.loads((out / CONFIG_NAME).read_text())
+    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    expected = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": BASE_NAME, "r": 4,
+                "lora_alpha": 8, "lora_dropout": 0.05, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+                "use_dora": False, "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+                "revision": None}
+    assert {k: config[k] for k in expected} == expected
+    tensors = load_file(str(out / WEIGHTS_NAME))
+    assert len(tensors) == 16 and all(t.dtype == torch.float32 for t in tensors.values())
+
+
+def test_config_extra_and_partial_targets(tmp_path):
+    model = make_tiny_llama()
+    inject_lora_layers(model, r"re:model\.layers\.0\.self_attn\.q_proj", r=2, alpha=4.0)
+    out = save_adapter(model, tmp_path / "a", BASE_NAME, {"revision": "main"})
+    config = read_adapter_config(out)
+    assert config["revision"] == "main"
+    # Short names would re-create q_proj on layer 1 too, so the exact modules are written as a regex.
+    assert isinstance(config["target_modules"], str)
+    load_adapter(fresh := make_tiny_llama(), out)
+    assert set(lora_modules(fresh)) == {"model.layers.0.self_attn.q_proj"}
+
+
+def test_round_trip_gives_identical_logits(tmp_path):
+    out, ours = trained_adapter(tmp_path, targets="all")
+    model = load_adapter(make_tiny_llama(), out).eval()
+    assert torch.equal(logits(model), ours)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n in dict(model.named_parameters()) if ".lora_" in n}
+
+
+def test_load_into_already_injected_model(tmp_path):
+    out, ours = trained_adapter(tmp_path)
+    model = make_tiny_llama()
+    inject_lora_layers(model, "attn", r=4, alpha=8.0)
+    assert torch.equal(logits(load_adapter(model, out).eval()), ours)
+    other = make_tiny_llama()
+    inject_lora_layers(other, "attn", r=4, alpha=16.0)
+    with pytest.raises(ValueError, match="alpha"):
+        load_adapter(other, out)
+
+
+@pytest.mark.parametrize("targets, use_rslora", [("attn", False), ("all", True), ("q_proj,v_proj", False),
+                                                 (r"re:model\.layers\.1\.mlp\.(up|down)_proj", False)])
+def test_peft_loads_our_adapter(tmp_path, targets, use_rslora):
+    from peft import PeftModel
+
+    out, ours = trained_adapter(tmp_path, targets, use_rslora)
+    peft_model = PeftModel.from_pretrained(make_tiny_llama(), str(out)).eval()
+    torch.testing.assert_close(logits(peft_model), ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target_modules", [["q_proj", "v_proj", "down_proj"], r".*\.self_attn\.(k|o)_proj",
+                                            "all-linear"])
+def test_we_load_peft_saved_adapters(tmp_path, target_modules):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(make_tiny_llama(), LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1,
+                                                              target_modules=target_modules, task_type="CAUSAL_LM"))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.eval()
+    expected = logits(peft_model)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+
+    model = load_adapter(make_tiny_llama(), tmp_path / "peft").eval()
+    assert len(lora_modules(model)) == sum(1 for n, _ in peft_model.named_parameters() if "lora_A" in n)
+    torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_other_shapes_fail_naming_the_shape(tmp_path):
+    out, _ = trained_adapter(tmp_path)
+    narrow = make_tiny_llama(hidden=32, intermediate=64)
+    with pytest.raises(ValueError, match=r"shape mismatch for 'base_model\.model\.model\.layers\.0\..*\(4, 32\).*"
+                                         r"\(4, 64\)"):
+        load_adapter(narrow, out)
+    assert not lora_modules(narrow)  # a failed load leaves the model untouched
+
+
+def test_missing_module_names_the_module_and_base(tmp_path):
+    out, _ = trained_adapter(tmp_path)
+    with pytest.raises(ValueError, match=rf"model\.layers\.1\.self_attn\.\w+_proj.*does not have.*{BASE_NAME}"):
+        load_adapter(make_tiny_llama(num_layers=1), out)
+
+
+def test_missing_keys_fail_when_strict(tmp_path):
+    out, _ = trained_adapter(tmp_path)
+    tensors = load_file(str(out / WEIGHTS_NAME))
+    dropped = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    del tensors[dropped]
+    save_file(tensors, str(out / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=r"lacks 1 LoRA tensors.*layers\.1\.self_attn\.v_proj\.lora_B"):
+        load_adapter(make_tiny_llama(), out)
+    model = load_adapter(make_tiny_llama(), out, strict=False)
+    assert torch.count_nonzero(model.model.layers[1].self_attn.v_proj.lora_B.weight) == 0
+    assert torch.count_nonzero(model.model.layers[1].self_attn.q_proj.lora_B.weight) > 0
+
+
+def test_not_an_adapter_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a PEFT LoRA adapter directory.*does not exist"):
+        read_adapter_config(tmp_path / "nowhere")
+    (tmp_path / CONFIG_NAME).write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match=f"expected {CONFIG_NAME} and {WEIGHTS_NAME}.*pickle"):
+        load_adapter(make_tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"peft_type": "IA3"}, "peft_type"), ({"use_dora": True}, "DoRA"), ({"bias": "all"}, "bias"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"), ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+])
+def test_unsupported_configs_are_rejected(tmp_path, edit, message):
+    out, _ = trained_adapter(tmp_path)
+    config = json.loads((out / CONFIG_NAME).read_text())
+    (out / CONFIG_NAME).write_text(json.dumps({**config, **edit}))
+    with pytest.raises(ValueError, match=message):
+        load_adapter(make_tiny_llama(), out)
+
+
+def test_corrupt_weights_name_the_file(tmp_path):
+    out, _ = trained_adapter(tmp_path)
+    data = (out / WEIGHTS_NAME).read_bytes()
+    (out / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}.*truncated or corrupt"):
+        load_adapter(make_tiny_llama(), out)
+
+
+def test_failed_save_leaves_existing_adapter_intact(tmp_path, monkeypatch):
+    out, _ = trained_adapter(tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    model = make_tiny_llama()
+    inject_lora_layers(model, "q_proj", r=2, alpha=4.0)
+
+    def crash(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_mod, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, out, BASE_NAME)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    monkeypatch.undo()
+    save_adapter(model, out, BASE_NAME)  # a successful overwrite replaces both files
+    assert read_adapter_config(out)["r"] == 2 and len(load_file(str(out / WEIGHTS_NAME))) == 4
+
+
+def test_save_without_lora_is_an_error(tmp_path, tiny_llama):
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        save_adapter(tiny_llama, tmp_path / "a", BASE_NAME)
