@@ -1,0 +1,1 @@
+"""Evaluation: generation, answer scoring and voting, teacher-forced loss."""
