@@ -74,8 +74,12 @@ def compute_qparams(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
 
 
 def _fp16_representable(scale: Tensor) -> Tensor:
-    # Round to fp16 (what the checkpoint stores), keeping the result strictly positive.
-    return scale.clamp(min=6.2e-5).half().float()
+    # Round up to an fp16 value (what the checkpoint stores): rounding down would shrink the grid below the
+    # group's range and push its extremes more than half a step away.
+    scale = scale.clamp(min=6.2e-5)
+    half = scale.half()
+    up = torch.nextafter(half, torch.tensor(float("inf"), dtype=torch.float16, device=scale.device))
+    return torch.where(half.float() < scale, up, half).float()
 
 
 def quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:

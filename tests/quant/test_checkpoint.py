@@ -1,0 +1,106 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
+
+from gptqlora.config import QuantConfig  # noqa: E402
+from gptqlora.models import load_model  # noqa: E402
+from gptqlora.quant.checkpoint import load_quantized, save_quantized  # noqa: E402
+from gptqlora.quant.driver import quantize_model_weights  # noqa: E402
+from gptqlora.quant.linear import QuantizedLinear  # noqa: E402
+
+
+def quantized_tiny(config: QuantConfig):
+    model = make_tiny_llama()
+    ids = torch.randint(0, 259, (8, 32), generator=torch.Generator().manual_seed(0))
+    quantize_model_weights(model, ids, config, progress=False)
+    return model, ids
+
+
+@pytest.mark.parametrize("config", [QuantConfig(targets="all", group_size=32),
+                                    QuantConfig(targets="attn", group_size=32, act_order=True, sym=False),
+                                    QuantConfig(targets="all", bits=3, group_size=-1)])
+def test_save_load_bit_identical_with_identical_logits(tmp_path, config):
+    model, ids = quantized_tiny(config)
+    save_quantized(model, make_tiny_tokenizer(), tmp_path / "q", config)
+    loaded, tokenizer, qconfig = load_quantized(tmp_path / "q")
+    assert qconfig.target_names == config.target_names and qconfig.bits == config.bits
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert set(ours) == set(theirs)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert tokenizer.eos_token == "<|im_end|>"
+    # load_model recognises the directory and returns QuantizedLinear layers.
+    again, _ = load_model(str(tmp_path / "q"))
+    assert sum(isinstance(m, QuantizedLinear) for m in again.modules()) == 2 * len(config.target_names)
+
+
+def test_config_holds_the_gptq_block(tmp_path):
+    config = QuantConfig(targets="attn", group_size=32)
+    model, _ = quantized_tiny(config)
+    save_quantized(model, None, tmp_path / "q", config)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    block = cfg["quantization_config"]
+    assert block == {k: v for k, v in json.loads((tmp_path / "q" / "quantize_config.json").read_text()).items()
+                     if k != "gptqlora"}
+    assert block["quant_method"] == "gptq" and block["checkpoint_format"] == "gptq" and block["bits"] == 4
+    assert block["modules_in_block_to_quantize"] == [["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+                                                     ["self_attn.o_proj"]]
+    assert block["dynamic"] == {"-:.*\\.mlp\\..*": {}}
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    prefix = "model.layers.0.self_attn.q_proj."
+    assert tensors[prefix + "qweight"].dtype == torch.int32 and tensors[prefix + "qweight"].shape == (8, 64)
+    assert tensors[prefix + "qzeros"].shape == (2, 8) and tensors[prefix + "scales"].dtype == torch.float16
+    assert (tensors[prefix + "qzeros"] == 0x77777777).all()  # symmetric 4-bit: z = 8 stored as 7
+    assert tensors[prefix + "g_idx"].dtype == torch.int32
+    assert "model.layers.0.mlp.up_proj.weight" in tensors  # not quantized: plain weight
+
+
+def test_truncated_file_fails_clearly(tmp_path):
+    config = QuantConfig(targets="attn", group_size=32)
+    model, _ = quantized_tiny(config)
+    save_quantized(model, None, tmp_path / "q", config)
+    f = tmp_path / "q" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_quantized(tmp_path / "q")
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    config = QuantConfig(targets="attn", group_size=32)
+    model, _ = quantized_tiny(config)
+    save_quantized(model, None, tmp_path / "q", config)
+    cfg_path = tmp_path / "q" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["group_size"] = 16  # the stored scales hold 2 groups, the config now implies 4
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"k_proj.qzeros has shape \(2, 4\) but the config implies \(4, 4\)"):
+        load_quantized(tmp_path / "q")
+
+
+def test_missing_tensor_is_reported(tmp_path):
+    config = QuantConfig(targets="attn", group_size=32)
+    model, _ = quantized_tiny(config)
+    save_quantized(model, None, tmp_path / "q", config)
+    f = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(f)
+    del tensors["model.layers.1.self_attn.o_proj.qzeros"]
+    save_file(tensors, f)
+    with pytest.raises(ValueError, match="missing.*o_proj.qzeros"):
+        load_quantized(tmp_path / "q")
+
+
+def test_overwrite_is_atomic(tmp_path):
+    config = QuantConfig(targets="attn", group_size=32)
+    model, _ = quantized_tiny(config)
+    out = save_quantized(model, None, tmp_path / "q", config)
+    save_quantized(model, None, out, config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temporary or old directory left behind
