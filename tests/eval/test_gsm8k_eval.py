@@ -1,0 +1,370 @@
+"""The GSM8K driver: no leakage into prompts, a copying model scores 0 while an oracle scores 1, self-consistency
+wiring, output files, and the quantized-model check."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from torch import nn
+from transformers import LlamaConfig
+
+from gptqlora.config import EvalConfig, QuantConfig
+from gptqlora.data.gsm8k import gold_answer, load_gsm8k, strip_calculator
+from gptqlora.eval import gsm8k_eval
+from gptqlora.eval.gsm8k_eval import (
+    build_eval_prompts,
+    check_quantized,
+    evaluate_gsm8k,
+    fewshot_exemplars,
+    format_number,
+    score_text,
+    vote_samples,
+    write_atomic,
+)
+from gptqlora.eval.scoring import accuracy_with_ci
+
+VOCAB = 259
+EOS = 258  # <|im_end|> in the tiny tokenizer (also its pad)
+NUMBER_RE = re.compile(r"\d[\d,]*(?:\.\d+)?")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def test_entries(gsm8k_dir: Path) -> list[dict]:
+    return load_gsm8k("test", str(gsm8k_dir))
+
+
+@pytest.fixture
+def train_entries(gsm8k_dir: Path) -> list[dict]:
+    return load_gsm8k("train", str(gsm8k_dir))
+
+
+def numbers_in(text: str) -> set[float]:
+    return {float(m.replace(",", "")) for m in NUMBER_RE.findall(text)}
+
+
+class ScriptedLM(nn.Module):
+    """A fake causal LM for our decoding loop: on a batch's first forward it reads each row's prompt ids and asks
+    ``script(prompt_ids)`` for the ids to write; each later forward emits the next scripted id per row (eos after).
+
+    It has a config (the loop builds a KV cache from it) and one parameter (the loop reads the device from it).
+    """
+
+    def __init__(self, script: Callable[[list[int]], list[int]]):
+        super().__init__()
+        self.config = LlamaConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1)
+        self.anchor = nn.Parameter(torch.zeros(1))
+        self.script = script
+        self.scripts: list[list[int]] = []
+        self.step = 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> SimpleNamespace:
+        if input_ids.shape[1] == attention_mask.shape[1]:  # the prompt pass: later passes feed one token
+            self.scripts = [self.script(row[mask.bool()].tolist()) for row, mask in zip(input_ids, attention_mask)]
+            self.step = 0
+        next_ids = [s[self.step] if self.step < len(s) else EOS for s in self.scripts]
+        self.step += 1
+        logits = torch.full((len(next_ids), 1, VOCAB), -1e4)  # [B, 1, V]
+        logits[torch.arange(len(next_ids)), 0, next_ids] = 0.0
+        return SimpleNamespace(logits=logits)
+
+
+def copy_model() -> ScriptedLM:
+    """Re-emits its prompt token by token (eos tokens inside a chat prompt left out, so the copy runs to the end)."""
+    return ScriptedLM(lambda ids: [t for t in ids if t != EOS])
+
+
+def oracle_model(tokenizer, entries: Sequence[dict]) -> ScriptedLM:
+    """Finds the question in its prompt and writes the gold answer line, then junk that the stop rule must cut."""
+
+    def script(ids: list[int]) -> list[int]:
+        prompt = tokenizer.decode(ids)
+        entry = next(e for e in entries if e["question"] in prompt)
+        text = f"Some reasoning.\n#### {format_number(gold_answer(entry))}\nThe answer is 999\n"
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return ScriptedLM(script)
+
+
+def scripted_generate(greedy: dict[str, str], samples: dict[str, list[str]], calls: list[dict]):
+    """Stand-ins for generate/generate_samples that answer each prompt by the question it holds."""
+
+    def lookup(table: dict, prompt: str):
+        return next(v for q, v in table.items() if q in prompt)
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        calls.append({"fn": "generate", "n": len(prompts), **kw})
+        return [lookup(greedy, p) for p in prompts]
+
+    def fake_samples(model, tokenizer, prompts, k, temperature, top_p, seed, **kw):
+        calls.append({"fn": "samples", "n": len(prompts), "k": k, "temperature": temperature, "top_p": top_p,
+                      "seed": seed, **kw})
+        return [lookup(samples, p) for p in prompts]
+
+    return fake_generate, fake_samples
+
+
+# Four made-up questions: greedy gets 1 right (Q1); voting gets 2 right (Q0 by majority, Q3 by a tie to the first).
+SC_ENTRIES = [
+    {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?", "answer": "3+2=5\n#### 5"},
+    {"question": "Ann reads 2 pages a day for 2 days. How many pages?", "answer": "2*2=4\n#### 4"},
+    {"question": "A box holds 6 eggs. How many eggs are in 2 boxes?", "answer": "6*2=12\n#### 12"},
+    {"question": "A car costs $1,000 plus $234 in fees. What is the total?", "answer": "1000+234=1234\n#### 1,234"},
+]
+SC_GREEDY = {e["question"]: t for e, t in zip(SC_ENTRIES, ["#### 6", "so #### 4", "no number here", "#### 1200"])}
+SC_SAMPLES = {e["question"]: t for e, t in zip(SC_ENTRIES, [
+    ["#### 5", "#### 7", "I think 5", "no answer"],  # 5 wins 2:1 -> correct
+    ["#### 3", "#### 4", "#### 4.0", "#### 3"],  # 3 and 4 tie; 3 came first -> wrong
+    ["none", "nothing", "?", "no"],  # nobody answers -> None, wrong
+    ["$1,234.", "#### 99", "#### 1234", "#### 99"],  # 1234 and 99 tie; 1234 came first -> correct
+])}
+
+
+def run_scripted(monkeypatch, tok, samples: int, out_dir=None, batch: int = 3, seed: int = 7):
+    calls: list[dict] = []
+    fake_generate, fake_samples = scripted_generate(SC_GREEDY, SC_SAMPLES, calls)
+    monkeypatch.setattr(gsm8k_eval, "generate", fake_generate)
+    monkeypatch.setattr(gsm8k_eval, "generate_samples", fake_samples)
+    config = EvalConfig(eval_batch_size=batch, max_new_tokens=32, samples=samples, temperature=0.5, top_p=0.9)
+    lines: list[str] = []
+    summary = evaluate_gsm8k(None, tok, SC_ENTRIES, config, style="plain", out_dir=out_dir, log=lines.append,
+                             seed=seed)
+    return summary, lines, calls
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+def test_fewshot_exemplars_are_a_seeded_permutation_prefix():
+    train = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(20)]
+    three = fewshot_exemplars(train, 3, seed=1)
+    assert three == fewshot_exemplars(train, 3, seed=1)
+    assert three == fewshot_exemplars(train, 5, seed=1)[:3]
+    assert len({e["question"] for e in three}) == 3 and all(e in train for e in three)
+    assert three != fewshot_exemplars(train, 3, seed=2)
+    assert three != train[:3]  # shuffled, not the head of the file
+    assert fewshot_exemplars(train, 0) == []
+    three[0]["question"] = "changed"
+    assert all(e["question"] != "changed" for e in train)  # copies: editing an exemplar leaves train alone
+    with pytest.raises(ValueError, match="more exemplars"):
+        fewshot_exemplars(train, 21)
+
+
+def test_build_eval_prompts_passes_only_the_question(monkeypatch, tok):
+    seen = []
+    monkeypatch.setattr(gsm8k_eval, "build_prompt", lambda q, style, tokenizer, exemplars: seen.append(q) or q)
+    entries = [{"question": "Q one?", "answer": "secret\n#### 1"}, {"question": "Q two?", "answer": "secret\n#### 2"}]
+    assert build_eval_prompts(entries, "plain", tok) == ["Q one?", "Q two?"]
+    assert seen == ["Q one?", "Q two?"]  # plain strings, never the entry dict
+
+
+def test_build_eval_prompts_refuses_exemplars_among_the_evaluated(tok):
+    entries = [{"question": "Q one?", "answer": "#### 1"}, {"question": "Q two?", "answer": "#### 2"}]
+    assert build_eval_prompts([{"question": "Q one?"}], "plain", tok) == ["Question: Q one?\nAnswer:"]
+    with pytest.raises(ValueError, match="among the evaluated questions"):
+        build_eval_prompts(entries, "plain", tok, exemplars=[entries[1]])
+
+
+@pytest.mark.parametrize("style", ["plain", "chat"])
+@pytest.mark.parametrize("shots", [0, 2])
+def test_no_solution_leaks_into_prompts(monkeypatch, tok, test_entries, train_entries, style, shots):
+    entries = test_entries[:6]
+    exemplars = fewshot_exemplars(train_entries, shots, seed=0)
+    test_questions = {e["question"] for e in test_entries}
+    train_questions = {e["question"] for e in train_entries}
+    assert all(e["question"] in train_questions and e["question"] not in test_questions for e in exemplars)
+    gold_lines = [e["answer"].strip().splitlines()[-1].strip() for e in entries]
+    # The check below needs exemplar answer lines that differ from the evaluated ones; fail loudly if data changes.
+    assert not {e["answer"].strip().splitlines()[-1].strip() for e in exemplars} & set(gold_lines)
+
+    captured: list[str] = []
+    monkeypatch.setattr(gsm8k_eval, "generate", lambda m, t, prompts, **kw: captured.extend(prompts) or [""] * len(prompts))
+    evaluate_gsm8k(None, tok, entries, EvalConfig(eval_batch_size=4), style=style, exemplars=exemplars,
+                   log=lambda line: None)
+    assert captured == build_eval_prompts(entries, style, tok, exemplars)
+    for entry, prompt, gold_line in zip(entries, captured, gold_lines):
+        assert entry["question"] in prompt
+        assert gold_line.startswith("####") and gold_line not in prompt
+        assert len(re.findall(r"####\s*-?\$?\d", prompt)) == shots  # the exemplars' answer lines, nothing more
+        solution_lines = [ln.strip() for ln in strip_calculator(entry["answer"]).splitlines()]
+        for line in solution_lines:
+            if len(line) > 10 and not line.startswith("####"):
+                assert line not in prompt
+        if style == "chat":
+            assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
+        else:
+            assert prompt.endswith(f"Question: {entry['question']}\nAnswer:")
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+def test_score_text_and_vote_samples():
+    assert score_text("so 3 + 4 = 7\n#### 7", 7.0) == (7.0, True)
+    assert score_text("#### 1,234", 1234.0) == (1234.0, True)
+    assert score_text("no idea", 7.0) == (None, False)
+    assert vote_samples(["#### 2", "#### 3", "#### 3"], 3.0) == ([2.0, 3.0, 3.0], 3.0, True)
+    assert vote_samples(["#### 4", "#### 3", "#### 3", "#### 4"], 3.0)[1:] == (4.0, False)  # tie: first seen wins
+    assert vote_samples(["#### 3", "#### 4", "#### 4", "#### 3"], 3.0)[1:] == (3.0, True)
+    assert vote_samples(["none", "nope"], 3.0) == ([None, None], None, False)
+    assert [format_number(x) for x in (18.0, 70000.0, 2.5, -3.0, None)] == ["18", "70000", "2.5", "-3", "None"]
+
+
+# ---------------------------------------------------------------------------------------------- controls
+
+@pytest.mark.parametrize("style", ["plain", "chat"])
+def test_copying_model_scores_zero_and_oracle_scores_one(tok, test_entries, style):
+    entries = test_entries[:4]
+    for e in entries:  # a copy of the question could only be right if the question held the answer
+        assert gold_answer(e) not in numbers_in(e["question"]), e["question"]
+    prompts = build_eval_prompts(entries, style, tok)
+    budget = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts) + 4
+    config = EvalConfig(eval_batch_size=3, max_new_tokens=budget)
+
+    lines: list[str] = []
+    copied = evaluate_gsm8k(copy_model(), tok, entries, config, style=style, log=lines.append)
+    assert copied["n"] == 4 and copied["greedy"]["correct"] == 0 and copied["greedy"]["accuracy"] == 0.0
+    assert len(lines) == 4
+    for i, (line, e) in enumerate(zip(lines, entries)):
+        assert line.startswith(f"[{i}] ") and f"gold={format_number(gold_answer(e))}" in line
+        assert "predicted=None" not in line  # it copied numbers, wrong ones
+        assert line.endswith(" correct=False")
+
+    oracle_lines: list[str] = []
+    # The oracle also samples, through the real generate_samples (its logits leave sampling no choice); it stops
+    # after a short answer line, so this costs little, unlike sampling a whole copied prompt.
+    config = EvalConfig(eval_batch_size=3, max_new_tokens=budget, samples=2)
+    oracle = evaluate_gsm8k(oracle_model(tok, entries), tok, entries, config, style=style, log=oracle_lines.append)
+    assert oracle["greedy"]["correct"] == 4 and oracle["greedy"]["accuracy"] == 1.0
+    assert oracle["self_consistency"]["accuracy"] == 1.0
+    assert all(" correct=True " in line and line.endswith("voted_correct=True") for line in oracle_lines)
+
+
+def test_copying_model_copies_the_whole_prompt(tok, test_entries, tmp_path):
+    entries = test_entries[:2]
+    prompts = build_eval_prompts(entries, "plain", tok)
+    budget = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts) + 4
+    evaluate_gsm8k(copy_model(), tok, entries, EvalConfig(eval_batch_size=2, max_new_tokens=budget), style="plain",
+                   out_dir=tmp_path, log=lambda line: None)
+    records = [json.loads(ln) for ln in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in records] == prompts  # the zero above is not from a broken fake
+    assert [r["predicted_answer"] for r in records] == [2.0, 2.0]  # last number in each question ($2, 2/2)
+
+
+def test_oracle_output_is_cut_after_the_answer_line(tok, test_entries, tmp_path):
+    entries = test_entries[:2]
+    evaluate_gsm8k(oracle_model(tok, entries), tok, entries, EvalConfig(eval_batch_size=2, max_new_tokens=64),
+                   style="plain", out_dir=tmp_path, log=lambda line: None)
+    records = [json.loads(ln) for ln in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in records] == ["Some reasoning.\n#### 18", "Some reasoning.\n#### 3"]
+
+
+# ---------------------------------------------------------------------------------------------- self-consistency
+
+def test_self_consistency_wiring(monkeypatch, tok):
+    summary, lines, calls = run_scripted(monkeypatch, tok, samples=4)
+    assert summary["n"] == 4
+    acc, lo, hi = accuracy_with_ci([False, True, False, False])
+    assert summary["greedy"] == {"correct": 1, "accuracy": acc, "ci95": [lo, hi]}
+    acc, lo, hi = accuracy_with_ci([True, False, False, True])
+    assert summary["self_consistency"] == {"k": 4, "temperature": 0.5, "top_p": 0.9, "correct": 2, "accuracy": acc,
+                                           "ci95": [lo, hi]}
+    assert lines == [
+        "[0] predicted=6 gold=5 correct=False voted=5 voted_correct=True",
+        "[1] predicted=4 gold=4 correct=True voted=3 voted_correct=False",
+        "[2] predicted=None gold=12 correct=False voted=None voted_correct=False",
+        "[3] predicted=1200 gold=1234 correct=False voted=1234 voted_correct=True",
+    ]
+    # Batches of eval_batch_size; greedy decoding with the answer-line stop; sampling seeded per batch.
+    assert [(c["fn"], c["n"]) for c in calls] == [("generate", 3), ("samples", 3), ("generate", 1), ("samples", 1)]
+    assert all(c["max_new_tokens"] == 32 and c["batch_size"] == 3 and c["stop_after_answer_line"] for c in calls)
+    assert all("temperature" not in c for c in calls if c["fn"] == "generate")  # greedy: generate's default 0
+    assert [(c["k"], c["temperature"], c["top_p"], c["seed"]) for c in calls if c["fn"] == "samples"] == [
+        (4, 0.5, 0.9, 7), (4, 0.5, 0.9, 10)]
+    again, again_lines, _ = run_scripted(monkeypatch, tok, samples=4)
+    assert again_lines == lines and again["self_consistency"] == summary["self_consistency"]
+
+
+def test_greedy_only_makes_no_samples(monkeypatch, tok):
+    summary, lines, calls = run_scripted(monkeypatch, tok, samples=0, batch=8)
+    assert "self_consistency" not in summary and summary["greedy"]["correct"] == 1
+    assert [(c["fn"], c["n"]) for c in calls] == [("generate", 4)]
+    assert all("voted" not in line for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------- output files
+
+def test_predictions_and_summary_files(monkeypatch, tok, tmp_path):
+    out = tmp_path / "new" / "eval"
+    summary, _, _ = run_scripted(monkeypatch, tok, samples=4, out_dir=out)
+    assert sorted(os.listdir(out)) == ["predictions.jsonl", "summary.json"]  # no temp files left behind
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary["generated_tokens"] > 0 and summary["seconds"] >= 0 and summary["shots"] == 0
+    records = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    assert set(records[0]) == {"index", "question", "gold", "prediction", "predicted_answer", "correct", "samples",
+                               "sample_answers", "voted_answer", "voted_correct"}
+    assert records[0]["question"] == SC_ENTRIES[0]["question"] and records[0]["gold"] == 5.0
+    assert records[0]["prediction"] == "#### 6" and records[0]["predicted_answer"] == 6.0
+    assert records[0]["samples"] == SC_SAMPLES[SC_ENTRIES[0]["question"]]
+    assert records[0]["sample_answers"] == [5.0, 7.0, 5.0, None]
+    assert (records[0]["voted_answer"], records[0]["voted_correct"], records[0]["correct"]) == (5.0, True, False)
+    assert records[2]["predicted_answer"] is None and records[2]["voted_answer"] is None
+    assert records[3]["gold"] == 1234.0 and records[3]["voted_answer"] == 1234.0
+
+    run_scripted(monkeypatch, tok, samples=0, out_dir=out)  # overwrites both files
+    records = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and "samples" not in records[0]
+    assert "self_consistency" not in json.loads((out / "summary.json").read_text())
+
+
+def test_write_atomic_keeps_the_old_file_on_failure(monkeypatch, tmp_path):
+    path = tmp_path / "summary.json"
+    write_atomic(path, "old")
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gsm8k_eval.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, "new")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_evaluate_checks_before_generating(monkeypatch, tok):
+    monkeypatch.setattr(gsm8k_eval, "generate", lambda *a, **kw: pytest.fail("generated before checking"))
+    with pytest.raises(ValueError, match="no GSM8K entries"):
+        evaluate_gsm8k(None, tok, [], EvalConfig(), style="plain")
+    with pytest.raises(ValueError, match="#### <number>"):
+        evaluate_gsm8k(None, tok, [{"question": "q?", "answer": "no final line"}], EvalConfig(), style="plain")
+    with pytest.raises(ValueError, match="chat template"):
+        evaluate_gsm8k(None, make_tiny_tokenizer(chat_template=False), SC_ENTRIES, EvalConfig(), style="chat")
+
+
+# ---------------------------------------------------------------------------------------------- quantized check
+
+def test_check_quantized():
+    from gptqlora.lora.layer import LoRALinear, inject_lora_layers
+    from gptqlora.quant.driver import quantize_model_weights
+
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match="holds no QuantizedLinear layers: pass a directory written by `gptqlora"):
+        check_quantized(model)
+    torch.manual_seed(0)
+    quantize_model_weights(model, torch.randint(0, 259, (4, 32)), QuantConfig(targets="attn", group_size=32),
+                           progress=False)
+    assert check_quantized(model) == 8  # 2 blocks x q/k/v/o
+    inject_lora_layers(model, "attn", r=2)
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 8
+    assert check_quantized(model) == 8  # found as the wrappers' .base
