@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, tuple[type, ...]]] = {
     "merge": ("Merge a LoRA adapter into its quantized base and re-quantize with GPTQ.",
               (C.ModelConfig, C.QuantConfig, C.DataConfig)),
     "run": ("The whole job: quantize -> fine-tune -> evaluate, with one results table.",
-            (C.ModelConfig, C.QuantConfig, C.DataConfig, C.LoRAConfig, C.TrainConfig, C.EvalConfig)),
+            (C.ModelConfig, C.QuantConfig, C.DataConfig, C.LoRAConfig, C.TrainConfig, C.EvalConfig, C.RunConfig)),
 }
 
 _SCALARS = {"int": int, "float": float, "str": str}

@@ -216,3 +216,15 @@ class EvalConfig:
         if self.samples and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError(f"self-consistency needs temperature > 0 and 0 < top_p <= 1 "
                              f"(got {self.temperature}, {self.top_p})")
+
+
+@dataclass
+class RunConfig:
+    test_limit: int = opt(250, "Test questions `gptqlora run` evaluates each model on (0 = the whole test split); "
+                               "--limit overrides it.")
+    train_steps: int = opt(300, "Optimizer steps `gptqlora run` trains for (0 = follow --epochs); --max-steps "
+                                "overrides it.")
+
+    def __post_init__(self) -> None:
+        if self.test_limit < 0 or self.train_steps < 0:
+            raise ValueError("test_limit and train_steps must be >= 0")
