@@ -81,8 +81,9 @@ def quantize_linears(block: nn.Module, names: Sequence[str], H: Tensor | None, c
     for name, lin in zip(names, linears):
         rows = slice(start, start + lin.out_features)
         part = QuantResult(result.codes[rows], result.scales[:, rows], result.zeros[:, rows], result.g_idx)
-        q = QuantizedLinear.from_result(part, config.bits, config.group_size, bias=lin.bias)
-        _set(block, name, q.to(lin.weight.device))
+        q = QuantizedLinear.from_result(part, config.bits, config.group_size, bias=lin.bias).to(lin.weight.device)
+        q.set_cache(True)  # the block's remaining calibration passes reuse it; released when the block is done
+        _set(block, name, q)
         losses[name] = result.loss * lin.out_features / W.shape[0]
         start += lin.out_features
     return losses
@@ -173,6 +174,13 @@ def _block_forward(block: nn.Module, xs: Sequence[Tensor], rope: tuple[Tensor, T
             h.remove()
 
 
+def release_caches(module: nn.Module) -> None:
+    """Drop the dequantized weights kept while a block was being calibrated."""
+    for m in module.modules():
+        if isinstance(m, QuantizedLinear):
+            m.set_cache(False)
+
+
 def _fit(rope: tuple[Tensor, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
     return rope[0][: x.shape[0]], rope[1][: x.shape[0]]
 
@@ -215,6 +223,7 @@ def quantize_model_weights(model: nn.Module, calibration: Tensor | None, config:
     if config.method == "rtn":
         for i in bar:
             block_losses = quantize_linears_all(layers[i], targets, config)
+            release_caches(layers[i])
             losses |= {f"model.layers.{i}.{k}": v for k, v in block_losses.items()}
         return losses
     if calibration is None or calibration.ndim != 2:
@@ -236,6 +245,7 @@ def quantize_model_weights(model: nn.Module, calibration: Tensor | None, config:
         else:
             block_losses = _one_pass_block(block, xs, rope, mask, targets, config)
             xs = _block_forward(block, xs, rope, mask)
+        release_caches(block)
         for name, loss in block_losses.items():
             log.info("block %d %s: GPTQ loss %.4f", i, name, loss)
         losses |= {f"model.layers.{i}.{k}": v for k, v in block_losses.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gptqlora.quant.grid import QuantResult, compute_qparams, dequantize, group_index, num_groups, quantize
+from gptqlora.quant.grid import QuantResult, compute_qparams, group_index, num_groups
 
 
 class HessianAccumulator:
@@ -97,32 +97,38 @@ def gptq_solve(W: Tensor, H: Tensor, bits: int = 4, group_size: int = 128, sym: 
     codes = torch.empty(n_rows, n_cols, dtype=torch.uint8, device=W.device)
     Losses = torch.zeros(n_rows, dtype=torch.float32, device=W.device)
 
+    maxq = float((1 << bits) - 1)
     for i1 in range(0, n_cols, block_size):
         i2 = min(i1 + block_size, n_cols)
+        count = i2 - i1
         W1 = W[:, i1:i2].clone()  # [N, B]
-        Err1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)  # codes of this block
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        inv_d = 1.0 / torch.diag(Hinv1)  # [B]; the divisor is U's diagonal, not diag(H^-1)
+        for i in range(count):
             col = i1 + i
             gi = g_of_pos_list[col]
-            if not static_groups and col % g == 0:
-                # Enter a new group: its grid comes from the weights as they are now, error updates included;
-                # the part of the group beyond this block has the updates of the earlier blocks.
-                cur = W1[:, i:i + g]
-                if i + g > i2 - i1:
-                    cur = torch.cat([cur, W[:, i2:col + g]], dim=1)
-                scales[gi], zeros[gi] = compute_qparams(cur, bits, sym)
+            if col == 0 or gi != g_of_pos_list[col - 1] or static_groups:
+                if not static_groups and col % g == 0:
+                    # Enter a new group: its grid comes from the weights as they are now, error updates
+                    # included; the part of the group beyond this block has the earlier blocks' updates.
+                    cur = W1[:, i:i + g]
+                    if i + g > count:
+                        cur = torch.cat([cur, W[:, i2:col + g]], dim=1)
+                    scales[gi], zeros[gi] = compute_qparams(cur, bits, sym)
+                scale, zero = scales[gi], zeros[gi]
             w = W1[:, i]  # [N]
-            d = Hinv1[i, i]
-            q = quantize(w, scales[gi], zeros[gi], bits)
-            dq = dequantize(q, scales[gi], zeros[gi])
-            codes[:, col] = q.to(torch.uint8)
-            err1 = (w - dq) / d
-            Losses += (w - dq) ** 2 / d**2 / 2
-            W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            q = torch.clamp_(torch.round_(w / scale).add_(zero), 0, maxq)
+            Q1[:, i] = q
+            err1 = (w - (q - zero).mul_(scale)).mul_(inv_d[i])  # (w - dequant(q)) / d
             Err1[:, i] = err1
+            W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
+        codes[:, i1:i2] = Q1.to(torch.uint8)
+        # Loss per the paper: (w - q)^2 / d^2 / 2 summed, which is Err1^2 / 2.
+        Losses += Err1.square().sum(dim=1) / 2
         # Lazy batch update: the rest of W sees this block's errors in one matmul.
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
     inv = torch.argsort(perm)
     codes = codes[:, inv]
