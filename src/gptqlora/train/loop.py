@@ -1,0 +1,335 @@
+"""The LoRA training loop: AdamW on the adapter only, over a frozen (often quantized) base; reads top to bottom.
+
+Each optimizer step reads ``grad_accum`` micro-batches, weighs every label token equally across all of them
+(the summed NLL of a micro-batch is divided by the label tokens of the whole step, so the accumulated gradient is
+that of the step's token-weighted mean loss, however the step is split into micro-batches), clips, and updates.
+The data order is a permutation per epoch drawn from ``torch.Generator().manual_seed(seed + epoch)``, so the run's
+position is just (epoch, micro-batch index) and a resumed run reads exactly the micro-batches that come next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from gptqlora.config import TrainConfig
+from gptqlora.data.gsm8k import IGNORE_INDEX, collate
+from gptqlora.eval.loss import answer_token_loss
+from gptqlora.lora.adapter import save_adapter
+from gptqlora.lora.layer import get_adapter_params, is_linear, lora_modules
+from gptqlora.train.plot import plot_loss_curve
+from gptqlora.train.schedule import count_total_steps, get_lr
+from gptqlora.train.state import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+
+# TrainConfig fields that shape the trajectory: a resumed run must have the checkpoint's values.
+TRAJECTORY_FIELDS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
+                     "min_lr_ratio", "max_grad_norm", "max_length", "train_limit", "eval_holdout")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient norm) of an optimizer step is NaN or infinite; the step was not applied."""
+
+    def __init__(self, step: int, value: float = math.nan, what: str = "training loss", checkpoint: Path | None = None):
+        self.step, self.value, self.checkpoint = step, value, checkpoint
+        where = (f"the last good checkpoint, {checkpoint}, is kept: lower --lr or --max-grad-norm and continue with "
+                 "--resume" if checkpoint else "no checkpoint was written yet: lower --lr or --max-grad-norm and rerun")
+        super().__init__(f"non-finite {what} ({value}) at step {step}; training stopped before applying it, and "
+                         f"{where}")
+
+
+def trainable_report(model: nn.Module) -> dict[str, int | float]:
+    """Trainable versus total parameters; a quantized linear counts its in x out weight, not its packed buffers."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    quantized = [m for m in model.modules() if is_linear(m) and not isinstance(m, nn.Linear)]
+    total += sum(m.in_features * m.out_features for m in quantized)
+    return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / max(total, 1)}
+
+
+def check_only_lora_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The LoRA parameters, after checking that they, and nothing else, require grad.
+
+    Raises:
+        ValueError: for a model without LoRA layers, a frozen LoRA parameter or another trainable parameter.
+    """
+    params = get_adapter_params(model)
+    if not params:
+        raise ValueError("the model has no LoRA layers: call inject_lora_layers(model, ...) before train_lora")
+    lora_ids = {id(p) for p in params.values()}
+    others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids]
+    frozen = [n for n, p in params.items() if not p.requires_grad]
+    if others or frozen:
+        raise ValueError(f"only LoRA parameters may be trained, but {others[:3] or frozen[:3]} "
+                         f"{'require grad' if others else 'are frozen'} ({len(others) + len(frozen)} in all): call "
+                         "gptqlora.lora.mark_only_lora_trainable(model) first")
+    return params
+
+
+def resolve_bf16(requested: bool | None, device: torch.device) -> bool:
+    """Whether to autocast to bf16: ``requested`` when given, else when the hardware runs bf16 natively.
+
+    On CUDA that is ``torch.cuda.is_bf16_supported()``. On a CPU it needs AVX-512 (``get_cpu_capability()``)
+    with the avx512_bf16 or AMX instructions, and a tiny bf16 matmul that runs: elsewhere bf16 is emulated and
+    slower than fp32.
+    """
+    if requested is not None:
+        if requested and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("--bf16 was asked for but this GPU does not support bf16: use --no-bf16")
+        return requested
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch 2.x: absent means no
+    native = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    try:
+        x = torch.ones(4, 4, dtype=torch.bfloat16)
+        ok = bool(torch.equal(x @ x, torch.full((4, 4), 4.0, dtype=torch.bfloat16)))
+    except RuntimeError:
+        ok = False
+    return native and ok
+
+
+def micro_batches(dataset: Dataset, batch_size: int, pad_id: int, seed: int, epoch: int, batch_index: int
+                  ) -> Iterator[tuple[dict[str, torch.Tensor], int, int]]:
+    """Micro-batches from position (epoch, batch_index) on, forever; each with the position of the one after it.
+
+    Epoch ``e`` reads ``randperm(len(dataset), generator=manual_seed(seed + e))`` in chunks of ``batch_size``.
+    The loader gets that generator too, so building it draws nothing from the global RNG (LoRA dropout's).
+    """
+    n_batches = math.ceil(len(dataset) / batch_size)
+    while True:
+        g = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(len(dataset), generator=g).tolist()
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=order[batch_index * batch_size:],
+                            collate_fn=functools.partial(collate, pad_id=pad_id), generator=g)
+        for batch in loader:
+            batch_index += 1
+            if batch_index == n_batches:
+                epoch, batch_index = epoch + 1, 0
+            yield batch, epoch, batch_index  # the loader ends with (epoch, batch_index) at (next epoch, 0)
+
+
+def label_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed NLL of a micro-batch's label tokens, differentiable; only labelled rows of the logits reach fp32."""
+    input_ids, labels = batch["input_ids"], batch["labels"]  # [B, T]
+    keep = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]: position t predicts labels[t + 1]
+    first = int(keep.any(0).nonzero()[0])  # logits from the first position that predicts a label on
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False,
+                   logits_to_keep=input_ids.shape[1] - first).logits  # [B, T - first, V]
+    picked = logits[:, :-1][keep[:, first:]]  # [N, V]
+    return F.cross_entropy(picked.float(), labels[:, first + 1:][keep[:, first:]], reduction="sum")
+
+
+def run_fingerprint(model: nn.Module, train_dataset: Dataset, config: TrainConfig, seed: int, bf16: bool
+                    ) -> dict[str, Any]:
+    """The settings a resume must match: trajectory config fields, seed, bf16, the LoRA layers and the data."""
+    modules = lora_modules(model)
+    m = next(iter(modules.values()))
+    h = hashlib.sha256()
+    for i in range(len(train_dataset)):  # token ids and labels of every example, in dataset order
+        item = train_dataset[i]
+        h.update(item["input_ids"].numpy().tobytes() + b"|" + item["labels"].numpy().tobytes() + b"\n")
+    return {**{k: getattr(config, k) for k in TRAJECTORY_FIELDS}, "seed": seed, "bf16": bf16,
+            "lora_r": m.r, "lora_alpha": m.alpha, "lora_dropout": m.dropout_p, "lora_rslora": m.use_rslora,
+            "lora_modules": sorted(modules), "train_examples": len(train_dataset), "train_data_sha256": h.hexdigest()}
+
+
+def _enable_checkpointing(model: nn.Module) -> Callable[[], None]:
+    """Switch on Hugging Face activation (gradient) checkpointing, non-reentrant; returns the undo.
+
+    Non-reentrant checkpointing passes gradients to parameters inside a block even when the block's input (the
+    frozen embedding's output) needs none, so no input-grad hook is needed; transformers >= 5 adds one anyway
+    (``enable_input_require_grads``), and the undo removes it again unless the caller had set it before.
+    """
+    had_hook = bool(getattr(model, "_require_grads_hooks", None))
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed the methods
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def undo() -> None:
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+        if not had_hook and hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()
+
+    return undo
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]], mode: str) -> None:
+    with path.open(mode) as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset: Dataset | None,
+               config: TrainConfig, *, seed: int = 0, progress: bool = True,
+               on_metrics: Callable[[dict[str, Any]], None] | None = None,
+               base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    """Train the model's LoRA adapters; write metrics, checkpoints, the final adapter and a loss curve.
+
+    Args:
+        model: a causal LM with LoRA injected and only LoRA trainable; trained in place.
+        tokenizer: gives the pad id (its eos when it has no pad token).
+        train_dataset: items of 1-D ``input_ids``, ``attention_mask``, ``labels`` (``GSM8KCoTDataset``).
+        eval_dataset: held-out items for the eval loss at step 0, every ``eval_every`` steps and at the end; or None.
+        config: the training options; ``config.out`` receives ``metrics.jsonl``, ``train_state/``,
+            ``lora_adapter/`` and ``loss_curve.png``.
+        seed: seeds the data order (and names the run: a resume must use the same seed).
+        progress: show a tqdm bar.
+        on_metrics: called with each metrics record (train step or eval) as it is logged.
+        base_model_name_or_path: recorded in the adapter config; the model's ``name_or_path`` by default.
+    Returns:
+        A summary: steps, train_loss (last step), eval_loss_before/after, seconds, tokens, tokens_per_s, bf16,
+        resumed_from, trainable (``trainable_report``) and the paths written.
+    Raises:
+        ValueError: for a model with other trainable parameters, a resume whose checkpoint has other settings.
+        FileNotFoundError: for ``config.resume`` without a checkpoint in ``config.out``.
+        FileExistsError: for a fresh run in an ``out`` that holds an earlier run's checkpoints.
+        NonFiniteLossError: when a step's loss or gradient norm is not finite; the last checkpoint stays.
+    """
+    params = check_only_lora_trainable(model)
+    if len(train_dataset) == 0:
+        raise ValueError("the training set is empty: give it examples (check --train-limit and --eval-holdout)")
+    device = next(iter(params.values())).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bf16 = resolve_bf16(config.bf16, device)
+    total_steps = count_total_steps(len(train_dataset), batch_size=config.batch_size, grad_accum=config.grad_accum,
+                                    epochs=config.epochs, max_steps=config.max_steps)
+    out = Path(config.out)
+    state_dir, metrics_path = out / "train_state", out / "metrics.jsonl"
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+    fingerprint = run_fingerprint(model, train_dataset, config, seed, bf16)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    eval_loader = None
+    if eval_dataset is not None and len(eval_dataset) > 0:
+        eval_loader = DataLoader(eval_dataset, batch_size=config.batch_size,
+                                 collate_fn=functools.partial(collate, pad_id=pad_id))
+
+    def logged(r: dict[str, Any]) -> bool:
+        """Whether a record goes to metrics.jsonl and on_metrics (every record goes to the history)."""
+        return "eval_loss" in r or r["step"] % config.log_every == 0 or r["step"] == total_steps
+
+    # Start fresh, or restore adapter, optimizer, RNG and position (the log is rewritten from the checkpoint's
+    # history, dropping lines of steps that ran after it and will run again).
+    checkpoint = latest_checkpoint(state_dir)
+    if config.resume:
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no training checkpoint in {state_dir}; run without --resume to "
+                                    "start, or point --out at the earlier run's directory")
+        state = load_checkpoint(checkpoint, model, optimizer, fingerprint)
+    else:
+        if checkpoint is not None:
+            raise FileExistsError(f"{state_dir} holds checkpoints of an earlier run ({checkpoint.name}): pass "
+                                  "--resume to continue it, or choose a new --out")
+        state = TrainState()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_metrics = metrics_path.with_suffix(".jsonl.tmp")
+    _write_jsonl(tmp_metrics, [r for r in state.history if logged(r)], "w")
+    os.replace(tmp_metrics, metrics_path)
+    resumed_from = state.step if config.resume else None
+    t0 = time.perf_counter()  # this segment's start; state.elapsed holds the earlier segments' seconds
+
+    def record(r: dict[str, Any]) -> None:
+        state.history.append(r)
+        if logged(r):
+            _write_jsonl(metrics_path, [r], "a")
+            if on_metrics is not None:
+                on_metrics(r)
+
+    def evaluate() -> None:
+        if eval_loader is not None:
+            with autocast():
+                result = answer_token_loss(model, eval_loader, device)
+            record({"step": state.step, "eval_loss": result["loss"], "eval_tokens": result["tokens"],
+                    "elapsed": state.elapsed + time.perf_counter() - t0})
+
+    was_training = model.training
+    undo_checkpointing = _enable_checkpointing(model) if config.gradient_checkpointing else lambda: None
+    model.train()  # LoRA dropout active; a frozen base in train mode changes nothing else for LLaMA
+    batches = micro_batches(train_dataset, config.batch_size, pad_id, seed, state.epoch, state.batch_index)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not progress)
+    try:
+        if state.step == 0 and not state.history:
+            evaluate()  # before any update: the "before" of the log
+        while state.step < total_steps:
+            step_start = time.perf_counter()
+            lr = get_lr(state.step, peak_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=total_steps,
+                        min_lr_ratio=config.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # Read the whole step first, to weigh each label token by 1 / (label tokens in the step).
+            micro = [next(batches) for _ in range(config.grad_accum)]
+            n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b, _, _ in micro)
+            n_tokens = sum(int(b["attention_mask"].sum()) for b, _, _ in micro)
+            if n_labels == 0:
+                raise ValueError(f"step {state.step + 1} has no label tokens: check the dataset's label masking")
+            loss_sum = 0.0
+            for batch, _, _ in micro:
+                batch = {k: v.to(device) for k, v in batch.items()}  # [B, T] each
+                if not (batch["labels"][:, 1:] != IGNORE_INDEX).any():
+                    continue
+                with autocast():
+                    nll = label_nll(model, batch)
+                (nll / n_labels).backward()
+                loss_sum += nll.item()
+            loss = loss_sum / n_labels
+            max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf  # inf: measure, don't clip
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm))
+            for value, what in ((loss, "training loss"), (grad_norm, "gradient norm")):
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(state.step + 1, value, what, latest_checkpoint(state_dir))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            _, state.epoch, state.batch_index = micro[-1]
+            state.step += 1
+            state.tokens += n_tokens
+            now = time.perf_counter()
+            tokens_per_s = n_tokens / max(now - step_start, 1e-9)
+            record({"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
+                    "tokens_per_s": tokens_per_s, "elapsed": state.elapsed + now - t0})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+            if state.step % config.eval_every == 0 or state.step == total_steps:
+                evaluate()
+            if state.step % config.save_every == 0 or state.step == total_steps:
+                elapsed = state.elapsed + time.perf_counter() - t0
+                save_checkpoint(state_dir, model, optimizer, dataclasses.replace(state, elapsed=elapsed), fingerprint)
+    finally:
+        bar.close()
+        undo_checkpointing()
+        model.train(was_training)
+    seconds = state.elapsed + time.perf_counter() - t0
+
+    base_name = base_model_name_or_path or getattr(model.config, "name_or_path", "") or ""
+    adapter_dir = save_adapter(model, out / "lora_adapter", base_model_name_or_path=base_name)
+    curve = plot_loss_curve(state.history, out / "loss_curve.png")
+    train_losses = [r["loss"] for r in state.history if "loss" in r]
+    eval_losses = [r["eval_loss"] for r in state.history if "eval_loss" in r]
+    return {"steps": state.step, "train_loss": train_losses[-1] if train_losses else None,
+            "eval_loss_before": eval_losses[0] if eval_losses else None,
+            "eval_loss_after": eval_losses[-1] if eval_losses else None,
+            "seconds": seconds, "tokens": state.tokens, "tokens_per_s": state.tokens / max(seconds, 1e-9),
+            "bf16": bf16, "resumed_from": resumed_from, "trainable": trainable_report(model),
+            "adapter": str(adapter_dir), "metrics": str(metrics_path), "loss_curve": str(curve),
+            "train_state": str(state_dir)}

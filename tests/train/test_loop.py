@@ -1,0 +1,173 @@
+"""train_lora on a tiny seeded LLaMA: it learns, touches only LoRA, weighs tokens, logs, and stops on NaN."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptqlora.config import QuantConfig
+from gptqlora.data.gsm8k import collate
+from gptqlora.eval.loss import answer_token_loss
+from gptqlora.lora import get_adapter_params, inject_lora_layers, load_adapter
+from gptqlora.quant.driver import quantize_model_weights
+from gptqlora.quant.linear import QuantizedLinear
+from gptqlora.train import NonFiniteLossError, latest_checkpoint, train_lora, trainable_report
+from gptqlora.train.state import ADAPTER_FILE
+
+from conftest import make_tiny_llama
+from train.tiny import tiny_config, tiny_data, tiny_lora_model
+
+
+def read_metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def frozen_snapshot(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer that is not LoRA, cloned."""
+    return {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def test_overfits_four_examples_with_gradient_checkpointing_and_writes_its_outputs(tmp_path):
+    tok, train, _ = tiny_data(n_train=4)
+    model = tiny_lora_model(r=16, dropout=0.0)
+    config = tiny_config(tmp_path, max_steps=16, batch_size=4, lr=1e-2, warmup_steps=2, eval_every=8, save_every=8,
+                         gradient_checkpointing=True)
+    seen = []
+    summary = train_lora(model, tok, train, train, config, seed=0, progress=False, on_metrics=seen.append,
+                         base_model_name_or_path="tiny-llama")
+
+    losses = [r["loss"] for r in seen if "loss" in r]
+    assert len(losses) == 16 and losses[-1] < losses[0] - 0.5
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5  # evaluated on the training examples
+    assert summary["steps"] == 16 and summary["train_loss"] == losses[-1] and summary["tokens_per_s"] > 0
+    # The caller's state is restored: eval mode, no checkpointing, no grad-requiring embedding outputs.
+    assert not model.is_activation_checkpointing and not model.training
+    assert not model.model.embed_tokens(torch.tensor([[1, 2]])).requires_grad
+
+    metrics = read_metrics(tmp_path)
+    assert metrics == seen  # each logged record is both written and passed to on_metrics
+    assert [r["step"] for r in metrics if "eval_loss" in r] == [0, 8, 16]
+    assert [r["step"] for r in metrics if "loss" in r] == list(range(1, 17))
+    assert all(set(r) >= {"step", "loss", "lr", "tokens", "tokens_per_s", "elapsed"} for r in metrics if "loss" in r)
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert latest_checkpoint(tmp_path / "train_state").name == "step-00000016"
+
+    # The final adapter is a PEFT directory that loads back into a fresh model as the trained tensors.
+    config_json = json.loads((tmp_path / "lora_adapter" / "adapter_config.json").read_text())
+    assert config_json["base_model_name_or_path"] == "tiny-llama" and config_json["r"] == 16
+    fresh = load_adapter(make_tiny_llama(), tmp_path / "lora_adapter")  # injects r=16 from the config
+    trained = get_adapter_params(model)
+    assert all(torch.equal(p, trained[k]) for k, p in get_adapter_params(fresh).items())
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "gptq"])
+def test_only_lora_parameters_change(tmp_path, quantized):
+    tok, train, held_out = tiny_data()
+    model = make_tiny_llama()
+    if quantized:
+        calib = torch.randint(0, 259, (8, 32), generator=torch.Generator().manual_seed(0))  # [8, 32] token ids
+        quantize_model_weights(model, calib, QuantConfig(targets="all", group_size=32), progress=False)
+        assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 14  # 7 linears x 2 blocks
+    inject_lora_layers(model, "all", r=4, alpha=8.0, dropout=0.1)
+    before_frozen = frozen_snapshot(model)
+    before_lora = {k: p.detach().clone() for k, p in get_adapter_params(model).items()}
+
+    train_lora(model, tok, train, held_out, tiny_config(tmp_path, max_steps=3), progress=False)
+
+    after = frozen_snapshot(model)
+    assert after.keys() == before_frozen.keys()
+    assert all(torch.equal(before_frozen[k], after[k]) for k in after), "a frozen tensor changed"
+    changed = {k: not torch.equal(before_lora[k], p) for k, p in get_adapter_params(model).items()}
+    assert all(changed.values()), f"LoRA tensors that did not train: {[k for k, c in changed.items() if not c]}"
+
+
+def test_grad_accumulation_weighs_every_label_token_equally(tmp_path):
+    tok, train, _ = tiny_data(n_train=4)
+    # Whole-step micro-batches of 2 examples have different label counts, so a mean of per-micro-batch means
+    # would differ from the token-weighted mean the loop promises.
+    runs = {}
+    for batch_size, accum in ((4, 1), (2, 2), (1, 4)):
+        model = tiny_lora_model(dropout=0.0)
+        out = tmp_path / f"b{batch_size}"
+        seen = []
+        train_lora(model, tok, train, None, tiny_config(out, max_steps=1, batch_size=batch_size, grad_accum=accum,
+                                                        max_grad_norm=0.0), progress=False, on_metrics=seen.append)
+        runs[batch_size] = (seen[0]["loss"], load_file(str(out / "lora_adapter" / "adapter_model.safetensors")))
+
+    # The step's loss is the token-weighted mean NLL of its four examples (B = 0, so LoRA is still a no-op),
+    # which differs from the mean of the two micro-batch means: their label counts differ.
+    model = tiny_lora_model(dropout=0.0)
+    expected = answer_token_loss(model, [collate([train[i] for i in range(4)], pad_id=tok.pad_token_id)])["loss"]
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(0)).tolist()  # epoch 0's order, seed 0
+    halves = [answer_token_loss(model, [collate([train[i] for i in order[h:h + 2]], tok.pad_token_id)])["loss"]
+              for h in (0, 2)]
+    assert abs(sum(halves) / 2 - expected) > 1e-3
+    for loss, adapter in runs.values():
+        assert loss == pytest.approx(expected, abs=1e-5)
+        assert all(torch.allclose(adapter[k], runs[4][1][k], atol=1e-5) for k in adapter)
+
+
+def test_refuses_a_model_that_trains_more_than_lora(tmp_path):
+    tok, train, held_out = tiny_data()
+    with pytest.raises(ValueError, match="inject_lora_layers"):
+        train_lora(make_tiny_llama(), tok, train, held_out, tiny_config(tmp_path), progress=False)
+    model = tiny_lora_model()
+    model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="model.norm.weight.*mark_only_lora_trainable"):
+        train_lora(model, tok, train, held_out, tiny_config(tmp_path), progress=False)
+    assert not (tmp_path / "train_state").exists()
+
+
+def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    tok, train, held_out = tiny_data()
+    model = tiny_lora_model()
+    q_proj = model.model.layers[0].self_attn.q_proj
+
+    def poison(record):
+        if record.get("step") == 3 and "loss" in record:
+            with torch.no_grad():
+                q_proj.lora_B.weight.mul_(float("inf"))  # step 4's forward overflows
+
+    with pytest.raises(NonFiniteLossError, match="at step 4") as info:
+        train_lora(model, tok, train, held_out, tiny_config(tmp_path, save_every=2), progress=False,
+                   on_metrics=poison)
+    assert info.value.step == 4 and "step-00000002" in str(info.value)
+    ckpt = latest_checkpoint(tmp_path / "train_state")
+    assert ckpt is not None and ckpt.name == "step-00000002"  # nothing saved after the bad step
+    assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / ADAPTER_FILE)).values())
+    assert max(r["step"] for r in read_metrics(tmp_path)) == 3
+    assert not (tmp_path / "lora_adapter").exists()
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    tok, train, held_out = tiny_data()
+    model = tiny_lora_model()
+    summary = train_lora(model, tok, train, held_out, tiny_config(tmp_path, max_steps=2, bf16=True), progress=False)
+    assert summary["bf16"] is True and summary["steps"] == 2
+    assert torch.isfinite(torch.tensor([summary["train_loss"], summary["eval_loss_after"]])).all()
+    assert all(p.dtype == torch.float32 for p in get_adapter_params(model).values())  # master weights stay fp32
+
+
+def test_trainable_report_counts_lora_against_the_whole_model():
+    model = make_tiny_llama()
+    total_before = trainable_report(model)["total"]
+    inject_lora_layers(model, "attn", r=4)
+    report = trainable_report(model)
+    lora = sum(p.numel() for p in get_adapter_params(model).values())
+    assert report["trainable"] == lora and report["total"] == total_before + lora
+    assert report["trainable_percent"] == pytest.approx(100 * lora / report["total"])
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
+    # Recomputation replays LoRA dropout with the same RNG state, so both runs take identical steps.
+    tok, train, held_out = tiny_data()
+    adapters = []
+    for checkpointing in (False, True):
+        out = tmp_path / str(checkpointing)
+        train_lora(tiny_lora_model(dropout=0.2), tok, train, held_out,
+                   tiny_config(out, max_steps=2, gradient_checkpointing=checkpointing), progress=False)
+        adapters.append(load_file(str(out / "lora_adapter" / "adapter_model.safetensors")))
+    assert all(torch.allclose(adapters[0][k], adapters[1][k], rtol=0, atol=1e-6) for k in adapters[0])
