@@ -97,6 +97,10 @@ class QuantConfig:
                                       "each stage calibrated on the outputs of the quantized previous ones.")
     targets: str = opt("attn", "Linears to quantize: 'attn' (q/k/v/o), 'mlp', 'all', or a comma list "
                                "such as 'q_proj,v_proj'.")
+    calib_dtype: str = opt("auto", "Precision of the calibration forward passes and Hessian products: 'bfloat16' "
+                                   "(the Hessian is still summed in float32), 'float32', or 'auto' (bfloat16 where "
+                                   "the hardware runs it natively, as reference GPTQ runs fp16 on GPUs).",
+                           choices=("auto", "float32", "bfloat16"))
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):

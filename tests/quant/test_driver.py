@@ -38,7 +38,8 @@ def test_two_block_llama_quantizes_end_to_end(targets):
         assert torch.isfinite(model(ids).logits).all()
 
 
-def test_gptq_closer_to_float_than_rtn():
+@pytest.mark.parametrize("calib_dtype", ["float32", "bfloat16"])
+def test_gptq_closer_to_float_than_rtn(calib_dtype):
     ref_model = make_tiny_llama()
     ids, test_ids = calib(16, 64), calib(4, 64, seed=1)
     with torch.no_grad():
@@ -46,8 +47,8 @@ def test_gptq_closer_to_float_than_rtn():
     errors = {}
     for method in ("rtn", "gptq"):
         model = make_tiny_llama()
-        driver.quantize_model_weights(model, ids, QuantConfig(method=method, targets="all", group_size=32, bits=3),
-                                      progress=False)
+        config = QuantConfig(method=method, targets="all", group_size=32, bits=3, calib_dtype=calib_dtype)
+        driver.quantize_model_weights(model, ids, config, progress=False)
         errors[method] = logits_error(model, ref, test_ids)
     assert errors["gptq"] < errors["rtn"]
 
@@ -64,8 +65,9 @@ def test_staged_block_equals_plain_block_forward(monkeypatch):
         return outs, losses
 
     monkeypatch.setattr(driver, "quantize_block", checked)
-    driver.quantize_model_weights(make_tiny_llama(), calib(), QuantConfig(targets="all", group_size=32), chunk_size=3,
-                                  progress=False)
+    driver.quantize_model_weights(make_tiny_llama(), calib(), QuantConfig(targets="all", group_size=32,
+                                                                          calib_dtype="float32"),
+                                  chunk_size=3, progress=False)
     assert len(seen) == 2 and max(seen) < 1e-5
 
 
@@ -83,7 +85,8 @@ def test_sequential_inputs_come_from_quantized_blocks(monkeypatch):
         return original(block, xs, *args)
 
     monkeypatch.setattr(driver, "quantize_block", spy)
-    driver.quantize_model_weights(model, ids, QuantConfig(targets="all", group_size=32), progress=False)
+    driver.quantize_model_weights(model, ids, QuantConfig(targets="all", group_size=32, calib_dtype="float32"),
+                                  progress=False)
     assert not torch.allclose(inputs[1], float_hidden, atol=1e-6)
     with torch.no_grad():
         quant_hidden = model(ids, output_hidden_states=True).hidden_states[1]

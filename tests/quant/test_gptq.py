@@ -95,3 +95,14 @@ def test_stacked_rows_equal_separate_solves():
     whole = gptq_solve(W, H, group_size=32)
     top = gptq_solve(W[:16], H, group_size=32)
     assert torch.equal(whole.codes[:16], top.codes)
+
+
+def test_bf16_products_keep_the_hessian_close():
+    X = torch.randn(4096, 64) @ torch.randn(64, 64)
+    exact, fast = HessianAccumulator(64), HessianAccumulator(64, product_dtype=torch.bfloat16)
+    for chunk in X.split(1024):
+        exact.add(chunk)
+        fast.add(chunk)
+    assert fast.sum.dtype == torch.float32
+    rel = (fast.hessian() - exact.hessian()).norm() / exact.hessian().norm()
+    assert 0 < rel < 5e-3

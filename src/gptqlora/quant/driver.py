@@ -102,8 +102,8 @@ class _CaptureInput(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
-def _hessian(chunks: Sequence[Tensor], device: torch.device) -> Tensor:
-    acc = HessianAccumulator(chunks[0].shape[-1], device)
+def _hessian(chunks: Sequence[Tensor], device: torch.device, product_dtype: torch.dtype) -> Tensor:
+    acc = HessianAccumulator(chunks[0].shape[-1], device, product_dtype)
     for c in chunks:
         acc.add(c)
     return acc.hessian()
@@ -114,7 +114,7 @@ def _quantize_stage(block: nn.Module, stage: Sequence[str], targets: Sequence[st
     names = [n for n in stage if n in targets]
     if not names:
         return {}
-    H = _hessian(inputs, inputs[0].device) if config.method == "gptq" else None
+    H = _hessian(inputs, inputs[0].device, calib_dtype(config, inputs[0].device)) if config.method == "gptq" else None
     return quantize_linears(block, names, H, config)
 
 
@@ -181,6 +181,21 @@ def release_caches(module: nn.Module) -> None:
             m.set_cache(False)
 
 
+def calib_dtype(config: QuantConfig, device: torch.device) -> torch.dtype:
+    """The precision of calibration passes: config.calib_dtype, with 'auto' = bf16 where it runs natively."""
+    from gptqlora.hardware import resolve_bf16
+
+    if config.calib_dtype == "auto":
+        return torch.bfloat16 if resolve_bf16(None, device) else torch.float32
+    return getattr(torch, config.calib_dtype)
+
+
+def _calib_context(config: QuantConfig, device: torch.device, model_dtype: torch.dtype):
+    """Autocast to bf16 for the calibration passes of a float32 model when bf16 calibration is chosen."""
+    use = calib_dtype(config, device) == torch.bfloat16 and model_dtype != torch.bfloat16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
 def _fit(rope: tuple[Tensor, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
     return rope[0][: x.shape[0]], rope[1][: x.shape[0]]
 
@@ -240,11 +255,13 @@ def quantize_model_weights(model: nn.Module, calibration: Tensor | None, config:
     for i in bar:
         start = time.perf_counter()
         block = layers[i]
-        if config.true_sequential:
-            xs, block_losses = quantize_block(block, xs, rope, mask, targets, config)
-        else:
-            block_losses = _one_pass_block(block, xs, rope, mask, targets, config)
-            xs = _block_forward(block, xs, rope, mask)
+        with _calib_context(config, device, dtype):
+            if config.true_sequential:
+                xs, block_losses = quantize_block(block, xs, rope, mask, targets, config)
+            else:
+                block_losses = _one_pass_block(block, xs, rope, mask, targets, config)
+                xs = _block_forward(block, xs, rope, mask)
+        xs = [x.to(dtype) for x in xs]  # the residual stream between blocks stays in the model's dtype
         release_caches(block)
         for name, loss in block_losses.items():
             log.info("block %d %s: GPTQ loss %.4f", i, name, loss)
@@ -262,7 +279,8 @@ def _one_pass_block(block: nn.Module, xs: Sequence[Tensor], rope: tuple[Tensor, 
     for stage in STAGES:
         names = [n for n in stage if n in targets]
         if names:  # linears of one stage see the same input: hook the first, share its Hessian
-            accs[names[0]] = HessianAccumulator(_get(block, names[0]).in_features, xs[0].device)
+            accs[names[0]] = HessianAccumulator(_get(block, names[0]).in_features, xs[0].device,
+                                                calib_dtype(config, xs[0].device))
     _block_forward(block, xs, rope, mask, hooks=accs)
     losses: dict[str, float] = {}
     for stage in STAGES:

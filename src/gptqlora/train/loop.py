@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from gptqlora.config import TrainConfig
 from gptqlora.data.gsm8k import IGNORE_INDEX, collate
 from gptqlora.eval.loss import answer_token_loss
+from gptqlora.hardware import resolve_bf16
 from gptqlora.lora.adapter import save_adapter
 from gptqlora.lora.layer import get_adapter_params, is_linear, lora_modules
 from gptqlora.train.plot import plot_loss_curve
@@ -78,31 +79,6 @@ def check_only_lora_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
                          f"{'require grad' if others else 'are frozen'} ({len(others) + len(frozen)} in all): call "
                          "gptqlora.lora.mark_only_lora_trainable(model) first")
     return params
-
-
-def resolve_bf16(requested: bool | None, device: torch.device) -> bool:
-    """Whether to autocast to bf16: ``requested`` when given, else when the hardware runs bf16 natively.
-
-    On CUDA that is ``torch.cuda.is_bf16_supported()``. On a CPU it needs AVX-512 (``get_cpu_capability()``)
-    with the avx512_bf16 or AMX instructions, and a tiny bf16 matmul that runs: elsewhere bf16 is emulated and
-    slower than fp32.
-    """
-    if requested is not None:
-        if requested and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("--bf16 was asked for but this GPU does not support bf16: use --no-bf16")
-        return requested
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu" or "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        return False
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch 2.x: absent means no
-    native = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-    try:
-        x = torch.ones(4, 4, dtype=torch.bfloat16)
-        ok = bool(torch.equal(x @ x, torch.full((4, 4), 4.0, dtype=torch.bfloat16)))
-    except RuntimeError:
-        ok = False
-    return native and ok
 
 
 def micro_batches(dataset: Dataset, batch_size: int, pad_id: int, seed: int, epoch: int, batch_index: int
