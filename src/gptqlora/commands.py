@@ -152,9 +152,16 @@ def evaluate_loaded(model, tokenizer, configs: Configs, out_dir: str | Path | No
     dc, ec = configs[C.DataConfig], configs[C.EvalConfig]
     entries = load_gsm8k(ec.split, dc.data)[: ec.limit]
     exemplars = fewshot_exemplars(load_gsm8k("train", dc.data), ec.shots, seed=dc.seed) if ec.shots else ()
-    summary = evaluate_gsm8k(model, tokenizer, entries, ec, style=dc.prompt_style, exemplars=exemplars,
-                             out_dir=out_dir, log=log, seed=dc.seed)
-    loss = gsm8k_answer_loss(model, tokenizer, entries, style=dc.prompt_style, batch_size=ec.eval_batch_size)
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    for m in quantized:
+        m.set_cache(ec.cache_dequantized)
+    try:
+        summary = evaluate_gsm8k(model, tokenizer, entries, ec, style=dc.prompt_style, exemplars=exemplars,
+                                 out_dir=out_dir, log=log, seed=dc.seed)
+        loss = gsm8k_answer_loss(model, tokenizer, entries, style=dc.prompt_style, batch_size=ec.eval_batch_size)
+    finally:
+        for m in quantized:
+            m.set_cache(False)
     return summary | {"answer_loss": loss["loss"], "answer_perplexity": loss["perplexity"]}
 
 

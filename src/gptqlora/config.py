@@ -209,6 +209,8 @@ class EvalConfig:
     samples: int = opt(0, "Self-consistency: sampled solutions per question, majority-voted (0 = greedy only).")
     temperature: float = opt(0.7, "Sampling temperature for self-consistency.")
     top_p: float = opt(0.95, "Nucleus sampling threshold for self-consistency.")
+    cache_dequantized: bool = opt(False, "Keep quantized layers' dequantized weights while generating: faster "
+                                         "decoding, at the memory cost of those layers' float weights.")
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit <= 0:
