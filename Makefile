@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/gptqlora run --out $(OUT)
+	$(VENV)/bin/gptqlora run --out $(OUT) --cache-dequantized
 
 test: setup
 	$(PY) -m pytest -q

@@ -143,7 +143,11 @@ def finetune(args: argparse.Namespace, configs: Configs) -> dict:
     return {"quantized_base": base_name, "quantization": report, "training": summary}
 
 
-def evaluate_loaded(model, tokenizer, configs: Configs, out_dir: str | Path | None, log=print) -> dict:
+def _log(line: str) -> None:
+    print(line, flush=True)  # one line per question: show progress even when stdout is a file
+
+
+def evaluate_loaded(model, tokenizer, configs: Configs, out_dir: str | Path | None, log=_log) -> dict:
     """Exact-match accuracy (and answer-token loss) of a loaded model on the configured GSM8K split."""
     from gptqlora.data.gsm8k import load_gsm8k
     from gptqlora.eval.gsm8k_eval import evaluate_gsm8k, fewshot_exemplars
@@ -241,7 +245,7 @@ def run(args: argparse.Namespace, configs: Configs) -> dict:
 
     def evaluate(name: str, model, tokenizer) -> None:
         start = time.perf_counter()
-        print(f"\n== evaluating {name} ==")
+        print(f"\n== evaluating {name} ==", flush=True)
         rows[name] = evaluate_loaded(model, tokenizer, configs, out / "eval" / name.replace(" ", "_"))
         timings[f"eval {name}"] = round(time.perf_counter() - start, 1)
 

@@ -203,7 +203,7 @@ class TrainConfig:
 class EvalConfig:
     split: str = opt("test", "GSM8K split to evaluate.", choices=("train", "test"))
     limit: int | None = opt(None, "Evaluate the first N questions only.")
-    eval_batch_size: int = opt(8, "Questions per generation batch.")
+    eval_batch_size: int = opt(16, "Questions per generation batch.")
     max_new_tokens: int = opt(256, "Generation budget per answer.")
     shots: int = opt(0, "Fixed few-shot exemplars from the train split placed before the question (for base models).")
     samples: int = opt(0, "Self-consistency: sampled solutions per question, majority-voted (0 = greedy only).")
