@@ -1,0 +1,158 @@
+"""Quantization benchmark on the embedded SmolLM2-135M: float vs RTN vs GPTQ vs GPTQ act-order (vs gptqmodel).
+
+Each configuration runs in a fresh subprocess (clean peak memory and timing) on the same calibration windows
+(GSM8K train, ``--calib-samples`` x ``--calib-seqlen`` tokens) and is scored by teacher-forced perplexity of the
+first ``--ppl-limit`` GSM8K test solutions. With ``--gptqmodel-python`` (a Python whose environment has gptqmodel)
+the yardstick quantizes the same windows with gptqmodel, and our loader reads its checkpoint for scoring.
+
+    python benchmarks/bench_quantize.py [--targets all attn] [--gptqmodel-python /path/to/venv/bin/python]
+
+Prints a Markdown table, then the figures as one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (add_common_args, config_names, environment, finish, markdown_table, materialize,  # noqa: E402
+                    parse_args, peak_rss_mb, reset_peak_rss, run_child, setup_child)
+
+METHODS = {"rtn": dict(method="rtn"), "gptq": dict(method="gptq"), "gptq-act": dict(method="gptq", act_order=True)}
+NAMES = ["float"] + [f"{m}-{t}" for t in ("all", "attn") for m in METHODS] + ["gptqmodel-all"]
+
+GPTQMODEL_SCRIPT = r"""
+import json, os, sys, time
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel 7.7 needs >= 2 CPU workers on a 2-core host
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+from gptqmodel import GPTQModel, QuantizeConfig
+model_dir, calib_file, out, group_size, dtype = sys.argv[1:6]
+ids = load_file(calib_file)["input_ids"]
+calibration = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
+config = QuantizeConfig(bits=4, group_size=int(group_size), sym=True, desc_act=False, damp_percent=0.01,
+                        act_group_aware=False)
+model = GPTQModel.load(model_dir, config, device="cpu", dtype=getattr(torch, dtype))
+start = time.perf_counter()
+model.quantize(calibration, batch_size=1, tokenizer=AutoTokenizer.from_pretrained(model_dir))
+seconds = time.perf_counter() - start
+model.save(out)
+print("GPTQMODEL_RESULT " + json.dumps({"seconds": seconds}))
+"""
+
+
+def child(args: argparse.Namespace) -> dict:
+    """One configuration: load, (quantize), score. Returns its row."""
+    import torch
+    from safetensors.torch import load_file
+
+    from gptqlora.commands import weight_bytes
+    from gptqlora.config import QuantConfig
+    from gptqlora.eval.perplexity import gsm8k_answer_loss
+    from gptqlora.models import embedded_model_dir, load_model
+    from gptqlora.quant.checkpoint import load_quantized
+    from gptqlora.quant.driver import quantize_model_weights
+
+    setup_child(args)
+    name = args.one
+    calib = load_file(args.calib_file)["input_ids"]
+    row: dict = {}
+    if name == "gptqmodel-all":
+        if not args.gptqmodel_python:
+            raise SystemExit("gptqmodel-all needs --gptqmodel-python (a Python whose environment has gptqmodel)")
+        out = Path(args.workdir) / name
+        proc = subprocess.run([args.gptqmodel_python, "-c", GPTQMODEL_SCRIPT, str(embedded_model_dir()),
+                               args.calib_file, str(out), str(args.group_size), args.gptqmodel_dtype],
+                              capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("GPTQMODEL_RESULT ")), None)
+        if line is None:
+            raise RuntimeError(f"gptqmodel failed:\n{proc.stderr[-3000:]}")
+        row["quantize_s"] = json.loads(line.split(" ", 1)[1])["seconds"]
+        model, tokenizer, _ = load_quantized(out)  # our loader reads gptqmodel's GPTQ v1 checkpoint
+        model.float()
+    else:
+        model, tokenizer = load_model(args.model)
+        materialize(model)  # copy out of the file's memory map so RSS is the model as held
+        row["weight_bytes_before"] = weight_bytes(model)
+        if name != "float":
+            method, targets = name.rsplit("-", 1)
+            config = QuantConfig(bits=4, group_size=args.group_size, targets=targets, calib_dtype=args.calib_dtype,
+                                 **METHODS[method])
+            reset_peak_rss()
+            start = time.perf_counter()
+            quantize_model_weights(model, calib if config.method == "gptq" else None, config, progress=False)
+            row["quantize_s"] = time.perf_counter() - start
+            row["peak_rss_mb_quantize"] = peak_rss_mb()
+    row["weight_bytes_after"] = weight_bytes(model)
+    with torch.no_grad():
+        result = gsm8k_answer_loss(model, tokenizer, source=args.data, split="test", limit=args.ppl_limit,
+                                   batch_size=8, max_length=512)
+    return row | {"perplexity": result["perplexity"], "answer_tokens": result["tokens"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser, NAMES)
+    parser.set_defaults(configs=",".join(NAMES[:-1]))
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--calib-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--ppl-limit", type=int, default=200, help="GSM8K test solutions scored")
+    parser.add_argument("--gptqmodel-python", default=None,
+                        help="Python of an environment with gptqmodel; adds the gptqmodel-all row")
+    parser.add_argument("--gptqmodel-dtype", default="bfloat16")
+    parser.add_argument("--calib-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    args = parse_args(parser, quick={"calib_samples": 8, "calib_seqlen": 128, "ppl_limit": 8,
+                                     "configs": "float,rtn-attn,gptq-attn"})
+    args.data = args.data or os.environ.get("GSM8K_DIR") or "openai/gsm8k"
+    if args.one:
+        print(json.dumps(child(args)), flush=True)
+        return 0
+
+    from safetensors.torch import save_file
+
+    from gptqlora.data.calibration import calibration_tokens
+    from gptqlora.models import load_model
+
+    names = config_names(args, NAMES)
+    if args.gptqmodel_python and "gptqmodel-all" not in names:
+        names.append("gptqmodel-all")
+    _, tokenizer = load_model(args.model)
+    calib = calibration_tokens(tokenizer, args.calib_samples, args.calib_seqlen, source=args.data, seed=args.seed)
+    with tempfile.TemporaryDirectory() as workdir:
+        calib_file = str(Path(workdir) / "calib.safetensors")
+        save_file({"input_ids": calib.contiguous()}, calib_file)
+        argv = sys.argv[1:] + ["--calib-file", calib_file, "--workdir", workdir]
+        rows = {name: run_child(__file__, name, argv) for name in names}
+
+    float_ppl = rows.get("float", {}).get("perplexity")
+    for name, r in rows.items():
+        if float_ppl is None or "perplexity" not in r or name == "float":
+            continue
+        r["ppl_increase"] = r["perplexity"] - float_ppl
+        rtn = rows.get("rtn-" + name.rsplit("-", 1)[1], {})
+        if "perplexity" in rtn and rtn["perplexity"] > float_ppl and not name.startswith("rtn-"):
+            r["gap_closed_vs_rtn"] = 1 - r["ppl_increase"] / (rtn["perplexity"] - float_ppl)
+    print(markdown_table(rows, [("perplexity", "perplexity", ".4f"), ("ppl_increase", "increase over float", "+.4f"),
+                                ("gap_closed_vs_rtn", "RTN gap closed", ".1%"), ("quantize_s", "quantize s", ".1f"),
+                                ("peak_rss_mb_quantize", "peak RSS MiB (quantize)", ".0f"),
+                                ("weight_bytes_before", "block weight bytes before", ""),
+                                ("weight_bytes_after", "after", "")]))
+    return finish(rows, {"benchmark": "quantize", "calib": [args.calib_samples, args.calib_seqlen],
+                         "group_size": args.group_size, "calib_dtype": args.calib_dtype, "ppl_limit": args.ppl_limit,
+                         "environment": environment(), "rows": rows})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
