@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("--output-dir", default=None, help="Where predictions.jsonl and summary.json go "
                                                               "(default: next to the adapter, else ./eval_out).")
+        if name == "merge":
+            p.add_argument("--ppl-limit", type=int, default=100,
+                           help="GSM8K test solutions scored before and after merging (default 100).")
         if name == "perplexity":
             p.add_argument("--max-length", type=int, default=512, help="Tokens per example (default 512).")
         if name == "run":

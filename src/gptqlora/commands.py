@@ -197,18 +197,20 @@ def merge(args: argparse.Namespace, configs: Configs) -> dict:
     out = check_out_dir(args.out)
     model, tokenizer, qconfig = load_quantized(args.quantized)
     load_adapter(model, args.adapter)
-    before = gsm8k_answer_loss(model, tokenizer, source=dc.data, split="test", limit=100, style=dc.prompt_style)
+    before = gsm8k_answer_loss(model, tokenizer, source=dc.data, split="test", limit=args.ppl_limit,
+                               style=dc.prompt_style)
     calib = calibration_tokens(tokenizer, dc.calib_samples, dc.calib_seqlen, source=dc.data, text_file=dc.calib_text,
                                seed=dc.seed)
     start = time.perf_counter()
     losses = merge_into_quantized(model, calib, qconfig)
     seconds = time.perf_counter() - start
-    after = gsm8k_answer_loss(model, tokenizer, source=dc.data, split="test", limit=100, style=dc.prompt_style)
+    after = gsm8k_answer_loss(model, tokenizer, source=dc.data, split="test", limit=args.ppl_limit,
+                              style=dc.prompt_style)
     save_quantized(model, tokenizer, out, qconfig, extra={"merged_adapter": str(args.adapter),
                                                           "base": str(args.quantized)})
     return {"out": str(out), "requantized_layers": len(losses), "seconds": round(seconds, 1),
             "perplexity_unmerged": before["perplexity"], "perplexity_merged": after["perplexity"],
-            "note": "answer-token perplexity on the first 100 GSM8K test solutions"}
+            "note": f"answer-token perplexity on the first {args.ppl_limit} GSM8K test solutions"}
 
 
 def results_table(rows: dict[str, dict]) -> str:
