@@ -48,7 +48,8 @@ def quantize_loaded(model: nn.Module, tokenizer, qc: C.QuantConfig, dc: C.DataCo
             "seconds": round(seconds, 2), "gptq_loss_total": round(sum(losses.values()), 4),
             "weight_bytes_before": before, "weight_bytes_after": weight_bytes(model),
             "calibration": None if calib is None else {"source": dc.calib_text or dc.data,
-                                                       "samples": dc.calib_samples, "seqlen": dc.calib_seqlen}}
+                                                       "samples": dc.calib_samples, "seqlen": dc.calib_seqlen},
+            "layer_losses": {k: round(v, 6) for k, v in losses.items()}}
 
 
 def check_out_dir(out: str | Path, marker: str = "config.json") -> Path:
@@ -68,7 +69,8 @@ def quantize(args: argparse.Namespace, configs: Configs) -> dict:
     model, tokenizer = load_model(mc.model, mc.dtype, mc.device, mc.cache_dir)
     report = quantize_loaded(model, tokenizer, qc, dc)
     save_quantized(model, tokenizer, out, qc, extra=report | {"base_model": mc.model})
-    return report | {"out": str(out)}
+    # Each layer's GPTQ loss is kept in OUT/quantize_config.json (and logged with -v), not printed.
+    return {k: v for k, v in report.items() if k != "layer_losses"} | {"out": str(out)}
 
 
 def perplexity(args: argparse.Namespace, configs: Configs) -> dict:
