@@ -23,6 +23,13 @@ def quantized_tiny(config: QuantConfig):
     return model, ids
 
 
+def saved_attention_only(tmp_path):
+    """A tiny model with 4-bit attention, saved to tmp_path/q."""
+    config = QuantConfig(targets="attn", group_size=32)
+    model, _ = quantized_tiny(config)
+    return save_quantized(model, None, tmp_path / "q", config)
+
+
 @pytest.mark.parametrize("config", [QuantConfig(targets="all", group_size=32),
                                     QuantConfig(targets="attn", group_size=32, act_order=True, sym=False),
                                     QuantConfig(targets="all", bits=3, group_size=-1)])
@@ -44,9 +51,7 @@ def test_save_load_bit_identical_with_identical_logits(tmp_path, config):
 
 
 def test_config_holds_the_gptq_block(tmp_path):
-    config = QuantConfig(targets="attn", group_size=32)
-    model, _ = quantized_tiny(config)
-    save_quantized(model, None, tmp_path / "q", config)
+    saved_attention_only(tmp_path)
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     block = cfg["quantization_config"]
     assert block == {k: v for k, v in json.loads((tmp_path / "q" / "quantize_config.json").read_text()).items()
@@ -65,9 +70,7 @@ def test_config_holds_the_gptq_block(tmp_path):
 
 
 def test_truncated_file_fails_clearly(tmp_path):
-    config = QuantConfig(targets="attn", group_size=32)
-    model, _ = quantized_tiny(config)
-    save_quantized(model, None, tmp_path / "q", config)
+    saved_attention_only(tmp_path)
     f = tmp_path / "q" / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
@@ -75,9 +78,7 @@ def test_truncated_file_fails_clearly(tmp_path):
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path):
-    config = QuantConfig(targets="attn", group_size=32)
-    model, _ = quantized_tiny(config)
-    save_quantized(model, None, tmp_path / "q", config)
+    saved_attention_only(tmp_path)
     cfg_path = tmp_path / "q" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"]["group_size"] = 16  # the stored scales hold 2 groups, the config now implies 4
@@ -87,9 +88,7 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
 
 
 def test_missing_tensor_is_reported(tmp_path):
-    config = QuantConfig(targets="attn", group_size=32)
-    model, _ = quantized_tiny(config)
-    save_quantized(model, None, tmp_path / "q", config)
+    saved_attention_only(tmp_path)
     f = tmp_path / "q" / "model.safetensors"
     tensors = load_file(f)
     del tensors["model.layers.1.self_attn.o_proj.qzeros"]
