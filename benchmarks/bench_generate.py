@@ -58,7 +58,7 @@ from gptqlora.config import EvalConfig, LoRAConfig, QuantConfig
 
 LORA, QUANT = LoRAConfig(), QuantConfig()  # the library's defaults: LoRA r=16, alpha=32; group size 64
 ROWS = ("hf-float", "ours-float", "ours-4bit-lora", "ours-4bit-lora-cached")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_TARGETS = common.LORA_TARGETS
 QUICK = {"prompts": 2, "max_new_tokens": 16, "warmup_new_tokens": 2}
 
 COLUMNS = (  # (key, header, format)
@@ -67,10 +67,7 @@ COLUMNS = (  # (key, header, format)
     ("tokens", "tokens", "d"),
     ("decode_steps", "decode steps", "d"),
     ("ms_per_step", "ms/decode step", ".1f"),
-    ("peak_rss_mb", "peak RSS MiB (decode)", ".0f"),
-    ("setup_peak_rss_mb", "peak RSS MiB (setup)", ".0f"),
-    ("cuda_peak_mb", "CUDA peak MiB", ".0f"),
-    ("linear_weight_mb", "block linear weights MiB", ".1f"),
+    *common.memory_columns("decode"),
     ("cache_mb", "cache MiB", ".1f"),
     ("same_as_hf", "same text as hf-float", ""),
     ("retok_diff", "retok diff", ""),

@@ -52,17 +52,14 @@ from gptqlora.config import LoRAConfig, QuantConfig, TrainConfig
 # benchmark's defaults, written once in gptqlora.config.
 LORA, TRAIN, QUANT = LoRAConfig(), TrainConfig(), QuantConfig()
 CONFIGS = ("ours-4bit", "ours-float", "peft-float")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_TARGETS = common.LORA_TARGETS
 QUICK = {"warmup_steps": 1, "steps": 2, "profile_steps": 1}
 
 COLUMNS = (  # (key, header, format)
     ("step_s_mean", "s/step mean", ".3f"),
     ("step_s_median", "s/step median", ".3f"),
     ("tokens_per_s", "tokens/s", ".1f"),
-    ("peak_rss_mb", "peak RSS MiB (train)", ".0f"),
-    ("setup_peak_rss_mb", "peak RSS MiB (setup)", ".0f"),
-    ("cuda_peak_mb", "CUDA peak MiB", ".0f"),
-    ("linear_weight_mb", "block linear weights MiB", ".1f"),
+    *common.memory_columns("train"),
     ("model_mb", "params+buffers MiB", ".1f"),
     ("trainable_params", "trainable params", ","),
     ("loss_first", "loss step 1", ".4f"),

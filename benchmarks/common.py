@@ -34,9 +34,11 @@ from typing import Any
 
 import torch
 
-from gptqlora.config import DEFAULT_MODEL
+from gptqlora.config import ATTN_TARGETS, DEFAULT_MODEL
 
 MiB = 2 ** 20
+# The adapted modules in the training and generation benchmarks: q/k/v/o, as short names (PEFT's spelling).
+LORA_TARGETS = tuple(name.rsplit(".", 1)[1] for name in ATTN_TARGETS)
 
 
 # ---------------------------------------------------------------------------------------------- memory and time
@@ -266,6 +268,14 @@ def _cell(value: Any, fmt: str) -> str:
     if fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
         return format(value, fmt)
     return str(value)
+
+
+def memory_columns(phase: str) -> tuple[tuple[str, str, str], ...]:
+    """The memory columns every benchmark table shows, the measured phase named (e.g. "train", "decode")."""
+    return (("peak_rss_mb", f"peak RSS MiB ({phase})", ".0f"),
+            ("setup_peak_rss_mb", "peak RSS MiB (setup)", ".0f"),
+            ("cuda_peak_mb", "CUDA peak MiB", ".0f"),
+            ("linear_weight_mb", "block linear weights MiB", ".1f"))
 
 
 def markdown_table(rows: dict[str, dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:

@@ -45,11 +45,11 @@ def gptq_config_dict(config: QuantConfig) -> dict:
         # Partly quantized: list the quantized modules stage by stage, and give GPTQModel a negative rule for the rest.
         block["modules_in_block_to_quantize"] = [[n for n in stage if n in targets] for stage in STAGES
                                                  if any(n in targets for n in stage)]
-        skipped = [n for n in ALL_TARGETS if n not in targets]
-        if skipped:
-            block["dynamic"] = {"-:.*\\.(" + "|".join(n.replace(".", "\\.") for n in skipped) + ")$": {}}
         if tuple(targets) == ATTN_TARGETS:
             block["dynamic"] = {"-:.*\\.mlp\\..*": {}}
+        else:
+            skipped = [n.replace(".", "\\.") for n in ALL_TARGETS if n not in targets]
+            block["dynamic"] = {"-:.*\\.(" + "|".join(skipped) + ")$": {}}
     return block
 
 
