@@ -1,6 +1,8 @@
-"""The ``gptqlora`` command line, derived from the config dataclasses (each field is one ``--flag``).
+"""The ``gptqlora`` command line, derived from each command's config dataclass (each field is one ``--flag``).
 
-Subcommands: quantize, perplexity, finetune, eval, merge, run. Each is a thin shell over library functions.
+Subcommands: quantize, perplexity, finetune, eval, merge, run (see ``gptqlora.commands``). This module is the error
+boundary: a ``UsageError`` (the user's input, options or environment) prints one line and exits 2; a disk that is
+full or read-only does the same; Ctrl-C says how to continue; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,22 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from gptqlora import config as C
-
-COMMANDS: dict[str, tuple[str, tuple[type, ...]]] = {
-    "quantize": ("Quantize a model's linear layers (GPTQ or RTN) and save a GPTQ v1 directory.",
-                 (C.ModelConfig, C.QuantConfig, C.DataConfig)),
-    "perplexity": ("Teacher-forced perplexity of GSM8K solutions (float or quantized model).",
-                   (C.ModelConfig, C.DataConfig, C.EvalConfig)),
-    "finetune": ("Train LoRA adapters over a quantized base on GSM8K train.",
-                 (C.ModelConfig, C.QuantConfig, C.DataConfig, C.LoRAConfig, C.TrainConfig)),
-    "eval": ("Exact-match GSM8K accuracy with greedy decoding and optional self-consistency.",
-             (C.ModelConfig, C.DataConfig, C.EvalConfig)),
-    "merge": ("Merge a LoRA adapter into its quantized base and re-quantize with GPTQ.",
-              (C.ModelConfig, C.QuantConfig, C.DataConfig)),
-    "run": ("The whole job: quantize -> fine-tune -> evaluate, with one results table.",
-            (C.ModelConfig, C.QuantConfig, C.DataConfig, C.LoRAConfig, C.TrainConfig, C.EvalConfig, C.RunConfig)),
-}
+from gptqlora.errors import UsageError
 
 _SCALARS = {"int": int, "float": float, "str": str}
 
@@ -40,79 +27,103 @@ def _flag_names(name: str, aliases: Sequence[str]) -> list[str]:
     return names + [a for a in aliases if a != "--asym"]
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of ``cls``, typed from its annotation, documented by its help, defaulting to None.
+def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, dest: str, aliases: Sequence[str]) -> None:
+    meta = f.metadata
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    required = meta.get("required", False)
+    help_text = meta.get("help", "") + ("" if required else f" (default: {default})")
+    kind = str(f.type).replace(" | None", "")
+    names = _flag_names(f.name, tuple(meta.get("aliases", ())) + tuple(aliases))
+    if kind == "bool":
+        group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        if "--asym" in meta.get("aliases", ()):
+            group.add_argument("--asym", dest=dest, action="store_false", help="Same as --no-sym.")
+    else:
+        group.add_argument(*names, dest=dest, type=_SCALARS[kind], default=None, choices=meta.get("choices"),
+                           help=help_text, metavar=f.name.upper(), required=required)
 
-    Defaults stay in the dataclass: a flag left out is simply not passed to the constructor.
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per scalar field of ``cls`` and per field of each of its groups; every default stays None.
+
+    Defaults stay in the dataclasses: a flag left out is simply not passed to the constructor. A group field's
+    flags go to ``dest`` ``group.field``; the command's own fields keep their names.
     """
-    group = parser.add_argument_group(cls.__name__.removesuffix("Config").lower() or cls.__name__)
+    own = parser.add_argument_group(cls.__name__.removesuffix("Args").lower() + " options")
     for f in dataclasses.fields(cls):
-        meta = f.metadata
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = f"{meta.get('help', '')} (default: {default})"
-        kind = str(f.type).replace(" | None", "")
-        names = _flag_names(f.name, meta.get("aliases", ()))
-        if kind == "bool":
-            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=help_text)
-            if "--asym" in meta.get("aliases", ()):
-                group.add_argument("--asym", dest=f.name, action="store_false", help="Same as --no-sym.")
-        else:
-            group.add_argument(*names, dest=f.name, type=_SCALARS[kind], default=None, choices=meta.get("choices"),
-                               help=help_text, metavar=f.name.upper())
+        sub = f.metadata.get("group")
+        if sub is None:
+            _add_field(own, f, f.name, ())
+            continue
+        g = parser.add_argument_group(sub.__name__.removesuffix("Config").lower())
+        for sf in dataclasses.fields(sub):
+            _add_field(g, sf, f"{f.name}.{sf.name}", f.metadata["aliases"].get(sf.name, ()))
 
 
 def config_from_args(cls: type, ns: argparse.Namespace) -> Any:
-    """Build ``cls`` from the flags that were given; validation happens in its ``__post_init__``."""
-    given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if getattr(ns, f.name, None) is not None}
+    """Build a command's config from the flags that were given; validation happens in each ``__post_init__``."""
+    given: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        sub = f.metadata.get("group")
+        if sub is None:
+            if getattr(ns, f.name, None) is not None:
+                given[f.name] = getattr(ns, f.name)
+            continue
+        values = {sf.name: getattr(ns, f"{f.name}.{sf.name}") for sf in dataclasses.fields(sub)
+                  if getattr(ns, f"{f.name}.{sf.name}", None) is not None}
+        given[f.name] = sub(**values)
     return cls(**given)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptqlora", description="GPTQ quantization + LoRA fine-tuning on GSM8K.")
+    from gptqlora.commands import COMMANDS
+
+    parser = argparse.ArgumentParser(prog="gptqlora", description="GPTQ quantization + LoRA fine-tuning on GSM8K.",
+                                     allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="Log each layer's GPTQ loss and more.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, groups) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        for cls in groups:
-            add_config_args(p, cls)
-        if name in ("quantize", "merge"):
-            p.add_argument("--out", required=True, help="Directory to write the GPTQ-format model to.")
-        if name in ("finetune", "eval", "merge"):
-            p.add_argument("--quantized", default=None, help="A quantized model directory (GPTQ v1) to start from.")
-        if name in ("eval", "merge"):
-            p.add_argument("--adapter", default=None, required=name == "merge",
-                           help="A LoRA adapter directory (PEFT format).")
-        if name == "eval":
-            p.add_argument("--output-dir", default=None, help="Where predictions.jsonl and summary.json go "
-                                                              "(default: next to the adapter, else ./eval_out).")
-        if name == "merge":
-            p.add_argument("--ppl-limit", type=int, default=100,
-                           help="GSM8K test solutions scored before and after merging (default 100).")
-        if name == "perplexity":
-            p.add_argument("--max-length", type=int, default=512, help="Tokens per example (default 512).")
-        if name == "run":
-            p.add_argument("--skip-float-eval", action="store_true",
-                           help="Leave the float base out of the final table (saves one evaluation).")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help, allow_abbrev=False)
+        add_config_args(p, command.args)
     return parser
 
 
+def _interrupted_hint(command: str) -> str:
+    if command in ("finetune", "run"):
+        return "rerun the same command with --resume to continue from the last checkpoint"
+    if command == "eval":
+        return "rerun the same command with --resume to continue after the last answered batch"
+    return "nothing was written to the output; rerun the command"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from gptqlora.commands import COMMANDS
+    from gptqlora.files import is_disk_error
+    from gptqlora.train.loop import NonFiniteLossError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
+    command = COMMANDS[args.command]
     try:
-        configs = {cls: config_from_args(cls, args) for cls in COMMANDS[args.command][1]}
-    except (ValueError, FileNotFoundError) as e:
+        config = config_from_args(command.args, args)
+    except UsageError as e:
         parser.error(str(e))
-    from gptqlora import commands
-
     try:
-        result = getattr(commands, args.command)(args, configs)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, NotADirectoryError) as e:
+        result = command.run(config)
+    except (UsageError, NonFiniteLossError) as e:  # a diverged run is not a bug: its message says how to go on
         print(f"gptqlora {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if not is_disk_error(e):
+            raise
+        print(f"gptqlora {args.command}: error: cannot write {e.filename or 'the output'}: {e.strerror}; free space "
+              "or choose a writable location (no partial output was left behind)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ngptqlora {args.command}: interrupted: {_interrupted_hint(args.command)}", file=sys.stderr)
+        return 130
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0

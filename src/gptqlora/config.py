@@ -1,8 +1,10 @@
-"""The one typed configuration tree.
+"""The typed configuration groups every command is composed of.
 
-Every default is written once, here. The command line (``cli.py``) is derived from these dataclasses:
-each field becomes ``--field-name`` (``--field_name`` is accepted too) with the field's ``help`` as its
-description. Validation lives in ``__post_init__`` so a bad value fails before any work starts.
+Every default is written once, here. Each subcommand (``gptqlora.commands.*``) declares one dataclass made of the
+groups it uses and of its own fields; the command line (``cli.py``) is derived from that dataclass: each field
+becomes ``--field-name`` (``--field_name`` is accepted too) with the field's ``help`` as its description, so
+``--help`` lists exactly what the command reads and any other flag is an error. Validation lives in
+``__post_init__``, so a bad value fails before any file is read or any model is loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from gptqlora.errors import InputNotFoundError, UsageError
+
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HUB_DATASET = "openai/gsm8k"
 
@@ -20,15 +24,27 @@ DEFAULT_HUB_DATASET = "openai/gsm8k"
 ATTN_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP_TARGETS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 ALL_TARGETS = ATTN_TARGETS + MLP_TARGETS
+TARGET_PRESETS = {"attn": ATTN_TARGETS, "mlp": MLP_TARGETS, "all": ALL_TARGETS}
+
+# Group sizes the GPTQ ecosystem reads (gptqmodel's kernels; vLLM's Marlin takes -1, 32, 64 and 128).
+GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+DEFAULT_TEMPERATURE = 0.7  # self-consistency sampling, used only with --samples
+DEFAULT_TOP_P = 0.95
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, aliases: tuple[str, ...] = (),
-        factory: Any = None) -> Any:
+        factory: Any = None, required: bool = False) -> Any:
     """A dataclass field carrying its CLI help (the field's docstring), choices and extra flag spellings."""
-    meta = {"help": help, "choices": choices, "aliases": aliases}
+    meta = {"help": help, "choices": choices, "aliases": aliases, "required": required}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def group(cls: type, aliases: dict[str, tuple[str, ...]] | None = None) -> Any:
+    """A field holding a whole config group; its fields become the command's flags (``aliases`` adds spellings)."""
+    return field(default_factory=cls, metadata={"group": cls, "aliases": aliases or {}})
 
 
 def field_help(cls: type, name: str) -> str:
@@ -41,34 +57,79 @@ def default_data_source() -> str:
     return os.environ.get("GSM8K_DIR") or DEFAULT_HUB_DATASET
 
 
-def resolve_targets(targets: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Turn a target spec into block-relative module names.
+# ---------------------------------------------------------------------------------------------- target names
+
+def parse_targets(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...] | re.Pattern:
+    """The one grammar for target-module names (quantization and LoRA read it alike).
 
     Args:
-        targets: ``"attn"`` (q/k/v/o), ``"mlp"``, ``"all"`` (every linear in a block), a comma-separated
-            list or a list of names; short names (``q_proj``) are completed to ``self_attn.q_proj``.
+        spec: ``"attn"`` (q/k/v/o), ``"mlp"``, ``"all"``, a comma-separated list (or a list) of presets and module
+            names matched as suffixes of full module names (``q_proj``, ``self_attn.q_proj``), or ``"re:<regex>"``
+            matched with ``re.fullmatch`` against full module names.
     Returns:
-        The names, in true-sequential order.
+        The name suffixes, presets expanded and duplicates dropped, or the compiled regex.
     Raises:
-        ValueError: for a name that is not a LLaMA block linear.
+        UsageError: an empty spec or an invalid regex.
     """
-    if isinstance(targets, str):
-        presets = {"attn": ATTN_TARGETS, "mlp": MLP_TARGETS, "all": ALL_TARGETS}
-        if targets in presets:
-            return presets[targets]
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    out = []
-    for t in targets:
+    if isinstance(spec, str) and spec.startswith("re:"):
+        try:
+            return re.compile(spec[3:])
+        except re.error as e:
+            raise UsageError(f"target regex {spec[3:]!r} is invalid ({e}): give a Python regex after 're:'") from None
+    entries = [t.strip() for t in spec.split(",")] if isinstance(spec, str) else [str(t).strip() for t in spec]
+    out: list[str] = []
+    for entry in filter(None, entries):
+        for name in TARGET_PRESETS.get(entry, (entry,)):
+            if name not in out:
+                out.append(name)
+    if not out:
+        raise UsageError(f"no targets given ({spec!r}): use 'attn', 'mlp', 'all', names such as 'q_proj,v_proj', "
+                         "or 're:<regex>'")
+    return tuple(out)
+
+
+def resolve_targets(targets: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Block-relative names of the LLaMA block linears a quantization target spec selects, in true-sequential order.
+
+    Raises:
+        UsageError: for a regex, or a name that is not a LLaMA block linear.
+    """
+    parsed = parse_targets(targets)
+    if isinstance(parsed, re.Pattern):
+        raise UsageError("quantization targets take names, not a regex: use 'attn', 'mlp', 'all' or a list such as "
+                         "'q_proj,v_proj'")
+    chosen = []
+    for t in parsed:
         full = next((name for name in ALL_TARGETS if name == t or name.split(".")[-1] == t), None)
         if full is None:
-            raise ValueError(f"unknown quantization target {t!r}: use 'attn', 'mlp', 'all' or a comma-separated list "
-                             f"of {', '.join(n.split('.')[-1] for n in ALL_TARGETS)}")
-        if full not in out:
-            out.append(full)
-    if not out:
-        raise ValueError("no quantization targets given: use 'attn', 'mlp', 'all' or a list such as 'q_proj,v_proj'")
-    return tuple(n for n in ALL_TARGETS if n in out)
+            raise UsageError(f"unknown quantization target {t!r}: use 'attn', 'mlp', 'all' or a comma-separated "
+                             f"list of {', '.join(n.split('.')[-1] for n in ALL_TARGETS)}")
+        chosen.append(full)
+    return tuple(n for n in ALL_TARGETS if n in chosen)
 
+
+# ---------------------------------------------------------------------------------------------- fields shared by commands
+# Fields several commands take, each written once as a function returning the field.
+
+def seed_field() -> Any:
+    return opt(0, "Seed for everything random: calibration windows, the train/held-out split, LoRA init, dropout, "
+                  "data order and sampling.")
+
+
+def overwrite_field() -> Any:
+    return opt(False, "Replace an existing, non-empty output. Never allowed when the output is, contains or is "
+                      "inside one of the command's inputs.")
+
+
+def quantized_field(required: bool = False) -> Any:
+    return opt(None, "A quantized model directory (GPTQ v1) to start from.", required=required)
+
+
+def adapter_field(required: bool = False) -> Any:
+    return opt(None, "A LoRA adapter directory (PEFT format).", required=required)
+
+
+# ---------------------------------------------------------------------------------------------- groups
 
 @dataclass
 class ModelConfig:
@@ -76,9 +137,17 @@ class ModelConfig:
                                     "directory, or a hub id such as meta-llama/Llama-2-7b-hf.")
     dtype: str = opt("auto", "Compute dtype: 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32' or 'bfloat16'.",
                      choices=("auto", "float32", "bfloat16", "float16"))
-    device: str = opt("auto", "Device: 'auto' (cuda when available), 'cpu' or 'cuda'.")
+    device: str = opt("auto", "Device: 'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.")
     cache_dir: str | None = opt(None, "Where the embedded model is cached as safetensors "
                                       "(default $GPTQLORA_CACHE or ~/.cache/gptqlora).")
+
+    def __post_init__(self) -> None:
+        if not _DEVICE_RE.match(self.device):
+            raise UsageError(f"device {self.device!r} is unknown: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UsageError(f"dtype {self.dtype!r} is unknown: use auto, float32, bfloat16 or float16")
+        if not self.model:
+            raise UsageError("--model is empty: give the alias 'smollm2-135m', a model directory or a hub id")
 
 
 @dataclass
@@ -86,7 +155,8 @@ class QuantConfig:
     method: str = opt("gptq", "Quantization method: 'gptq' or round-to-nearest 'rtn' (the baseline).",
                       choices=("gptq", "rtn"))
     bits: int = opt(4, "Bits per weight.", choices=(2, 3, 4, 8))
-    group_size: int = opt(64, "Columns sharing one scale and zero; -1 for one group per row.")
+    group_size: int = opt(64, "Columns sharing one scale and zero: -1 (one group per row) or a power of two from "
+                              "16 to 1024 dividing the layers' input size (vLLM's Marlin reads -1/32/64/128).")
     sym: bool = opt(True, "Symmetric grid (zero fixed at the middle); --asym for a free zero point.",
                     aliases=("--asym",))
     act_order: bool = opt(False, "GPTQ act-order (desc_act): quantize columns by descending Hessian diagonal.")
@@ -104,16 +174,16 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits={self.bits} is not supported: choose 2, 3, 4 or 8")
-        if self.group_size == 0 or self.group_size < -1:
-            raise ValueError(f"group_size={self.group_size} is invalid: use -1 (one group per row) or a positive size "
-                             "such as 32, 64 or 128")
+            raise UsageError(f"bits={self.bits} is not supported: choose 2, 3, 4 or 8")
+        if self.group_size not in GROUP_SIZES:
+            raise UsageError(f"group_size={self.group_size} is not supported: use -1 (one group per row) or one of "
+                             f"{', '.join(map(str, GROUP_SIZES[1:]))} (what GPTQ loaders read)")
         if self.method not in ("gptq", "rtn"):
-            raise ValueError(f"method={self.method!r} is unknown: use 'gptq' or 'rtn'")
+            raise UsageError(f"method={self.method!r} is unknown: use 'gptq' or 'rtn'")
         if not 0 < self.damp_percent < 1:
-            raise ValueError(f"damp_percent={self.damp_percent} must be in (0, 1); 0.01 is the usual value")
+            raise UsageError(f"damp_percent={self.damp_percent} must be in (0, 1); 0.01 is the usual value")
         if self.block_size <= 0:
-            raise ValueError(f"block_size={self.block_size} must be positive (128 is usual)")
+            raise UsageError(f"block_size={self.block_size} must be positive (128 is usual)")
         resolve_targets(self.targets)
 
     @property
@@ -125,23 +195,32 @@ class QuantConfig:
 class DataConfig:
     data: str = opt(None, "GSM8K source: a directory with train.jsonl/test.jsonl or a hub dataset id "
                           "(default $GSM8K_DIR when set, else openai/gsm8k).", factory=default_data_source)
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise UsageError("empty --data: pass a directory holding train.jsonl/test.jsonl, or a hub dataset id")
+
+
+@dataclass
+class PromptConfig:
     prompt_style: str = opt("auto", "Prompt format: 'plain' (base models), 'chat' (the tokenizer's chat template) "
                                     "or 'auto' (chat when the tokenizer has a template).",
                             choices=("auto", "plain", "chat"))
+
+
+@dataclass
+class CalibConfig:
     calib_samples: int = opt(128, "Number of calibration sequences.")
     calib_seqlen: int = opt(512, "Tokens per calibration sequence.")
     calib_text: str | None = opt(None, "A UTF-8 text file to calibrate on instead of GSM8K train.")
-    seed: int = opt(0, "Seed for sampling calibration data and everything random.")
 
     def __post_init__(self) -> None:
         if self.calib_samples <= 0 or self.calib_seqlen <= 0:
-            raise ValueError(f"calib_samples={self.calib_samples} and calib_seqlen={self.calib_seqlen} must be positive")
+            raise UsageError(f"calib_samples={self.calib_samples} and calib_seqlen={self.calib_seqlen} must be "
+                             "positive")
         if self.calib_text is not None and not os.path.isfile(self.calib_text):
-            raise FileNotFoundError(f"calibration text file {self.calib_text!r} does not exist: give a path to a "
-                                    "UTF-8 text file, or leave --calib-text out to calibrate on GSM8K train")
-
-
-LORA_TARGET_RE = re.compile(r"^[\w.,|*\\()\[\]^$+?-]+$")
+            raise InputNotFoundError(f"calibration text file {self.calib_text!r} does not exist: give a path to a "
+                                     "UTF-8 text file, or leave --calib-text out to calibrate on GSM8K train")
 
 
 @dataclass
@@ -156,9 +235,12 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if self.r <= 0:
-            raise ValueError(f"LoRA rank r={self.r} must be positive (8 or 16 are usual)")
+            raise UsageError(f"LoRA rank r={self.r} must be positive (8 or 16 are usual)")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+            raise UsageError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+        if not self.alpha > 0:
+            raise UsageError(f"LoRA alpha={self.alpha} must be positive")
+        parse_targets(self.lora_targets)
 
     @property
     def scale(self) -> float:
@@ -178,8 +260,8 @@ class TrainConfig:
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).")
     max_length: int = opt(256, "Tokens per training example (prompt + solution), truncated beyond.")
-    train_limit: int | None = opt(None, "Use only the first N (shuffled) training examples.")
-    eval_holdout: int = opt(64, "Training examples held out for periodic eval loss.")
+    train_limit: int | None = opt(None, "Use only the first N (shuffled) training examples (default: all).")
+    eval_holdout: int = opt(64, "Training examples held out for periodic eval loss (0: none).")
     eval_every: int = opt(50, "Steps between held-out evaluations.")
     save_every: int = opt(50, "Steps between training checkpoints.")
     log_every: int = opt(1, "Steps between metric lines in metrics.jsonl.")
@@ -190,47 +272,81 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_length", "eval_every", "save_every", "log_every"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+                raise UsageError(f"{name}={getattr(self, name)} must be positive")
         if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"max_steps={self.max_steps} must be positive")
+            raise UsageError(f"max_steps={self.max_steps} must be positive")
         if self.epochs <= 0:
-            raise ValueError(f"epochs={self.epochs} must be positive")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be positive")
+            raise UsageError(f"epochs={self.epochs} must be positive")
+        if not self.lr > 0:
+            raise UsageError(f"lr={self.lr} must be positive")
+        if self.weight_decay < 0:
+            raise UsageError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.warmup_steps < 0:
+            raise UsageError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UsageError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.max_grad_norm < 0:
+            raise UsageError(f"max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables clipping)")
+        if self.train_limit is not None and self.train_limit <= 0:
+            raise UsageError(f"train_limit={self.train_limit} must be positive; leave it out to train on every "
+                             "example")
+        if self.eval_holdout < 0:
+            raise UsageError(f"eval_holdout={self.eval_holdout} must be >= 0 (0 holds nothing out)")
+        if not self.out:
+            raise UsageError("--out is empty: give the run's output directory")
+
+
+@dataclass
+class SplitConfig:
+    split: str = opt("test", "GSM8K split to score.", choices=("train", "test"))
+    limit: int | None = opt(None, "Score the first N questions only (default: the whole split).")
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "test"):
+            raise UsageError(f"split={self.split!r} is unknown: use 'train' or 'test'")
+        if self.limit is not None and self.limit <= 0:
+            raise UsageError(f"limit={self.limit} must be positive; leave it out for the whole split")
 
 
 @dataclass
 class EvalConfig:
-    split: str = opt("test", "GSM8K split to evaluate.", choices=("train", "test"))
-    limit: int | None = opt(None, "Evaluate the first N questions only.")
     eval_batch_size: int = opt(16, "Questions per generation batch.")
     max_new_tokens: int = opt(256, "Generation budget per answer.")
     shots: int = opt(0, "Fixed few-shot exemplars from the train split placed before the question (for base models).")
     samples: int = opt(0, "Self-consistency: sampled solutions per question, majority-voted (0 = greedy only).")
-    temperature: float = opt(0.7, "Sampling temperature for self-consistency.")
-    top_p: float = opt(0.95, "Nucleus sampling threshold for self-consistency.")
+    temperature: float | None = opt(None, f"Sampling temperature for self-consistency (with --samples; default "
+                                          f"{DEFAULT_TEMPERATURE}).")
+    top_p: float | None = opt(None, f"Nucleus sampling threshold for self-consistency (with --samples; default "
+                                    f"{DEFAULT_TOP_P}).")
     cache_dequantized: bool = opt(False, "Keep quantized layers' dequantized weights while generating: faster "
                                          "decoding, at the memory cost of those layers' float weights.")
 
     def __post_init__(self) -> None:
-        if self.limit is not None and self.limit <= 0:
-            raise ValueError(f"limit={self.limit} must be positive")
         if self.eval_batch_size <= 0 or self.max_new_tokens <= 0:
-            raise ValueError("eval batch size and max_new_tokens must be positive")
+            raise UsageError(f"batch size ({self.eval_batch_size}) and max_new_tokens ({self.max_new_tokens}) must "
+                             "be positive")
         if self.shots < 0 or self.samples < 0:
-            raise ValueError("shots and samples must be >= 0")
-        if self.samples and not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ValueError(f"self-consistency needs temperature > 0 and 0 < top_p <= 1 "
+            raise UsageError(f"shots ({self.shots}) and samples ({self.samples}) must be >= 0")
+        if not self.samples:
+            given = [n for n in ("temperature", "top_p") if getattr(self, n) is not None]
+            if given:
+                raise UsageError(f"--{given[0].replace('_', '-')} only applies to sampling: add --samples K "
+                                 "(self-consistency), or leave it out for greedy decoding")
+            return
+        self.temperature = DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
+        self.top_p = DEFAULT_TOP_P if self.top_p is None else self.top_p
+        if not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise UsageError(f"self-consistency needs temperature > 0 and 0 < top_p <= 1 "
                              f"(got {self.temperature}, {self.top_p})")
 
 
 @dataclass
 class RunConfig:
-    test_limit: int = opt(250, "Test questions `gptqlora run` evaluates each model on (0 = the whole test split); "
-                               "--limit overrides it.")
+    test_limit: int = opt(250, "Test questions `gptqlora run` evaluates each model on (0 = the whole test split).")
     train_steps: int = opt(300, "Optimizer steps `gptqlora run` trains for (0 = follow --epochs); --max-steps "
                                 "overrides it.")
+    skip_float_eval: bool = opt(False, "Leave the float base out of the final table (saves one evaluation).")
 
     def __post_init__(self) -> None:
         if self.test_limit < 0 or self.train_steps < 0:
-            raise ValueError("test_limit and train_steps must be >= 0")
+            raise UsageError(f"test_limit ({self.test_limit}) and train_steps ({self.train_steps}) must be >= 0")

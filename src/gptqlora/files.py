@@ -137,6 +137,21 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         raise
 
 
+def clear_output(out: str | os.PathLike) -> None:
+    """Empty an existing output directory the user allowed to be replaced (``--overwrite``) for an in-place run.
+
+    The old directory is renamed aside first and deleted after a fresh empty one is in place, so a crash in between
+    leaves a ``.NAME.old-PID`` sibling that the next run removes, never a half-deleted output.
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.rename(out, old)
+    out.mkdir()
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class OutputLock:
     """One writer per output: an exclusive ``flock`` on ``.NAME.lock`` beside it, stamped with the owner's pid.
 

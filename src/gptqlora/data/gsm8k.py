@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gptqlora.config import default_data_source
+from gptqlora.errors import InputNotFoundError, UsageError
 
 SPLITS = ("train", "test")
 STYLES = ("plain", "chat")
@@ -47,25 +48,29 @@ def load_gsm8k(split: str, source: str | None = None) -> list[dict]:
         RuntimeError: when the hub dataset cannot be loaded.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown GSM8K split {split!r}: use 'train' or 'test'")
+        raise UsageError(f"unknown GSM8K split {split!r}: use 'train' or 'test'")
     source = default_data_source() if source is None else source
     if not source:  # Path("") is ".", which would silently read the working directory
-        raise ValueError("empty GSM8K source: pass --data DIR holding train.jsonl/test.jsonl, or a hub dataset id")
+        raise UsageError("empty GSM8K source: pass --data DIR holding train.jsonl/test.jsonl, or a hub dataset id")
     path = Path(source).expanduser()
     if path.is_dir():
-        return _read_jsonl(path / f"{split}.jsonl")
+        entries = _read_jsonl(path / f"{split}.jsonl")
+        if not entries:
+            raise UsageError(f"{path / f'{split}.jsonl'} holds no problems: give a GSM8K directory whose "
+                             f"{split}.jsonl has one JSON object per line")
+        return entries
     if source.startswith((".", "/", "~")) or path.exists():
         if path.is_file():
-            raise NotADirectoryError(f"GSM8K source {source!r} is a file: pass --data DIR, the directory holding "
+            raise UsageError(f"GSM8K source {source!r} is a file: pass --data DIR, the directory holding "
                                      "train.jsonl and test.jsonl, or a hub dataset id such as openai/gsm8k")
-        raise FileNotFoundError(f"GSM8K directory {source!r} does not exist: pass --data DIR holding "
+        raise InputNotFoundError(f"GSM8K directory {source!r} does not exist: pass --data DIR holding "
                                 "train.jsonl/test.jsonl, or a hub dataset id such as openai/gsm8k")
     return _load_hub(source, split)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass --data DIR holding train.jsonl/test.jsonl "
+        raise InputNotFoundError(f"{path} not found: pass --data DIR holding train.jsonl/test.jsonl "
                                 "(or set $GSM8K_DIR), or a hub dataset id such as openai/gsm8k")
     entries = []
     with path.open(encoding="utf-8") as f:
@@ -75,7 +80,7 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+                raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
             entries.append(_entry(row, f"{path}:{lineno}"))
     return entries
 
@@ -86,17 +91,22 @@ def _load_hub(dataset_id: str, split: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(dataset_id, "main", split=split)
     except Exception as e:  # network, auth or a wrong id: all get the same way out
-        raise RuntimeError(f"could not load GSM8K {split!r} from the hub dataset {dataset_id!r} ({e}); offline, pass "
-                           "--data DIR (or set $GSM8K_DIR) to a local directory holding train.jsonl/test.jsonl") from e
-    return [_entry(row, f"{dataset_id} [{split}] row {i}") for i, row in enumerate(ds)]
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"GSM8K source {dataset_id!r} is not a local directory (none at {Path(dataset_id).absolute()}) "
+                         f"and could not be loaded as a hub dataset ({first}): pass --data DIR (or set $GSM8K_DIR) "
+                         "to a directory holding train.jsonl/test.jsonl") from e
+    entries = [_entry(row, f"{dataset_id} [{split}] row {i}") for i, row in enumerate(ds)]
+    if not entries:
+        raise UsageError(f"the hub dataset {dataset_id!r} has no {split!r} problems")
+    return entries
 
 
 def _entry(row: object, where: str) -> dict:
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object with 'question' and 'answer', got {type(row).__name__}")
+        raise UsageError(f"{where}: expected a JSON object with 'question' and 'answer', got {type(row).__name__}")
     for key in ("question", "answer"):
         if not isinstance(row.get(key), str):
-            raise ValueError(f"{where}: missing or non-string {key!r} (each line needs 'question' and 'answer')")
+            raise UsageError(f"{where}: missing or non-string {key!r} (each line needs 'question' and 'answer')")
     return {"question": row["question"], "answer": row["answer"]}
 
 
@@ -153,8 +163,23 @@ def gold_answer(entry: dict) -> float:
     answer = entry["answer"]
     value = extract_answer(answer) if "####" in answer else None
     if value is None:
-        raise ValueError(f"GSM8K answer has no '#### <number>' line: {answer[-80:]!r}")
+        raise UsageError(f"GSM8K answer has no '#### <number>' line: {answer[-80:]!r}")
     return value
+
+
+def check_answers(entries: Sequence[dict], where: str) -> None:
+    """Refuse a set of entries for fine-tuning when an answer lacks the ``#### <number>`` line.
+
+    A model trained on such solutions would never write the line the scorer reads.
+
+    Raises:
+        UsageError: naming the first bad entry and how many there are.
+    """
+    bad = [i for i, e in enumerate(entries) if "####" not in e["answer"] or extract_answer(e["answer"]) is None]
+    if bad:
+        raise UsageError(f"{where}: {len(bad)} of {len(entries)} answers have no '#### <number>' line (first: entry "
+                         f"{bad[0]}, {entries[bad[0]]['answer'][-60:]!r}); GSM8K solutions end with '#### <answer>', "
+                         "which the scorer reads")
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -169,9 +194,9 @@ def resolve_style(style: str, tokenizer=None) -> str:
     if style == "auto":
         return "chat" if has_template else "plain"
     if style not in STYLES:
-        raise ValueError(f"unknown prompt style {style!r}: use 'auto', 'plain' or 'chat'")
+        raise UsageError(f"unknown prompt style {style!r}: use 'auto', 'plain' or 'chat'")
     if style == "chat" and not has_template:
-        raise ValueError("prompt style 'chat' needs a tokenizer with a chat template: use --prompt-style plain")
+        raise UsageError("prompt style 'chat' needs a tokenizer with a chat template: use --prompt-style plain")
     return style
 
 
@@ -252,7 +277,7 @@ class GSM8KCoTDataset(Dataset):
             raise ValueError(f"max_length={max_length} must be at least 2 (a prompt token and a label)")
         eos = tokenizer.eos_token_id
         if eos is None:
-            raise ValueError("the tokenizer has no eos token; training needs one to teach the model to stop")
+            raise UsageError("the tokenizer has no eos token; training needs one to teach the model to stop")
         self.style = resolve_style(style, tokenizer)
         pairs = [format_gsm8k_entry(e, self.style, tokenizer, strip_calc) for e in entries]
         prompt_ids = encode_texts(tokenizer, [p for p, _ in pairs], self.style)

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptqlora.config import ALL_TARGETS, ATTN_TARGETS, MLP_TARGETS
+from gptqlora.config import parse_targets
+from gptqlora.errors import UsageError
 
 # PEFT stores adapter tensors under the Hugging Face module name with this prefix (PeftModel -> LoraModel -> model).
 PEFT_PREFIX = "base_model.model."
 # A module name inside a decoder block, e.g. "model.layers.3.mlp.up_proj".
 _BLOCK_RE = re.compile(r"(?:.*\.)?layers\.(\d+)\..+")
-_PRESETS = {"attn": ATTN_TARGETS, "mlp": MLP_TARGETS}
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -150,29 +150,20 @@ def _describe_linears(names: Sequence[str]) -> str:
 
 
 def _select_targets(names: Sequence[str], targets: str | Sequence[str]) -> list[str]:
-    """The names among ``names`` (full module names) that ``targets`` selects; see ``inject_lora_layers``."""
-    if isinstance(targets, str) and targets.startswith("re:"):
-        try:
-            pattern = re.compile(targets[3:])
-        except re.error as e:
-            raise ValueError(f"LoRA target regex {targets[3:]!r} is invalid: {e}") from e
-        return [n for n in names if pattern.fullmatch(n)]
-    if targets == "all":
+    """The names among ``names`` (full module names) that ``targets`` selects; see ``inject_lora_layers``.
+
+    The spec is read by ``gptqlora.config.parse_targets``, the grammar quantization targets use too.
+    """
+    parsed = parse_targets(targets)
+    if isinstance(parsed, re.Pattern):
+        return [n for n in names if parsed.fullmatch(n)]
+    if targets == "all":  # every linear inside a decoder block (whatever the architecture names it), never lm_head
         return [n for n in names if _BLOCK_RE.fullmatch(n)]
-    entries = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t).strip() for t in targets]
-    suffixes: list[str] = []
-    for entry in filter(None, entries):
-        if entry == "all":
-            suffixes += ALL_TARGETS
-        else:
-            suffixes += _PRESETS.get(entry, (entry,))
-    if not suffixes:
-        raise ValueError(f"no LoRA targets given ({targets!r}): use 'attn', 'mlp', 'all', names or 're:<regex>'")
     # An explicit name that matches nothing is almost always a typo: report it rather than adapt less than asked.
-    unmatched = [s for s in suffixes if not any(n == s or n.endswith("." + s) for n in names)]
-    if unmatched and len(unmatched) < len(suffixes):
-        raise ValueError(f"LoRA targets {unmatched} match no linear layer; the model has {_describe_linears(names)}")
-    return [n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)]
+    unmatched = [s for s in parsed if not any(n == s or n.endswith("." + s) for n in names)]
+    if unmatched and len(unmatched) < len(parsed):
+        raise UsageError(f"LoRA targets {unmatched} match no linear layer; the model has {_describe_linears(names)}")
+    return [n for n in names if any(n == s or n.endswith("." + s) for s in parsed)]
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -192,7 +183,7 @@ def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     names = linear_layer_names(model)
     chosen = _select_targets(names, targets)
     if not chosen:
-        raise ValueError(f"LoRA targets {targets!r} match no linear layer; the model has {_describe_linears(names)}")
+        raise UsageError(f"LoRA targets {targets!r} match no linear layer; the model has {_describe_linears(names)}")
     return chosen
 
 

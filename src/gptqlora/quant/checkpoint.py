@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gptqlora.config import ALL_TARGETS, ATTN_TARGETS, QuantConfig
+from gptqlora.errors import InputNotFoundError, UsageError
+from gptqlora.files import staged_dir
 from gptqlora.quant.driver import STAGES, _set, decoder_layers
 from gptqlora.quant.linear import QuantizedLinear
 
@@ -53,40 +53,99 @@ def gptq_config_dict(config: QuantConfig) -> dict:
     return block
 
 
-def quant_config_from_dict(block: dict) -> QuantConfig:
-    """Rebuild our QuantConfig from a ``quantization_config`` block (ours or another tool's v1 gptq)."""
+def quant_config_from_dict(block: dict, where: str = "quantization_config") -> QuantConfig:
+    """Rebuild our QuantConfig from a ``quantization_config`` block (ours or another tool's v1 gptq).
+
+    Raises:
+        UsageError: a block that is not GPTQ v1, lacks ``bits`` or ``group_size``, or holds unsupported values;
+            the message names ``where`` the block came from.
+    """
+    if not isinstance(block, dict):
+        raise UsageError(f"{where} must be a JSON object, not {type(block).__name__}")
     if block.get("quant_method") != "gptq":
-        raise ValueError(f"quant_method {block.get('quant_method')!r} is not 'gptq': this loader reads GPTQ checkpoints")
+        raise UsageError(f"{where}: quant_method {block.get('quant_method')!r} is not 'gptq': this loader reads GPTQ "
+                         "checkpoints")
     fmt = block.get("checkpoint_format", block.get("format", "gptq"))
     if fmt != "gptq":
-        raise ValueError(f"checkpoint_format {fmt!r} is not supported: only GPTQ v1 ('gptq') is read")
+        raise UsageError(f"{where}: checkpoint_format {fmt!r} is not supported: only GPTQ v1 ('gptq') is read")
+    missing = [k for k in ("bits", "group_size") if not isinstance(block.get(k), int) or isinstance(block[k], bool)]
+    if missing:
+        raise UsageError(f"{where}: {' and '.join(missing)} missing or not an integer; a GPTQ config needs both")
     if "modules_in_block_to_quantize" in block:
         targets = ",".join(n for stage in block["modules_in_block_to_quantize"] for n in stage)
     else:
         targets = "all"
-    return QuantConfig(bits=int(block["bits"]), group_size=int(block["group_size"]), sym=bool(block.get("sym", True)),
-                       act_order=bool(block.get("desc_act", False)),
-                       static_groups=bool(block.get("static_groups", False)),
-                       damp_percent=float(block.get("damp_percent", 0.01)),
-                       true_sequential=bool(block.get("true_sequential", True)), targets=targets)
+    try:
+        return QuantConfig(bits=block["bits"], group_size=block["group_size"], sym=bool(block.get("sym", True)),
+                           act_order=bool(block.get("desc_act", False)),
+                           static_groups=bool(block.get("static_groups", False)),
+                           damp_percent=float(block.get("damp_percent", 0.01)),
+                           true_sequential=bool(block.get("true_sequential", True)), targets=targets)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} must hold a JSON object, not a {type(value).__name__}")
+    return value
+
+
+# Fields of the quantization block that shape the weights: quantize_config.json and config.json must agree on them.
+_AGREEING_FIELDS = ("quant_method", "bits", "group_size", "desc_act", "sym", "static_groups",
+                    "modules_in_block_to_quantize", "checkpoint_format")
+
+
+def read_quantized_config(path: str | os.PathLike) -> tuple[dict, QuantConfig]:
+    """Read and check a GPTQ directory's configuration without loading any weight.
+
+    Returns:
+        (config.json as a dict, the QuantConfig its ``quantization_config`` describes).
+    Raises:
+        InputNotFoundError: no config.json or model.safetensors.
+        UsageError: JSON that is not an object, a missing or bad quantization block, an unknown ``dtype``, or a
+            quantize_config.json that disagrees with config.json (naming both files and the field).
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise InputNotFoundError(f"{path} is not a quantized model directory: expected config.json and "
+                                 "model.safetensors (write one with `gptqlora quantize --out DIR`)")
+    raw = _read_json_object(path / "config.json")
+    block = raw.get("quantization_config")
+    qconfig = quant_config_from_dict(block, f"{path / 'config.json'} quantization_config")
+    dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"{path / 'config.json'}: dtype {dtype!r} is unknown: use float32, bfloat16 or float16")
+    side = path / "quantize_config.json"
+    if side.is_file():
+        other = _read_json_object(side)
+        for key in _AGREEING_FIELDS:
+            if key in other and other[key] != block.get(key):
+                raise UsageError(f"{side} and {path / 'config.json'} disagree on {key} ({other[key]!r} vs "
+                                 f"{block.get(key)!r}): the two describe the same weights; fix the wrong one")
+    return raw, qconfig
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, config: QuantConfig,
-                   extra: dict | None = None) -> Path:
+                   extra: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``model`` (with QuantizedLinear layers) and ``tokenizer`` to ``out_dir`` in the GPTQ v1 format.
 
-    The directory is written next to its destination and renamed into place, so an existing checkpoint is never
-    left half-overwritten.
+    The directory is written next to its destination and renamed into place (``gptqlora.files.staged_dir``), so a
+    crash leaves no partial directory and an existing one is never left half-overwritten.
 
     Args:
         extra: recorded under ``"gptqlora"`` in quantize_config.json (method, calibration, losses...).
+        overwrite: replace an existing ``out_dir``; without it an existing one is refused.
     Returns:
         The directory.
+    Raises:
+        OutputExistsError: ``out_dir`` exists and ``overwrite`` is false.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out_dir, overwrite=overwrite) as tmp:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied to embed_tokens; safetensors refuses shared storage
@@ -99,25 +158,16 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, conf
         (tmp / "quantize_config.json").write_text(json.dumps(block | {"gptqlora": extra or {}}, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def is_quantized_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a config.json whose ``quantization_config`` says GPTQ (nothing else is checked)."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False
-    return json.loads(cfg.read_text()).get("quantization_config", {}).get("quant_method") == "gptq"
+    block = _read_json_object(cfg).get("quantization_config")
+    return isinstance(block, dict) and block.get("quant_method") == "gptq"
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -126,22 +176,19 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu"):
     Returns:
         (model, tokenizer, QuantConfig).
     Raises:
-        FileNotFoundError: no config.json or model.safetensors.
-        ValueError: a config, shape or dtype that does not match what the config describes, or a truncated file.
+        InputNotFoundError: no config.json or model.safetensors.
+        UsageError: a bad config (see ``read_quantized_config``), a shape or dtype that does not match what the
+            config describes, a truncated file, or non-finite scales.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     weights = path / "model.safetensors"
-    if not (path / "config.json").is_file() or not weights.is_file():
-        raise FileNotFoundError(f"{path} is not a quantized model directory: expected config.json and "
-                                "model.safetensors (write one with `gptqlora quantize --out DIR`)")
-    raw = json.loads((path / "config.json").read_text())
-    qconfig = quant_config_from_dict(raw.get("quantization_config", {}))
+    raw, qconfig = read_quantized_config(path)
     try:
-        state = load_file(weights, device=str(device))
+        state = load_file(weights, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read {weights}: the file is truncated or corrupt ({e}); quantize again") from e
+        raise UsageError(f"cannot read {weights}: the file is truncated or corrupt ({e}); quantize again") from None
 
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
@@ -160,15 +207,18 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu"):
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{weights} does not match its config: missing {missing[:4]}{'...' if len(missing) > 4 else ''}"
+        raise UsageError(f"{weights} does not match its config: missing {missing[:4]}{'...' if len(missing) > 4 else ''}"
                          f", unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
     for key, t in state.items():
         want = expected[key]
         if t.shape != want.shape:
-            raise ValueError(f"{weights}: {key} has shape {tuple(t.shape)} but the config implies {tuple(want.shape)}"
+            raise UsageError(f"{weights}: {key} has shape {tuple(t.shape)} but the config implies {tuple(want.shape)}"
                              f" (bits={qconfig.bits}, group_size={qconfig.group_size})")
         if key.endswith(("qweight", "qzeros", "g_idx")) and t.dtype != torch.int32:
-            raise ValueError(f"{weights}: {key} is {t.dtype}, the GPTQ format stores int32")
+            raise UsageError(f"{weights}: {key} is {t.dtype}, the GPTQ format stores int32")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UsageError(f"{weights}: {key} holds NaN or infinite values; the checkpoint is damaged: quantize "
+                             "again")
     model.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

@@ -1,0 +1,83 @@
+"""``gptqlora eval``: exact-match GSM8K accuracy, greedy and self-consistency; resumable after a crash."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptqlora.commands.common import (check_quantized_input, evaluate_loaded, fewshot, load_quantized_base,
+                                      local_data_dir)
+from gptqlora.config import (DataConfig, EvalConfig, ModelConfig, PromptConfig, SplitConfig, adapter_field, group, opt,
+                             overwrite_field, quantized_field, seed_field)
+from gptqlora.files import OutputLock, check_output, clear_output
+
+BATCH_ALIASES = {"eval_batch_size": ("--batch-size", "--batch_size")}  # what users type for this command
+
+
+@dataclass
+class EvalArgs:
+    model: ModelConfig = group(ModelConfig)
+    data: DataConfig = group(DataConfig)
+    prompt: PromptConfig = group(PromptConfig)
+    split: SplitConfig = group(SplitConfig)
+    eval: EvalConfig = group(EvalConfig, aliases=BATCH_ALIASES)
+    seed: int = seed_field()
+    quantized: str | None = quantized_field()
+    adapter: str | None = adapter_field()
+    output_dir: str | None = opt(None, "Where predictions.jsonl, eval_config.json and summary.json go (default: "
+                                       "OUT/eval next to the adapter's directory, else ./eval_out).")
+    resume: bool = opt(False, "Continue an interrupted evaluation in --output-dir: questions already answered with "
+                              "the same settings are kept, the rest are generated.")
+    overwrite: bool = overwrite_field()
+
+    def __post_init__(self) -> None:
+        from gptqlora.commands.finetune import check_resume_flags
+
+        check_resume_flags(self.resume, self.overwrite)
+
+    def default_output_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        return Path(self.adapter).expanduser().parent / "eval" if self.adapter else Path("eval_out")
+
+
+def load_scored_model(model_args: ModelConfig, quantized: str | None, adapter: str | None):
+    """The model to score (quantized base or float model, plus an optional adapter) and its provenance record."""
+    from gptqlora.lora.adapter import adapter_record, load_adapter
+    from gptqlora.models import load_model, resolve_device
+    from gptqlora.provenance import base_record
+
+    device = resolve_device(model_args.device)
+    if quantized:
+        model, tokenizer = load_quantized_base(quantized, model_args.dtype, device)
+        base = base_record(quantized)
+    else:
+        model, tokenizer = load_model(model_args.model, model_args.dtype, device, model_args.cache_dir)
+        base = base_record(model_args.model, cache_dir=model_args.cache_dir)
+    record = {"base": base, "adapter": None}
+    if adapter:
+        load_adapter(model, adapter, base=base)  # warns, naming both, when the adapter was trained on another base
+        record["adapter"] = adapter_record(adapter)
+    return model, tokenizer, record
+
+
+def evaluate(args: EvalArgs) -> dict:
+    from gptqlora.data.gsm8k import load_gsm8k
+    from gptqlora.lora.adapter import read_adapter_config
+    from gptqlora.models import check_model_source
+
+    source = check_quantized_input(args.quantized) if args.quantized else check_model_source(args.model.model,
+                                                                                              args.model.cache_dir)
+    if args.adapter:
+        read_adapter_config(args.adapter)
+    entries = load_gsm8k(args.split.split, args.data.data)[: args.split.limit]
+    exemplars = fewshot(args.data.data, args.eval.shots, args.seed)
+    out = check_output(args.default_output_dir(), inputs=[source, args.adapter, local_data_dir(args.data.data)],
+                       overwrite=args.overwrite, resume=args.resume, what="--output-dir")
+    with OutputLock(out):
+        if args.overwrite:
+            clear_output(out)
+        model, tokenizer, record = load_scored_model(args.model, args.quantized, args.adapter)
+        summary = evaluate_loaded(model, tokenizer, entries, exemplars, args.eval, args.prompt.prompt_style,
+                                  args.seed, out, resume=args.resume, provenance=record | {"split": args.split.split})
+    return summary | {"output_dir": str(out)}

@@ -1,0 +1,155 @@
+"""``gptqlora finetune``: LoRA over a quantized base (given, or quantized first) on GSM8K train."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from gptqlora.commands.common import (check_quantized_input, load_quantized_base, local_data_dir, quantize_loaded,
+                                      split_train)
+from gptqlora.config import (CalibConfig, DataConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig, TrainConfig,
+                             group, overwrite_field, quantized_field, seed_field)
+from gptqlora.errors import UsageError
+from gptqlora.files import OutputLock, check_output, clear_output
+
+BASE_DIR = "quantized_base"  # where a run keeps the base it quantized itself
+
+
+@dataclass
+class FinetuneArgs:
+    model: ModelConfig = group(ModelConfig)
+    quant: QuantConfig = group(QuantConfig)
+    calib: CalibConfig = group(CalibConfig)
+    data: DataConfig = group(DataConfig)
+    prompt: PromptConfig = group(PromptConfig)
+    lora: LoRAConfig = group(LoRAConfig)
+    train: TrainConfig = group(TrainConfig)
+    seed: int = seed_field()
+    quantized: str | None = quantized_field()
+    overwrite: bool = overwrite_field()
+
+    def __post_init__(self) -> None:
+        check_resume_flags(self.train.resume, self.overwrite)
+        if self.quantized is not None:
+            unused = [f.name for cls, given in ((QuantConfig, self.quant), (CalibConfig, self.calib))
+                      for f in fields(cls) if getattr(given, f.name) != getattr(cls(), f.name)]
+            if unused:
+                raise UsageError(f"--{unused[0].replace('_', '-')} applies when quantizing --model; with --quantized "
+                                 "the base is already quantized: leave the quantization options out")
+
+
+def check_resume_flags(resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise UsageError("--resume continues what is in the output and --overwrite replaces it: give one of them")
+
+
+def recorded_quantization(base_dir: Path) -> dict:
+    """What a run's own base was quantized from and how (model, method and the GPTQ block), for resume checks."""
+    import json
+
+    from gptqlora.quant.checkpoint import gptq_config_dict, read_quantized_config
+
+    _, qconfig = read_quantized_config(base_dir)
+    side = json.loads((base_dir / "quantize_config.json").read_text()).get("gptqlora", {})
+    return {"model": side.get("base_model"), "method": side.get("method")} | gptq_config_dict(qconfig)
+
+
+def check_same_quantization(base_dir: Path, model: str, qc: QuantConfig) -> None:
+    """Refuse to resume a run whose own base was quantized from another model or with other options.
+
+    Raises:
+        UsageError: naming each differing setting with the recorded and the requested value.
+    """
+    from gptqlora.quant.checkpoint import gptq_config_dict
+
+    recorded = recorded_quantization(base_dir)
+    asked = {"model": model, "method": qc.method} | gptq_config_dict(qc)
+    diffs = [f"{k}: run {recorded.get(k)!r}, now {asked[k]!r}" for k in asked if recorded.get(k) != asked[k]]
+    if diffs:
+        raise UsageError(f"cannot resume: {base_dir} was quantized with other settings ({'; '.join(diffs)}); resume "
+                         "with the run's settings, or start a new --out")
+
+
+def prepare_base(args, out: Path, model=None, tokenizer=None):
+    """The run's quantized base: ``--quantized``, the run's own base on ``--resume``, or ``--model`` quantized now.
+
+    ``model``/``tokenizer``: the already loaded float model (``run`` evaluates it first); loaded here when None.
+    Returns:
+        (model, tokenizer, base directory, quantization report or None).
+    """
+    from gptqlora.models import load_model, resolve_device
+    from gptqlora.quant.checkpoint import save_quantized
+
+    mc, device = args.model, resolve_device(args.model.device)
+    if getattr(args, "quantized", None):
+        return (*load_quantized_base(args.quantized, mc.dtype, device), Path(args.quantized), None)
+    base_dir = out / BASE_DIR
+    if args.train.resume and (base_dir / "config.json").is_file():
+        check_same_quantization(base_dir, mc.model, args.quant)
+        return (*load_quantized_base(base_dir, mc.dtype, device), base_dir, None)
+    if model is None:
+        model, tokenizer = load_model(mc.model, mc.dtype, device, mc.cache_dir)
+    report = quantize_loaded(model, tokenizer, args.quant, args.calib, args.data.data, args.seed)
+    save_quantized(model, tokenizer, base_dir, args.quant, extra=report | {"base_model": mc.model})
+    return model, tokenizer, base_dir, report
+
+
+def run_provenance(base_dir: Path, args) -> dict:
+    """What a training run is made from: its base (path and weights fingerprint), data source and seed."""
+    from gptqlora.provenance import base_record
+
+    return {"base": base_record(base_dir), "data": args.data.data, "seed": args.seed}
+
+
+def train_on_base(model, tokenizer, base_dir: Path, train: list[dict], held: list[dict], args,
+                  overwrite: bool = False) -> dict:
+    """Seed, inject LoRA and train; writes the adapter, metrics and checkpoints under ``args.train.out``.
+
+    ``overwrite``: replace an earlier start's metrics that no checkpoint continues (``run --resume`` only).
+    """
+    from gptqlora.data.gsm8k import GSM8KCoTDataset
+    from gptqlora.lora.layer import inject_lora_layers
+    from gptqlora.train import seed_everything, train_lora
+
+    lc, tc, style = args.lora, args.train, args.prompt.prompt_style
+    train_ds = GSM8KCoTDataset(train, tokenizer, style=style, max_length=tc.max_length)
+    held_ds = GSM8KCoTDataset(held, tokenizer, style=style, max_length=tc.max_length) if held else None
+    seed_everything(args.seed)  # LoRA init draws from the global RNG
+    inject_lora_layers(model, lc.lora_targets, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, use_rslora=lc.rslora)
+    return train_lora(model, tokenizer, train_ds, held_ds, tc, seed=args.seed, base_model_name_or_path=str(base_dir),
+                      provenance=run_provenance(base_dir, args), overwrite=overwrite)
+
+
+def training_split(args) -> tuple[list[dict], list[dict]]:
+    """GSM8K train, checked for scorable answers, split into (training, held-out) examples."""
+    from gptqlora.data.gsm8k import check_answers, load_gsm8k
+
+    entries = load_gsm8k("train", args.data.data)
+    check_answers(entries, f"GSM8K train ({args.data.data})")
+    return split_train(entries, args.train.eval_holdout, args.train.train_limit, args.seed)
+
+
+def check_run_dir(args, inputs: list) -> Path:
+    """Check the run directory before any work: not an input, writable, and empty unless resuming or overwriting."""
+    tc = args.train
+    out = check_output(tc.out, inputs=inputs, overwrite=args.overwrite, resume=tc.resume)
+    if tc.resume and not (out / "train_state").is_dir():
+        raise UsageError(f"--resume: {out} holds no training checkpoints (train_state/) to continue: run without "
+                         "--resume to start")
+    return out
+
+
+def finetune(args: FinetuneArgs) -> dict:
+    from gptqlora.models import check_model_source, resolve_device
+
+    source = check_quantized_input(args.quantized) if args.quantized else check_model_source(args.model.model,
+                                                                                              args.model.cache_dir)
+    train, held = training_split(args)
+    resolve_device(args.model.device)
+    out = check_run_dir(args, [source, local_data_dir(args.data.data), args.calib.calib_text])
+    with OutputLock(out):
+        if args.overwrite:
+            clear_output(out)
+        model, tokenizer, base_dir, report = prepare_base(args, out)
+        summary = train_on_base(model, tokenizer, base_dir, train, held, args)
+    return {"quantized_base": str(base_dir), "quantization": report, "training": summary}

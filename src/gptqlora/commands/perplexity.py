@@ -1,0 +1,39 @@
+"""``gptqlora perplexity``: teacher-forced answer-token perplexity of GSM8K solutions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gptqlora.config import DataConfig, ModelConfig, PromptConfig, SplitConfig, group, opt
+from gptqlora.errors import UsageError
+
+
+@dataclass
+class PerplexityArgs:
+    model: ModelConfig = group(ModelConfig)
+    data: DataConfig = group(DataConfig)
+    prompt: PromptConfig = group(PromptConfig)
+    split: SplitConfig = group(SplitConfig)
+    batch_size: int = opt(8, "Solutions per forward pass.")
+    max_length: int = opt(512, "Tokens per example (prompt + solution), truncated beyond.")
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.max_length < 2:
+            raise UsageError(f"batch_size ({self.batch_size}) must be positive and max_length ({self.max_length}) "
+                             "at least 2")
+
+
+def perplexity(args: PerplexityArgs) -> dict:
+    from gptqlora.data.gsm8k import load_gsm8k
+    from gptqlora.eval.perplexity import gsm8k_answer_loss
+    from gptqlora.models import check_model_source, load_model, resolve_device
+    from gptqlora.quant.linear import QuantizedLinear
+
+    mc = args.model
+    check_model_source(mc.model, mc.cache_dir)
+    entries = load_gsm8k(args.split.split, args.data.data)[: args.split.limit]
+    model, tokenizer = load_model(mc.model, mc.dtype, resolve_device(mc.device), mc.cache_dir)
+    result = gsm8k_answer_loss(model, tokenizer, entries, batch_size=args.batch_size, max_length=args.max_length,
+                               style=args.prompt.prompt_style)
+    n_quant = sum(isinstance(m, QuantizedLinear) for m in model.modules())
+    return {"model": mc.model, "quantized_layers": n_quant, "split": args.split.split} | result

@@ -1,0 +1,155 @@
+"""``gptqlora run``: the whole job (evaluate float -> quantize -> evaluate -> fine-tune -> evaluate), one table.
+
+Every stage can be resumed: ``--resume`` keeps finished evaluations (``rows.json``), continues an interrupted one
+from its last answered batch, reuses the run's quantized base and continues training from its last checkpoint;
+it refuses when any recorded setting differs from the one given now.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptqlora.commands.common import evaluate_loaded, fewshot, local_data_dir
+from gptqlora.commands.finetune import check_resume_flags, prepare_base, train_on_base, training_split
+from gptqlora.config import (CalibConfig, DataConfig, EvalConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig,
+                             RunConfig, TrainConfig, group, overwrite_field, seed_field)
+from gptqlora.errors import UsageError
+from gptqlora.files import OutputLock, check_output, clear_output, write_atomic
+
+# Settings a resumed run may change: the flags that say how to start, and those train_lora allows (with a warning).
+RESUMABLE_CHANGES = ("overwrite", "train.resume", "train.lr", "train.max_grad_norm")
+
+
+@dataclass
+class RunArgs:
+    model: ModelConfig = group(ModelConfig)
+    quant: QuantConfig = group(QuantConfig)
+    calib: CalibConfig = group(CalibConfig)
+    data: DataConfig = group(DataConfig)
+    prompt: PromptConfig = group(PromptConfig)
+    lora: LoRAConfig = group(LoRAConfig)
+    train: TrainConfig = group(TrainConfig)
+    eval: EvalConfig = group(EvalConfig)
+    run: RunConfig = group(RunConfig)
+    seed: int = seed_field()
+    overwrite: bool = overwrite_field()
+
+    def __post_init__(self) -> None:
+        check_resume_flags(self.train.resume, self.overwrite)
+        # The run's budget applies where the user did not set the finer-grained flag.
+        if self.train.max_steps is None and self.run.train_steps:
+            self.train = dataclasses.replace(self.train, max_steps=self.run.train_steps)
+
+
+def flat_settings(args: RunArgs) -> dict:
+    """Every setting as ``group.field -> value`` (the command's own fields without a prefix)."""
+    flat = {}
+    for key, value in dataclasses.asdict(args).items():
+        if isinstance(value, dict):
+            flat |= {f"{key}.{k}": v for k, v in value.items()}
+        else:
+            flat[key] = value
+    return flat
+
+
+def check_same_run(recorded: dict, now: dict, where: Path) -> None:
+    """Refuse to resume a run with settings other than those it was started with (RESUMABLE_CHANGES aside).
+
+    Raises:
+        UsageError: naming every differing setting with both values.
+    """
+    diffs = [f"{k}: run {recorded.get(k)!r}, now {now.get(k)!r}" for k in sorted(recorded.keys() | now.keys())
+             if k not in RESUMABLE_CHANGES and recorded.get(k) != now.get(k)]
+    if diffs:
+        raise UsageError(f"cannot resume {where}: it was started with other settings ({'; '.join(diffs)}); resume "
+                         "with the run's settings, or start a new --out")
+
+
+def results_table(rows: dict[str, dict]) -> str:
+    """A Markdown table: one row per model, accuracy with its 95% interval and answer-token loss."""
+    lines = ["| model | exact match | 95% CI | answer-token loss | questions |", "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        g = r["greedy"]
+        lines.append(f"| {name} | {100 * g['accuracy']:.1f}% ({g['correct']}/{r['n']}) | "
+                     f"{100 * g['ci95'][0]:.1f}-{100 * g['ci95'][1]:.1f}% | {r['answer_loss']:.4f} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def run(args: RunArgs) -> dict:
+    from gptqlora.data.gsm8k import load_gsm8k
+    from gptqlora.models import check_model_source, load_model, resolve_device
+    from gptqlora.provenance import base_record
+
+    mc, tc, qc = args.model, args.train, args.quant
+    source = check_model_source(mc.model, mc.cache_dir)
+    train, held = training_split(args)
+    test = load_gsm8k("test", args.data.data)[: args.run.test_limit or None]
+    exemplars = fewshot(args.data.data, args.eval.shots, args.seed)
+    device = resolve_device(mc.device)
+    out = check_output(tc.out, inputs=[source, local_data_dir(args.data.data), args.calib.calib_text],
+                       overwrite=args.overwrite, resume=tc.resume)
+    settings = flat_settings(args)
+    if tc.resume:
+        if not (out / "run_config.json").is_file():
+            raise UsageError(f"--resume: {out} holds no run_config.json of an earlier `gptqlora run`: run without "
+                             "--resume to start")
+        check_same_run(json.loads((out / "run_config.json").read_text()), settings, out)
+
+    with OutputLock(out):
+        if args.overwrite:
+            clear_output(out)
+        if not tc.resume:
+            write_atomic(out / "run_config.json", json.dumps(settings, indent=2) + "\n")
+        rows_path = out / "rows.json"
+        rows: dict[str, dict] = json.loads(rows_path.read_text()) if tc.resume and rows_path.is_file() else {}
+        timings: dict[str, float] = {}
+
+        def evaluate(name: str, model, tokenizer, provenance: dict) -> None:
+            if name in rows:
+                print(f"\n== {name}: evaluated before, kept ==", flush=True)
+                return
+            eval_dir = out / "eval" / name.replace(" ", "_")
+            resume = tc.resume and (eval_dir / "eval_config.json").is_file()
+            start = time.perf_counter()
+            print(f"\n== evaluating {name}{' (resumed)' if resume else ''} ==", flush=True)
+            rows[name] = evaluate_loaded(model, tokenizer, test, exemplars, args.eval, args.prompt.prompt_style,
+                                         args.seed, eval_dir, resume=resume, provenance=provenance)
+            timings[f"eval {name}"] = round(time.perf_counter() - start, 1)
+            write_atomic(rows_path, json.dumps(rows, indent=2, default=str) + "\n")
+
+        float_row = "float base"
+        base_dir = out / "quantized_base"
+        model = tokenizer = None
+        needs_float = not args.run.skip_float_eval and float_row not in rows
+        if needs_float or not (tc.resume and (base_dir / "config.json").is_file()):
+            model, tokenizer = load_model(mc.model, mc.dtype, device, mc.cache_dir)
+        if needs_float:
+            evaluate(float_row, model, tokenizer, {"base": base_record(mc.model, cache_dir=mc.cache_dir),
+                                                   "adapter": None})
+        model, tokenizer, base_dir, report = prepare_base(args, out, model, tokenizer)
+        if report is not None:
+            timings["quantize"] = report["seconds"]
+        base = base_record(base_dir)
+        evaluate(f"{qc.method} {qc.bits}-bit base", model, tokenizer, {"base": base, "adapter": None})
+        start = time.perf_counter()
+        resume_training = tc.resume and (out / "train_state").is_dir()
+        # A run killed before its first checkpoint restarts training; its partial metrics are its own to replace.
+        args.train = dataclasses.replace(tc, resume=resume_training)
+        training = train_on_base(model, tokenizer, base_dir, train, held, args,
+                                 overwrite=tc.resume and not resume_training)
+        timings["finetune"] = round(time.perf_counter() - start, 1)
+        evaluate(f"{qc.method} {qc.bits}-bit + LoRA", model, tokenizer,
+                 {"base": base, "adapter": str(out / "lora_adapter")})
+
+        table = results_table(rows)
+        result = {"table": table, "rows": rows, "quantization": report, "training": training, "timings_s": timings,
+                  "command": "gptqlora " + " ".join(sys.argv[1:])}
+        write_atomic(out / "results.json", json.dumps(result, indent=2, default=str))
+        write_atomic(out / "results.md", table + "\n")
+    print("\n" + table)
+    return {"results": str(out / "results.md"), "timings_s": timings}
