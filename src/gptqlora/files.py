@@ -75,6 +75,18 @@ def append_durable(path: str | os.PathLike, lines: Iterable[str]) -> None:
         os.fsync(f.fileno())
 
 
+def normalize_permissions(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a directory, everything under it) the permissions the umask gives new files.
+
+    Some writers create private files (safetensors writes 0600, ``tempfile`` 0600/0700); outputs are meant to be
+    readable by others as files normally are.
+    """
+    path = Path(path)
+    mask = umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -117,6 +129,7 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     tmp.mkdir()
     try:
         yield tmp
+        normalize_permissions(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
                 fsync_path(f)

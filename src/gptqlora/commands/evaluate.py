@@ -44,7 +44,7 @@ class EvalArgs:
 def load_scored_model(model_args: ModelConfig, quantized: str | None, adapter: str | None):
     """The model to score (quantized base or float model, plus an optional adapter) and its provenance record."""
     from gptqlora.lora.adapter import adapter_record, load_adapter
-    from gptqlora.models import load_model, resolve_device
+    from gptqlora.models import load_model, model_input_path, resolve_device
     from gptqlora.provenance import base_record
 
     device = resolve_device(model_args.device)
@@ -53,7 +53,7 @@ def load_scored_model(model_args: ModelConfig, quantized: str | None, adapter: s
         base = base_record(quantized)
     else:
         model, tokenizer = load_model(model_args.model, model_args.dtype, device, model_args.cache_dir)
-        base = base_record(model_args.model, cache_dir=model_args.cache_dir)
+        base = base_record(model_input_path(model_args.model, model_args.cache_dir) or model_args.model)
     record = {"base": base, "adapter": None}
     if adapter:
         load_adapter(model, adapter, base=base)  # warns, naming both, when the adapter was trained on another base

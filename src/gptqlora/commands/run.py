@@ -129,8 +129,7 @@ def run(args: RunArgs) -> dict:
         if needs_float or not (tc.resume and (base_dir / "config.json").is_file()):
             model, tokenizer = load_model(mc.model, mc.dtype, device, mc.cache_dir)
         if needs_float:
-            evaluate(float_row, model, tokenizer, {"base": base_record(mc.model, cache_dir=mc.cache_dir),
-                                                   "adapter": None})
+            evaluate(float_row, model, tokenizer, {"base": base_record(source or mc.model), "adapter": None})
         model, tokenizer, base_dir, report = prepare_base(args, out, model, tokenizer)
         if report is not None:
             timings["quantize"] = report["seconds"]
