@@ -1,11 +1,17 @@
 """The GSM8K driver: no leakage into prompts, a copying model scores 0 while an oracle scores 1, self-consistency
-wiring, output files, and the quantized-model check."""
+wiring, output files, crash-safe resuming (an interrupted-then-resumed run writes what an uninterrupted one does),
+and the quantized-model check."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,18 +24,27 @@ from transformers import LlamaConfig
 
 from gptqlora.config import EvalConfig, QuantConfig
 from gptqlora.data.gsm8k import gold_answer, load_gsm8k, strip_calculator
+from gptqlora.errors import UsageError
 from gptqlora.eval import gsm8k_eval
 from gptqlora.eval.gsm8k_eval import (
     build_eval_prompts,
     check_quantized,
+    complete_records,
+    eval_settings,
     evaluate_gsm8k,
     fewshot_exemplars,
     format_number,
+    record_line,
     score_text,
+    settings_diff,
     vote_samples,
-    write_atomic,
+    write_results,
 )
 from gptqlora.eval.scoring import accuracy_with_ci
+
+from eval.eval_script import BATCH, ENTRIES, PROVENANCE, run_eval
+
+EVAL_SCRIPT = Path(__file__).with_name("eval_script.py")
 
 VOCAB = 259
 EOS = 258  # <|im_end|> in the tiny tokenizer (also its pad)
@@ -133,15 +148,20 @@ SC_SAMPLES = {e["question"]: t for e, t in zip(SC_ENTRIES, [
 ])}
 
 
-def run_scripted(monkeypatch, tok, samples: int, out_dir=None, batch: int = 3, seed: int = 7):
+def scripted_config(samples: int, batch: int = 3) -> EvalConfig:
+    sampling = dict(temperature=0.5, top_p=0.9) if samples else {}
+    return EvalConfig(eval_batch_size=batch, max_new_tokens=32, samples=samples, **sampling)
+
+
+def run_scripted(monkeypatch, tok, samples: int, out_dir=None, batch: int = 3, seed: int = 7,
+                 provenance: dict | None = None):
     calls: list[dict] = []
     fake_generate, fake_samples = scripted_generate(SC_GREEDY, SC_SAMPLES, calls)
     monkeypatch.setattr(gsm8k_eval, "generate", fake_generate)
     monkeypatch.setattr(gsm8k_eval, "generate_samples", fake_samples)
-    config = EvalConfig(eval_batch_size=batch, max_new_tokens=32, samples=samples, temperature=0.5, top_p=0.9)
     lines: list[str] = []
-    summary = evaluate_gsm8k(None, tok, SC_ENTRIES, config, style="plain", out_dir=out_dir, log=lines.append,
-                             seed=seed)
+    summary = evaluate_gsm8k(None, tok, SC_ENTRIES, scripted_config(samples, batch), style="plain", out_dir=out_dir,
+                             log=lines.append, seed=seed, split="test", provenance=provenance)
     return summary, lines, calls
 
 
@@ -158,7 +178,7 @@ def test_fewshot_exemplars_are_a_seeded_permutation_prefix():
     assert fewshot_exemplars(train, 0) == []
     three[0]["question"] = "changed"
     assert all(e["question"] != "changed" for e in train)  # copies: editing an exemplar leaves train alone
-    with pytest.raises(ValueError, match="more exemplars"):
+    with pytest.raises(UsageError, match="more exemplars"):
         fewshot_exemplars(train, 21)
 
 
@@ -173,7 +193,7 @@ def test_build_eval_prompts_passes_only_the_question(monkeypatch, tok):
 def test_build_eval_prompts_refuses_exemplars_among_the_evaluated(tok):
     entries = [{"question": "Q one?", "answer": "#### 1"}, {"question": "Q two?", "answer": "#### 2"}]
     assert build_eval_prompts([{"question": "Q one?"}], "plain", tok) == ["Question: Q one?\nAnswer:"]
-    with pytest.raises(ValueError, match="among the evaluated questions"):
+    with pytest.raises(UsageError, match="among the evaluated questions"):
         build_eval_prompts(entries, "plain", tok, exemplars=[entries[1]])
 
 
@@ -307,10 +327,12 @@ def test_greedy_only_makes_no_samples(monkeypatch, tok):
 
 def test_predictions_and_summary_files(monkeypatch, tok, tmp_path):
     out = tmp_path / "new" / "eval"
-    summary, _, _ = run_scripted(monkeypatch, tok, samples=4, out_dir=out)
-    assert sorted(os.listdir(out)) == ["predictions.jsonl", "summary.json"]  # no temp files left behind
+    provenance = {"model": "some/model", "fingerprint": "abc123", "adapter": None}
+    summary, _, _ = run_scripted(monkeypatch, tok, samples=4, out_dir=out, provenance=provenance)
+    assert sorted(os.listdir(out)) == ["eval_config.json", "predictions.jsonl", "summary.json"]  # no temp files
     assert json.loads((out / "summary.json").read_text()) == summary
-    assert summary["generated_tokens"] > 0 and summary["seconds"] >= 0 and summary["shots"] == 0
+    assert summary["generated_tokens_this_run"] > 0 and summary["seconds_this_run"] >= 0 and summary["shots"] == 0
+    assert summary["resumed_from"] == 0
     records = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["index"] for r in records] == [0, 1, 2, 3]
     assert set(records[0]) == {"index", "question", "gold", "prediction", "predicted_answer", "correct", "samples",
@@ -323,33 +345,307 @@ def test_predictions_and_summary_files(monkeypatch, tok, tmp_path):
     assert records[2]["predicted_answer"] is None and records[2]["voted_answer"] is None
     assert records[3]["gold"] == 1234.0 and records[3]["voted_answer"] == 1234.0
 
-    run_scripted(monkeypatch, tok, samples=0, out_dir=out)  # overwrites both files
+    # The summary names what it scored: the caller's provenance and the settings, as eval_config.json holds them.
+    settings = eval_settings(SC_ENTRIES, scripted_config(4), "plain", (), seed=7, split="test")
+    assert summary["provenance"] == provenance and summary["settings"] == settings
+    assert json.loads((out / "eval_config.json").read_text()) == {"settings": settings, "provenance": provenance}
+    assert {k: settings[k] for k in ("n", "split", "style", "shots", "max_new_tokens", "eval_batch_size", "samples",
+                                     "temperature", "top_p", "seed")} == {
+        "n": 4, "split": "test", "style": "plain", "shots": 0, "max_new_tokens": 32, "eval_batch_size": 3,
+        "samples": 4, "temperature": 0.5, "top_p": 0.9, "seed": 7}
+
+    run_scripted(monkeypatch, tok, samples=0, out_dir=out)  # a fresh run starts every file anew
     records = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == 4 and "samples" not in records[0]
-    assert "self_consistency" not in json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert "self_consistency" not in summary and summary["provenance"] is None
+    saved = json.loads((out / "eval_config.json").read_text())
+    assert saved["settings"]["samples"] == 0 and saved["settings"]["seed"] is None  # greedy uses no seed
 
 
-def test_write_atomic_keeps_the_old_file_on_failure(monkeypatch, tmp_path):
-    path = tmp_path / "summary.json"
-    write_atomic(path, "old")
+def test_eval_settings_change_with_what_changes_the_records(tok):
+    base = eval_settings(SC_ENTRIES, scripted_config(4), "plain", (), seed=7)
+    assert base == eval_settings([dict(e) for e in SC_ENTRIES], scripted_config(4), "plain", [], seed=7)
+    changed = {
+        "questions_sha256": eval_settings(SC_ENTRIES[::-1], scripted_config(4), "plain", (), seed=7),  # order counts
+        "exemplars_sha256": eval_settings(SC_ENTRIES, scripted_config(4), "plain", SC_ENTRIES[:1], seed=7),
+        "eval_batch_size": eval_settings(SC_ENTRIES, scripted_config(4, batch=2), "plain", (), seed=7),
+        "seed": eval_settings(SC_ENTRIES, scripted_config(4), "plain", (), seed=8),
+        "style": eval_settings(SC_ENTRIES, scripted_config(4), "chat", (), seed=7),
+        "split": eval_settings(SC_ENTRIES, scripted_config(4), "plain", (), seed=7, split="train"),
+    }
+    for key, settings in changed.items():
+        assert settings[key] != base[key], key
+    # Greedy records do not depend on the sampling settings, so they do not block a resume.
+    greedy = eval_settings(SC_ENTRIES, scripted_config(0), "plain", (), seed=7)
+    assert greedy == eval_settings(SC_ENTRIES, EvalConfig(eval_batch_size=3, max_new_tokens=32), "plain", (), seed=1)
+
+
+def test_settings_diff_names_each_difference_with_both_values():
+    saved = {"n": 6, "max_new_tokens": 12, "provenance": {"model": "a", "adapter": None}}
+    assert settings_diff(saved, json.loads(json.dumps(saved))) == []
+    now = {"n": 6, "max_new_tokens": 16, "provenance": {"model": "b", "extra": [1]}}
+    assert settings_diff(saved, now) == ["max_new_tokens: saved 12, now 16",
+                                         "provenance.adapter: saved null, now (absent)",
+                                         "provenance.extra: saved (absent), now [1]",
+                                         'provenance.model: saved "a", now "b"']
+    assert settings_diff({"provenance": None}, {"provenance": {"model": "a"}}) == [
+        "provenance: saved null, now (absent)", 'provenance.model: saved (absent), now "a"']
+
+
+def test_records_are_strict_json_even_for_an_out_of_range_answer(monkeypatch, tok, tmp_path):
+    huge = "#### " + "9" * 400  # parses to inf: JSON has no such number
+    monkeypatch.setattr(gsm8k_eval, "generate", lambda m, t, prompts, **kw: [huge] * len(prompts))
+    monkeypatch.setattr(gsm8k_eval, "generate_samples", lambda m, t, ps, k, **kw: [[huge, "#### 5"]] * len(ps))
+    lines: list[str] = []
+    evaluate_gsm8k(None, tok, SC_ENTRIES[:1], scripted_config(2), style="plain", out_dir=tmp_path, log=lines.append)
+    assert lines == ["[0] predicted=inf gold=5 correct=False voted=inf voted_correct=False"]  # a tie: first wins
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in a record")
+
+    record = json.loads((tmp_path / "predictions.jsonl").read_text(), parse_constant=no_constants)
+    assert record["prediction"] == huge and record["predicted_answer"] is None and record["correct"] is False
+    assert record["sample_answers"] == [None, 5.0] and record["voted_answer"] is None
+    assert record["voted_correct"] is False
+    with pytest.raises(ValueError):
+        record_line({"x": float("nan")})
+
+
+def test_write_results_keeps_the_old_files_on_failure(monkeypatch, tmp_path):
+    write_results(tmp_path, [{"index": 0}], {"n": 1})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert before["predictions.jsonl"] == b'{"index": 0}\n'
 
     def fail(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(gsm8k_eval.os, "replace", fail)
+    monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
-        write_atomic(path, "new")
-    assert path.read_text() == "old" and os.listdir(tmp_path) == ["summary.json"]
+        write_results(tmp_path, [{"index": 0}, {"index": 1}], {"n": 2})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old files, no temporary left
 
 
-def test_evaluate_checks_before_generating(monkeypatch, tok):
+def test_evaluate_checks_before_generating(monkeypatch, tok, tmp_path):
     monkeypatch.setattr(gsm8k_eval, "generate", lambda *a, **kw: pytest.fail("generated before checking"))
-    with pytest.raises(ValueError, match="no GSM8K entries"):
+    with pytest.raises(UsageError, match="no GSM8K entries"):
         evaluate_gsm8k(None, tok, [], EvalConfig(), style="plain")
-    with pytest.raises(ValueError, match="#### <number>"):
-        evaluate_gsm8k(None, tok, [{"question": "q?", "answer": "no final line"}], EvalConfig(), style="plain")
+    with pytest.raises(UsageError, match="entry 1 cannot be scored.*#### <number>"):
+        evaluate_gsm8k(None, tok, [SC_ENTRIES[0], {"question": "q?", "answer": "no final line"}], EvalConfig(),
+                       style="plain", out_dir=tmp_path)
     with pytest.raises(ValueError, match="chat template"):
         evaluate_gsm8k(None, make_tiny_tokenizer(chat_template=False), SC_ENTRIES, EvalConfig(), style="chat")
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+
+TIMING = ("resumed_from", "seconds_this_run", "generated_tokens_this_run", "tokens_per_s_this_run")
+
+
+def untimed(summary: dict) -> dict:
+    """A summary without what describes only the last run segment."""
+    return {k: v for k, v in summary.items() if k not in TIMING}
+
+
+@pytest.fixture
+def one_thread():
+    """Generate as the subprocess does (one thread), so the kernels, and thus the generations, are the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Callable[[int], Path]:
+    """``reference(samples)``: the output directory of an uninterrupted tiny evaluation (made once per module)."""
+    dirs: dict[int, Path] = {}
+
+    def get(samples: int) -> Path:
+        if samples not in dirs:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                out = tmp_path_factory.mktemp(f"reference-samples-{samples}")
+                run_eval(out, samples)
+            finally:
+                torch.set_num_threads(threads)
+            dirs[samples] = out
+        return dirs[samples]
+
+    return get
+
+
+def copy_of(src: Path, dst: Path, keep_lines: int | None = None, torn: int = 0) -> Path:
+    """Copy an evaluation directory; keep only the first ``keep_lines`` predictions plus ``torn`` bytes of the next."""
+    shutil.copytree(src, dst)
+    if keep_lines is not None:
+        data = (src / "predictions.jsonl").read_bytes()
+        lines = data.splitlines(keepends=True)
+        (dst / "predictions.jsonl").write_bytes(b"".join(lines[:keep_lines]) + lines[keep_lines][:torn])
+        (dst / "summary.json").unlink()
+    return dst
+
+
+def assert_same_as_reference(out: Path, ref: Path, summary: dict) -> None:
+    assert (out / "predictions.jsonl").read_bytes() == (ref / "predictions.jsonl").read_bytes()
+    assert (out / "eval_config.json").read_bytes() == (ref / "eval_config.json").read_bytes()
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert untimed(summary) == untimed(json.loads((ref / "summary.json").read_text()))
+
+
+def n_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
+def test_reference_runs_differ_where_they_should(reference):
+    ref, sampled = reference(0), reference(2)
+    records = [json.loads(ln) for ln in (sampled / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(len(ENTRIES)))
+    assert all(len(r["samples"]) == 2 for r in records)
+    # Samples differ from each other and from batch to batch (seeded per batch), or resuming would prove little.
+    assert len({s for r in records for s in r["samples"]}) == 2 * len(ENTRIES)
+    greedy = [json.loads(ln)["prediction"] for ln in (ref / "predictions.jsonl").read_text().splitlines()]
+    assert greedy == [r["prediction"] for r in records]  # sampling does not touch the greedy answers
+
+
+class Interrupt(Exception):
+    """Raised from the log callback to stop a run mid-way, as a crash would."""
+
+
+@pytest.mark.parametrize("samples", [0, 2])
+def test_each_batch_is_on_disk_before_it_is_logged_and_a_resume_completes_it(tmp_path, one_thread, reference,
+                                                                               samples):
+    out = tmp_path / "cut"
+    on_disk: list[int] = []
+
+    def log(line: str) -> None:
+        on_disk.append(n_lines(out / "predictions.jsonl"))
+        if line.startswith("[3] "):  # the last question of the second batch
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_eval(out, samples, log=log)
+    assert on_disk == [2, 2, 4, 4]  # each batch appended as a whole, before its lines are logged
+    ref = reference(samples)
+    want = (ref / "predictions.jsonl").read_bytes().splitlines(keepends=True)
+    assert (out / "predictions.jsonl").read_bytes() == b"".join(want[:2 * BATCH])
+    assert not (out / "summary.json").exists()
+
+    lines: list[str] = []
+    summary = run_eval(out, samples, resume=True, log=lines.append)
+    assert lines[0].startswith("resuming: 4 of 6 questions answered") and "cut off" not in lines[0]
+    assert [ln.split(" ")[0] for ln in lines[1:]] == ["[4]", "[5]"]  # only the rest is generated
+    assert summary["resumed_from"] == 4 and summary["n"] == len(ENTRIES)
+    assert_same_as_reference(out, ref, summary)
+
+
+@pytest.mark.parametrize("samples", [0, 2])
+def test_resume_after_sigkill_writes_what_an_uninterrupted_run_writes(tmp_path, one_thread, reference, samples):
+    out = tmp_path / "killed"
+    with (tmp_path / "stderr.txt").open("wb") as stderr:
+        proc = subprocess.Popen([sys.executable, str(EVAL_SCRIPT), str(out), "--samples", str(samples),
+                                 "--slow", "0.5"], stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                if n_lines(out / "predictions.jsonl") >= BATCH:
+                    break
+                time.sleep(0.02)
+            alive = proc.poll() is None
+            proc.send_signal(signal.SIGKILL)  # mid-run: it sleeps 0.5 s after each of its 6 questions
+        finally:
+            proc.kill()
+            proc.wait()
+    assert alive and proc.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-2000:]
+    answered = n_lines(out / "predictions.jsonl")
+    assert BATCH <= answered < len(ENTRIES) and not (out / "summary.json").exists()
+
+    lines: list[str] = []
+    summary = run_eval(out, samples, resume=True, log=lines.append)
+    kept = answered - answered % BATCH
+    assert summary["resumed_from"] == kept
+    assert [ln.split(" ")[0] for ln in lines[1:]] == [f"[{i}]" for i in range(kept, len(ENTRIES))]
+    assert_same_as_reference(out, reference(samples), summary)
+
+
+@pytest.mark.parametrize("samples", [0, 2])
+@pytest.mark.parametrize("keep_lines, torn, kept", [(3, 20, 2), (4, 7, 4), (1, 0, 0)],
+                         ids=["torn-line-in-a-partial-batch", "torn-line-after-a-batch", "partial-batch"])
+def test_a_torn_line_and_an_incomplete_batch_are_answered_again(tmp_path, one_thread, reference, samples,
+                                                                 keep_lines, torn, kept):
+    ref = reference(samples)
+    out = copy_of(ref, tmp_path / "cut", keep_lines=keep_lines, torn=torn)
+    lines: list[str] = []
+    summary = run_eval(out, samples, resume=True, log=lines.append)
+    assert lines[0].startswith(f"resuming: {kept} of 6") and lines[0].endswith("cut off, to be answered again)")
+    assert [ln.split(" ")[0] for ln in lines[1:]] == [f"[{i}]" for i in range(kept, len(ENTRIES))]
+    assert summary["resumed_from"] == kept
+    assert_same_as_reference(out, ref, summary)
+
+
+def test_resuming_a_finished_run_only_rescores(monkeypatch, tmp_path, reference):
+    ref = reference(2)
+    out = copy_of(ref, tmp_path / "done")
+    (out / "summary.json").unlink()
+    monkeypatch.setattr(gsm8k_eval, "generate", lambda *a, **kw: pytest.fail("generated with nothing left"))
+    lines: list[str] = []
+    summary = run_eval(out, 2, resume=True, log=lines.append)
+    assert lines == [f"resuming: 6 of 6 questions answered in {out / 'predictions.jsonl'}"]
+    assert summary["resumed_from"] == 6 and summary["generated_tokens_this_run"] == 0
+    assert_same_as_reference(out, ref, summary)
+
+
+def test_complete_records_keeps_whole_batches_of_this_evaluation():
+    entries = [{"question": f"q{i}"} for i in range(5)]
+    lines = [record_line({"index": i, "question": f"q{i}", "prediction": "é"}).encode() for i in range(5)]
+    data = b"".join(lines)
+    assert complete_records(b"", entries, 2) == ([], 0)
+    assert complete_records(data, entries, 2) == ([json.loads(ln) for ln in lines], len(data))  # short last batch
+    assert complete_records(data[:-1], entries, 2)[1] == len(b"".join(lines[:4]))  # torn last line: its batch goes
+    for n in range(5):
+        records, size = complete_records(b"".join(lines[:n]) + lines[n][:5], entries, 2)
+        assert len(records) == n - n % 2 and size == len(b"".join(lines[:n - n % 2]))
+    with pytest.raises(UsageError, match="line 2 of predictions.jsonl is not the record of question 1"):
+        complete_records(lines[0] + lines[2], entries, 2)
+    with pytest.raises(UsageError, match="line 1 .* cannot be resumed; run without --resume"):
+        complete_records(b"not json\n", entries, 2)
+    with pytest.raises(UsageError, match="line 1"):
+        complete_records(data, [{"question": "other"}] + entries[1:], 2)
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(max_new_tokens=13), "max_new_tokens: saved 12, now 13"),
+    (dict(provenance={"model": "another model", "adapter": None}),
+     'provenance.model: saved "tiny-llama (seed 0)", now "another model"'),
+    (dict(provenance={**PROVENANCE, "adapter": "run/lora_adapter"}), 'provenance.adapter: saved null, now "run/'),
+    (dict(samples=2), "samples: saved 0, now 2"),
+    (dict(eval_batch_size=3), "eval_batch_size: saved 2, now 3"),
+    (dict(entries=ENTRIES[:4]), "n: saved 6, now 4"),
+], ids=["max_new_tokens", "model", "adapter", "samples", "batch", "entries"])
+def test_resume_with_other_settings_is_refused_and_changes_nothing(monkeypatch, tmp_path, reference, change, named):
+    out = copy_of(reference(0), tmp_path / "cut", keep_lines=3, torn=9)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(gsm8k_eval, "generate", lambda *a, **kw: pytest.fail("generated despite other settings"))
+    with pytest.raises(UsageError, match="other settings.*" + re.escape(named)):
+        run_eval(out, resume=True, **change)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("present", [(), ("predictions.jsonl",), ("eval_config.json",), None],
+                         ids=["empty", "no-config", "no-predictions", "no-out-dir"])
+def test_resume_with_nothing_to_resume_is_refused(monkeypatch, tmp_path, reference, present):
+    monkeypatch.setattr(gsm8k_eval, "generate", lambda *a, **kw: pytest.fail("generated with nothing to resume"))
+    if present is None:
+        with pytest.raises(UsageError, match="resume needs the output directory"):
+            run_eval(None, resume=True)
+        return
+    for name in present:
+        shutil.copy(reference(0) / name, tmp_path / name)
+    with pytest.raises(UsageError, match="nothing to resume in .*run without --resume"):
+        run_eval(tmp_path, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(present)
 
 
 # ---------------------------------------------------------------------------------------------- quantized check
@@ -359,7 +655,7 @@ def test_check_quantized():
     from gptqlora.quant.driver import quantize_model_weights
 
     model = make_tiny_llama()
-    with pytest.raises(ValueError, match="holds no QuantizedLinear layers: pass a directory written by `gptqlora"):
+    with pytest.raises(UsageError, match="holds no QuantizedLinear layers: pass a directory written by `gptqlora"):
         check_quantized(model)
     torch.manual_seed(0)
     quantize_model_weights(model, torch.randint(0, 259, (4, 32)), QuantConfig(targets="attn", group_size=32),

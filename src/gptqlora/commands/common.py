@@ -122,8 +122,8 @@ def print_line(line: str) -> None:
 
 
 def evaluate_loaded(model, tokenizer, entries: list[dict], exemplars: list[dict], ec: EvalConfig, style: str,
-                    seed: int, out_dir: str | Path | None, resume: bool = False, provenance: dict | None = None,
-                    log: Callable[[str], Any] = print_line) -> dict:
+                    seed: int, out_dir: str | Path | None, split: str = "test", resume: bool = False,
+                    provenance: dict | None = None, log: Callable[[str], Any] = print_line) -> dict:
     """Exact-match accuracy (and answer-token loss) of a loaded model on the given GSM8K entries."""
     from gptqlora.eval.gsm8k_eval import evaluate_gsm8k
     from gptqlora.eval.perplexity import gsm8k_answer_loss
@@ -133,7 +133,7 @@ def evaluate_loaded(model, tokenizer, entries: list[dict], exemplars: list[dict]
         m.set_cache(ec.cache_dequantized)
     try:
         summary = evaluate_gsm8k(model, tokenizer, entries, ec, style=style, exemplars=exemplars, out_dir=out_dir,
-                                 log=log, seed=seed, resume=resume, provenance=provenance)
+                                 log=log, seed=seed, split=split, resume=resume, provenance=provenance)
         loss = gsm8k_answer_loss(model, tokenizer, entries, style=style, batch_size=ec.eval_batch_size)
     finally:
         for m in quantized:

@@ -79,5 +79,5 @@ def evaluate(args: EvalArgs) -> dict:
             clear_output(out)
         model, tokenizer, record = load_scored_model(args.model, args.quantized, args.adapter)
         summary = evaluate_loaded(model, tokenizer, entries, exemplars, args.eval, args.prompt.prompt_style,
-                                  args.seed, out, resume=args.resume, provenance=record | {"split": args.split.split})
+                                  args.seed, out, split=args.split.split, resume=args.resume, provenance=record)
     return summary | {"output_dir": str(out)}

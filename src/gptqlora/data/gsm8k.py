@@ -8,6 +8,7 @@ exemplars); the solution, ending in ``#### N``, is the training target.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,8 +123,10 @@ def _first_number(text: str) -> float | None:
     return None if m is None else _to_float(m.group())
 
 
-def _to_float(token: str) -> float:
-    return float(token.replace(",", "").replace("$", ""))
+def _to_float(token: str) -> float | None:
+    """The number a token spells, or None when it overflows to infinity (hundreds of digits), which no gold equals."""
+    value = float(token.replace(",", "").replace("$", ""))
+    return value if math.isfinite(value) else None
 
 
 def extract_answer(text: str) -> float | None:

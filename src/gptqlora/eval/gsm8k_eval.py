@@ -3,14 +3,22 @@
 Each step is a small function tested alone: :func:`fewshot_exemplars` picks fixed train exemplars,
 :func:`build_eval_prompts` formats questions (never their solutions), :func:`score_text` and :func:`vote_samples`
 turn generated text into a judged answer, and :func:`evaluate_gsm8k` runs them batch by batch, logs one line per
-question and writes ``predictions.jsonl`` and ``summary.json``.
+question and writes into its output directory:
+
+- ``eval_config.json``: the settings that determine the records (:func:`eval_settings`) and the caller's
+  provenance (model, adapter), written when a fresh run starts; a resumed run must match it;
+- ``predictions.jsonl``: one record per question, appended and fsynced after each generation batch, so a crash
+  loses at most the batch in flight; ``resume=True`` continues from the last complete batch (:func:`complete_records`)
+  and ends with the same bytes an uninterrupted run writes;
+- ``summary.json``: accuracy over all records, the settings and the provenance, written atomically at the end.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,8 +29,10 @@ from torch import nn
 
 from gptqlora.config import EvalConfig
 from gptqlora.data.gsm8k import answers_match, build_prompt, extract_answer, gold_answer, resolve_style
+from gptqlora.errors import UsageError
 from gptqlora.eval.generate import generate, generate_samples
 from gptqlora.eval.scoring import majority_vote, summarize
+from gptqlora.files import append_durable, fsync_path, write_atomic
 from gptqlora.quant.linear import QuantizedLinear
 
 
@@ -38,12 +48,12 @@ def fewshot_exemplars(train_entries: Sequence[dict], k: int, seed: int = 0) -> l
     Returns:
         ``k`` copies of train entries, in permutation order.
     Raises:
-        ValueError: for ``k < 0`` or more exemplars than train entries.
+        UsageError: for ``k < 0`` or more exemplars than train entries.
     """
     if k < 0:
-        raise ValueError(f"shots={k} must be >= 0")
+        raise UsageError(f"shots={k} must be >= 0")
     if k > len(train_entries):
-        raise ValueError(f"shots={k} asks for more exemplars than the {len(train_entries)} train entries given")
+        raise UsageError(f"shots={k} asks for more exemplars than the {len(train_entries)} train entries given")
     if k == 0:
         return []
     order = torch.randperm(len(train_entries), generator=torch.Generator().manual_seed(seed))[:k]  # [k]
@@ -61,13 +71,13 @@ def build_eval_prompts(entries: Sequence[dict], style: str, tokenizer, exemplars
     Returns:
         The prompts, in entry order.
     Raises:
-        ValueError: for a bad style, or an exemplar that is one of the evaluated questions (its solution would be
-            in the prompt).
+        ValueError: for a bad style.
+        UsageError: for an exemplar that is one of the evaluated questions (its solution would be in the prompt).
     """
     style = resolve_style(style, tokenizer)
     questions = {e["question"] for e in entries}
     if leaked := [i for i, ex in enumerate(exemplars) if ex["question"] in questions]:
-        raise ValueError(f"few-shot exemplars {leaked} are among the evaluated questions, so their solutions would be "
+        raise UsageError(f"few-shot exemplars {leaked} are among the evaluated questions, so their solutions would be "
                          "in the prompt: take exemplars from the train split and evaluate the test split, or use "
                          "--shots 0")
     return [build_prompt(e["question"], style, tokenizer, exemplars) for e in entries]
@@ -105,41 +115,214 @@ def _score_block(correct: Sequence[bool]) -> dict[str, Any]:
     return {"correct": s["correct"], "accuracy": s["accuracy"], "ci95": s["ci95"]}
 
 
-# ---------------------------------------------------------------------------------------------- output files
+# ---------------------------------------------------------------------------------------------- records
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``, so a reader
-    never sees a half-written file and a crash leaves the old one intact."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+PREDICTIONS, SUMMARY, EVAL_CONFIG = "predictions.jsonl", "summary.json", "eval_config.json"
+
+
+def json_number(x: float | None) -> float | None:
+    """An answer as JSON can hold it: a number, or null for none and for a non-finite one.
+
+    A generated run of a few hundred digits parses to ``inf``; it is scored wrong like any other wrong answer, and
+    the record keeps the text it came from in ``prediction`` (or ``samples``).
+    """
+    return x if x is not None and math.isfinite(x) else None
+
+
+def make_record(index: int, question: str, gold: float, text: str,
+                samples: Sequence[str] | None = None) -> tuple[dict[str, Any], str]:
+    """Score one question's generation (and samples, when given): its predictions.jsonl record and its log line."""
+    pred, correct = score_text(text, gold)
+    record = {"index": index, "question": question, "gold": gold, "prediction": text,
+              "predicted_answer": json_number(pred), "correct": correct}
+    line = f"[{index}] predicted={format_number(pred)} gold={format_number(gold)} correct={correct}"
+    if samples is not None:
+        answers, voted, voted_correct = vote_samples(samples, gold)
+        record |= {"samples": list(samples), "sample_answers": [json_number(a) for a in answers],
+                   "voted_answer": json_number(voted), "voted_correct": voted_correct}
+        line += f" voted={format_number(voted)} voted_correct={voted_correct}"
+    return record, line
+
+
+def record_line(record: dict) -> str:
+    """One predictions.jsonl line: strict JSON (no NaN or Infinity), UTF-8 text kept as is, newline-terminated."""
+    return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def write_results(out_dir: str | os.PathLike, records: Sequence[dict], summary: dict) -> None:
-    """Write ``predictions.jsonl`` (one record per line) and ``summary.json`` into ``out_dir``, creating it."""
+    """Write ``predictions.jsonl`` (one record per line) and ``summary.json`` atomically into ``out_dir`` (created)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / PREDICTIONS, "".join(record_line(r) for r in records))
+    write_atomic(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+
+
+def score_records(records: Sequence[dict], config: EvalConfig) -> dict[str, Any]:
+    """``{"greedy"}`` and, when sampling, ``"self_consistency"``: scores over all the given records."""
+    scores: dict[str, Any] = {"greedy": _score_block([r["correct"] for r in records])}
+    if config.samples:
+        scores["self_consistency"] = {"k": config.samples, "temperature": config.temperature, "top_p": config.top_p,
+                                      **_score_block([r["voted_correct"] for r in records])}
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+
+def _sha256(items: Sequence) -> str:
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def eval_settings(entries: Sequence[dict], config: EvalConfig, style: str, exemplars: Sequence[dict], seed: int,
+                  split: str | None = None) -> dict[str, Any]:
+    """The settings that determine an evaluation's records; a run may only be resumed with equal ones.
+
+    Args:
+        entries, config, exemplars, seed, split: as for :func:`evaluate_gsm8k`.
+        style: the resolved prompt style (``"plain"`` or ``"chat"``).
+    Returns:
+        JSON-ready: hashes of the evaluated entries (question and answer, in order) and of the exemplars, their
+        counts, the split's name (None when not given), the style, budget and batch size (batches fix padding and
+        sampling seeds), and the sampling settings; ``temperature``, ``top_p`` and ``seed`` are None for
+        greedy-only runs, which do not use them.
+    """
+    sampling = config.samples > 0
+    return {"questions_sha256": _sha256([[e["question"], e["answer"]] for e in entries]), "n": len(entries),
+            "split": split, "style": style, "shots": len(exemplars),
+            "exemplars_sha256": _sha256([[e["question"], e["answer"]] for e in exemplars]),
+            "max_new_tokens": config.max_new_tokens, "eval_batch_size": config.eval_batch_size,
+            "samples": config.samples, "temperature": config.temperature if sampling else None,
+            "top_p": config.top_p if sampling else None, "seed": seed if sampling else None}
+
+
+_ABSENT = object()
+
+
+def _flatten(value: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": 2}`` -> ``{"a.b": 1, "c": 2}`` (an empty dict stays a value)."""
+    flat = {}
+    for key, sub in value.items():
+        name = f"{prefix}{key}"
+        flat |= _flatten(sub, name + ".") if isinstance(sub, dict) and sub else {name: sub}
+    return flat
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value, ensure_ascii=False)
+
+
+def settings_diff(saved: dict, current: dict) -> list[str]:
+    """``"name: saved X, now Y"`` for each setting that differs; nested dicts are named by dotted paths, sorted."""
+    a, b = _flatten(saved), _flatten(current)
+    return [f"{k}: saved {_show(a.get(k, _ABSENT))}, now {_show(b.get(k, _ABSENT))}"
+            for k in sorted(a.keys() | b.keys()) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def complete_records(data: bytes, entries: Sequence[dict], batch_size: int) -> tuple[list[dict], int]:
+    """The records of a predictions.jsonl that a resumed run keeps, and the file length that holds exactly them.
+
+    A kill mid-append leaves a prefix of the file: an unterminated last line is dropped, and so is a batch whose
+    records are not all there, since a batch is regenerated whole (its sampling seed is ``seed + first index``).
+
+    Args:
+        data: the file's bytes.
+        entries: the evaluated entries (record ``i`` must be entry ``i``'s).
+        batch_size: questions per generation batch.
+    Returns:
+        (the kept records, in order; the byte length of their lines).
+    Raises:
+        UsageError: a complete line that is not JSON, or not the record of the question at its position: the file
+            was not written by this evaluation alone.
+    """
+    lines = data.split(b"\n")[:-1]  # the part after the last newline is a torn line, or b""
+    records = []
+    for i, raw in enumerate(lines):
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and i < len(entries) and record.get("index") == i
+                and record.get("question") == entries[i]["question"]):
+            raise UsageError(f"line {i + 1} of {PREDICTIONS} is not the record of question {i}: the file was "
+                             "changed by something other than this evaluation, so it cannot be resumed; run "
+                             "without --resume to start afresh")
+        records.append(record)
+    keep = len(records) if len(records) == len(entries) else len(records) - len(records) % batch_size
+    return records[:keep], sum(len(line) + 1 for line in lines[:keep])
+
+
+def start_fresh(out: Path, eval_config: dict) -> None:
+    """Begin an evaluation in ``out``: no summary, an empty predictions.jsonl, then ``eval_config.json``.
+
+    An earlier run's eval_config.json is deleted first, so a crash in between leaves nothing to resume rather than
+    this run's records under another run's settings.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (EVAL_CONFIG, SUMMARY):
+        (out / name).unlink(missing_ok=True)
+    write_atomic(out / PREDICTIONS, "")
+    write_atomic(out / EVAL_CONFIG, json.dumps(eval_config, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def resume_from(out: Path, eval_config: dict, entries: Sequence[dict], batch_size: int) -> tuple[list[dict], bool]:
+    """Continue an evaluation in ``out``: check its settings, cut predictions.jsonl back to its complete batches.
+
+    Returns:
+        (the kept records, whether a torn line or an incomplete batch was cut off).
+    Raises:
+        UsageError: nothing to resume (no eval_config.json or predictions.jsonl), different settings (each one
+            named with both values), or a predictions.jsonl this evaluation did not write. Nothing is changed then.
+    """
+    config_path, predictions = out / EVAL_CONFIG, out / PREDICTIONS
+    if not (config_path.is_file() and predictions.is_file()):
+        raise UsageError(f"nothing to resume in {out}: it holds no {EVAL_CONFIG} and {PREDICTIONS} from an "
+                         "earlier evaluation; run without --resume")
+    try:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        saved = f"not valid JSON ({e})"
+    if not isinstance(saved, dict):
+        raise UsageError(f"{config_path} is {saved}, not an evaluation's settings: run without --resume to start "
+                         "afresh")
+    current = {**eval_config["settings"], "provenance": eval_config["provenance"]}
+    if diff := settings_diff({**saved.get("settings", {}), "provenance": saved.get("provenance")}, current):
+        raise UsageError(f"cannot resume the evaluation in {out}: it was run with other settings ("
+                         + "; ".join(diff) + "). Resume with the saved settings, or run without --resume")
+    data = predictions.read_bytes()
+    records, keep = complete_records(data, entries, batch_size)
+    (out / SUMMARY).unlink(missing_ok=True)  # written again once every question is answered
+    if keep < len(data):
+        os.truncate(predictions, keep)
+        fsync_path(predictions)
+    return records, keep < len(data)
 
 
 # ---------------------------------------------------------------------------------------------- driver
 
+def _golds(entries: Sequence[dict]) -> list[float]:
+    """Each entry's gold answer; a bad entry is the data's fault, named by its index."""
+    golds = []
+    for i, entry in enumerate(entries):
+        try:
+            gold = gold_answer(entry)
+        except ValueError as e:
+            raise UsageError(f"entry {i} cannot be scored: {e}") from None
+        if not math.isfinite(gold):
+            raise UsageError(f"entry {i} cannot be scored: its answer {entry['answer'][-80:]!r} is out of range")
+        golds.append(gold)
+    return golds
+
+
 def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: EvalConfig, *, style: str = "auto",
                    exemplars: Sequence[dict] = (), out_dir: str | os.PathLike | None = None,
-                   log: Callable[[str], Any] = print, seed: int = 0) -> dict[str, Any]:
+                   log: Callable[[str], Any] = print, seed: int = 0, split: str | None = None,
+                   resume: bool = False, provenance: dict | None = None) -> dict[str, Any]:
     """Evaluate a causal LM on GSM8K entries: greedy accuracy, and self-consistency when ``config.samples > 0``.
 
     Questions go in batches of ``config.eval_batch_size``; each batch is decoded greedily (stopping after a complete
-    ``#### <number>`` line), then sampled ``config.samples`` times per question when asked, and one line per question
-    is logged. Sampling in batch ``b`` (first question index ``i``) is seeded with ``seed + i``, so results do not
-    depend on what ran before.
+    ``#### <number>`` line), then sampled ``config.samples`` times per question when asked; its records are appended
+    to ``predictions.jsonl`` (flushed and fsynced) and then one line per question is logged. Sampling in the batch
+    whose first question has index ``i`` is seeded with ``seed + i``, so results do not depend on what ran before,
+    and a resumed run writes the same records as an uninterrupted one.
 
     Args:
         model: a Hugging Face causal LM (float, quantized, with or without LoRA).
@@ -148,63 +331,75 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
         config: batch size, token budget and self-consistency settings.
         style: prompt style, ``"auto"``, ``"plain"`` or ``"chat"``.
         exemplars: few-shot exemplars from the train split (see :func:`fewshot_exemplars`).
-        out_dir: where to write ``predictions.jsonl`` and ``summary.json`` (created); None writes nothing.
+        out_dir: where to write ``eval_config.json``, ``predictions.jsonl`` and ``summary.json`` (created); None
+            writes nothing. A fresh run replaces those files (refusing an existing output is the caller's call).
         log: called with each progress line (``print`` for the CLI, a list's ``append`` in tests).
         seed: base seed for self-consistency sampling.
+        split: the name of the split ``entries`` come from (``"test"``), for the record; None when not given.
+        resume: continue the evaluation in ``out_dir``: keep its complete batches, answer only the rest.
+        provenance: what is evaluated, e.g. ``{"model": ..., "adapter": ...}`` (any JSON object); saved in
+            eval_config.json and summary.json, and a resume must pass an equal one.
     Returns:
-        ``{"n", "style", "shots", "greedy": {"correct", "accuracy", "ci95"}, "seconds", "generated_tokens",
-        "tokens_per_s"}``, plus ``"self_consistency": {"k", "temperature", "top_p", "correct", "accuracy", "ci95"}``
-        when sampling.
+        ``{"n", "style", "shots", "greedy": {"correct", "accuracy", "ci95"}}``, plus
+        ``"self_consistency": {"k", "temperature", "top_p", "correct", "accuracy", "ci95"}`` when sampling, then
+        ``"settings"`` (see :func:`eval_settings`), ``"provenance"``, ``"resumed_from"`` (records kept from earlier
+        runs) and ``"seconds_this_run"``, ``"generated_tokens_this_run"``, ``"tokens_per_s_this_run"`` (this
+        run's generation only). Scores cover every record, kept and new.
     Raises:
-        ValueError: for no entries, an entry without a ``#### <number>`` answer, a bad style or leaking exemplars;
-            all before any generation.
+        UsageError: for no entries, an entry without a ``#### <number>`` answer or leaking exemplars; for a
+            resume without ``out_dir``, with nothing to resume or with other settings; all before any generation.
+        ValueError: for a bad style.
     """
     if not entries:
-        raise ValueError("no GSM8K entries to evaluate: check --split and --limit")
+        raise UsageError("no GSM8K entries to evaluate: check --split and --limit")
     style = resolve_style(style, tokenizer)
-    golds = [gold_answer(e) for e in entries]
+    golds = _golds(entries)
     prompts = build_eval_prompts(entries, style, tokenizer, exemplars)
     # As training saw them (encode_texts): a plain prompt gets the bos only when the tokenizer adds one by default.
     add_special = style == "plain" and bool(getattr(tokenizer, "add_bos_token", False))
     gen_kw = dict(max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size,
                   stop_after_answer_line=True, add_special_tokens=add_special)
-    k = config.samples
+    k, batch = config.samples, config.eval_batch_size
+    settings = eval_settings(entries, config, style, exemplars, seed, split)
+    provenance = json.loads(json.dumps(provenance, allow_nan=False))  # as eval_config.json will hold it
+    eval_config = {"settings": settings, "provenance": provenance}
 
     records: list[dict] = []
+    predictions = None if out_dir is None else Path(out_dir) / PREDICTIONS
+    if resume:
+        if out_dir is None:
+            raise UsageError("resume needs the output directory of the evaluation to continue (out_dir)")
+        records, cut = resume_from(Path(out_dir), eval_config, entries, batch)
+        log(f"resuming: {len(records)} of {len(entries)} questions answered in {predictions}"
+            + (" (an incomplete batch was cut off, to be answered again)" if cut else ""))
+    elif out_dir is not None:
+        start_fresh(Path(out_dir), eval_config)
+    resumed_from = len(records)
+
     n_tokens = 0
     start_time = time.perf_counter()
-    for start in range(0, len(entries), config.eval_batch_size):
-        batch_prompts = prompts[start:start + config.eval_batch_size]
+    for start in range(resumed_from, len(entries), batch):
+        batch_prompts = prompts[start:start + batch]
         texts = generate(model, tokenizer, batch_prompts, **gen_kw)
         samples = (generate_samples(model, tokenizer, batch_prompts, k=k, temperature=config.temperature,
                                     top_p=config.top_p, seed=seed + start, **gen_kw) if k else None)
         generated = texts + [t for per_q in samples or [] for t in per_q]
         n_tokens += sum(len(ids) for ids in tokenizer(generated, add_special_tokens=False)["input_ids"])
-        for j, text in enumerate(texts):
-            i = start + j
-            pred, correct = score_text(text, golds[i])
-            record = {"index": i, "question": entries[i]["question"], "gold": golds[i], "prediction": text,
-                      "predicted_answer": pred, "correct": correct}
-            line = (f"[{i}] predicted={format_number(pred)} gold={format_number(golds[i])} "
-                    f"correct={correct}")
-            if samples is not None:
-                answers, voted, voted_correct = vote_samples(samples[j], golds[i])
-                record |= {"samples": samples[j], "sample_answers": answers, "voted_answer": voted,
-                           "voted_correct": voted_correct}
-                line += f" voted={format_number(voted)} voted_correct={voted_correct}"
+        scored = [make_record(start + j, entries[start + j]["question"], golds[start + j], text,
+                              samples[j] if samples is not None else None) for j, text in enumerate(texts)]
+        if predictions is not None:  # the batch is on disk before anything else can fail
+            append_durable(predictions, [record_line(r) for r, _ in scored])
+        for record, line in scored:
             records.append(record)
             log(line)
     seconds = time.perf_counter() - start_time
 
-    summary: dict[str, Any] = {"n": len(records), "style": style, "shots": len(exemplars),
-                               "greedy": _score_block([r["correct"] for r in records])}
-    if k:
-        summary["self_consistency"] = {"k": k, "temperature": config.temperature, "top_p": config.top_p,
-                                       **_score_block([r["voted_correct"] for r in records])}
-    summary |= {"seconds": seconds, "generated_tokens": n_tokens,
-                "tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0}
+    summary = {"n": len(records), "style": style, "shots": len(exemplars), **score_records(records, config),
+               "settings": settings, "provenance": provenance, "resumed_from": resumed_from,
+               "seconds_this_run": seconds, "generated_tokens_this_run": n_tokens,
+               "tokens_per_s_this_run": n_tokens / seconds if seconds > 0 else 0.0}
     if out_dir is not None:
-        write_results(out_dir, records, summary)
+        write_atomic(Path(out_dir) / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
 
 
@@ -216,10 +411,10 @@ def check_quantized(model: nn.Module) -> int:
     Returns:
         The count, > 0.
     Raises:
-        ValueError: when the model holds none, i.e. a float model was given where a quantized one was asked for.
+        UsageError: when the model holds none, i.e. a float model was given where a quantized one was asked for.
     """
     n = sum(isinstance(m, QuantizedLinear) for m in model.modules())
     if n == 0:
-        raise ValueError(f"the model ({type(model).__name__}) holds no QuantizedLinear layers: pass a directory "
+        raise UsageError(f"the model ({type(model).__name__}) holds no QuantizedLinear layers: pass a directory "
                          "written by `gptqlora quantize` (or leave out --quantized to evaluate a float model)")
     return n
