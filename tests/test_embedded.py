@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptqlora.commands import quantize_loaded
-from gptqlora.config import DataConfig, QuantConfig
+from gptqlora.config import CalibConfig, QuantConfig
 from gptqlora.data.gsm8k import load_gsm8k
 from gptqlora.eval.perplexity import gsm8k_answer_loss
 from gptqlora.models import load_model
@@ -34,8 +34,8 @@ def test_embedded_model_quantizes_within_bound_of_float(tmp_path, test_entries, 
     float_ppl = gsm8k_answer_loss(model, tokenizer, test_entries, batch_size=8)["perplexity"]
 
     qc = QuantConfig(targets="attn", group_size=64)
-    report = quantize_loaded(model, tokenizer, qc, DataConfig(data=str(gsm8k_dir_module), calib_samples=16,
-                                                              calib_seqlen=256), progress=False)
+    report = quantize_loaded(model, tokenizer, qc, CalibConfig(calib_samples=16, calib_seqlen=256),
+                             str(gsm8k_dir_module), seed=0, progress=False)
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 120
     assert report["weight_bytes_after"] < report["weight_bytes_before"]
     quant_ppl = gsm8k_answer_loss(model, tokenizer, test_entries, batch_size=8)["perplexity"]

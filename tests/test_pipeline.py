@@ -31,22 +31,33 @@ def test_run_eval_merge_end_to_end(tmp_path, tiny_model_dir, gsm8k_dir, capsys):
         assert row["n"] == 3 and 0 <= row["greedy"]["accuracy"] <= 1 and row["answer_loss"] > 0
     table = (out / "results.md").read_text()
     assert table.count("\n") == 5 and "gptq 4-bit + LoRA" in table
-    assert json.loads((out / "run_config.json").read_text())["EvalConfig"]["limit"] == 3
+    assert json.loads((out / "run_config.json").read_text())["run.test_limit"] == 3
     assert (out / "lora_adapter" / "adapter_model.safetensors").is_file()
     assert (out / "loss_curve.png").is_file() and (out / "metrics.jsonl").is_file()
     model, _ = load_model(str(out / "quantized_base"))
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 8
 
-    # A second run into the same directory must not clobber it without --resume.
+    # A second run into the same directory must not clobber it without --resume or --overwrite.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert cli.main(argv + SMALL) == 2
-    assert "--resume" in capsys.readouterr().err
+    assert "--overwrite" in capsys.readouterr().err
+    # Resuming with other quantization options is refused, not mislabelled in results.md.
+    assert cli.main(argv + SMALL + ["--resume", "--bits", "2"]) == 2
+    assert "quant.bits: run 4, now 2" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # Resuming a finished run with the same settings keeps every row and rewrites the same table.
+    assert cli.main(argv + SMALL + ["--resume"]) == 0
+    assert (out / "results.md").read_text() == table
 
     evaluated = tmp_path / "eval"
     assert cli.main(["eval", "--quantized", str(out / "quantized_base"), "--adapter", str(out / "lora_adapter"),
                      "--data", str(gsm8k_dir), "--limit", "2", "--max-new-tokens", "4", "--output-dir",
                      str(evaluated)]) == 0
     assert len((evaluated / "predictions.jsonl").read_text().splitlines()) == 2
-    assert json.loads((evaluated / "summary.json").read_text())["n"] == 2
+    summary = json.loads((evaluated / "summary.json").read_text())
+    assert summary["n"] == 2
+    assert summary["provenance"]["base"]["path"] == str((out / "quantized_base").resolve())
+    assert summary["provenance"]["adapter"]["path"].endswith("lora_adapter")
 
     merged = tmp_path / "merged"
     assert cli.main(["merge", "--quantized", str(out / "quantized_base"), "--adapter", str(out / "lora_adapter"),
@@ -60,4 +71,40 @@ def test_run_eval_merge_end_to_end(tmp_path, tiny_model_dir, gsm8k_dir, capsys):
 
 def test_eval_rejects_a_float_model_given_as_quantized(tiny_model_dir, gsm8k_dir, capsys):
     assert cli.main(["eval", "--quantized", str(tiny_model_dir), "--data", str(gsm8k_dir), "--limit", "1"]) == 2
-    assert "holds no QuantizedLinear layers" in capsys.readouterr().err
+    assert "is not a quantized model" in capsys.readouterr().err
+
+
+def test_eval_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, gsm8k_dir,
+                                                                        monkeypatch, capsys):
+    import gptqlora.commands.common as common
+
+    q = tmp_path / "q"
+    assert cli.main(["quantize", "--model", str(tiny_model_dir), "--data", str(gsm8k_dir), "--method", "rtn",
+                     "--group-size", "32", "--out", str(q)]) == 0
+    argv = ["eval", "--quantized", str(q), "--data", str(gsm8k_dir), "--limit", "5", "--batch-size", "2",
+            "--max-new-tokens", "6"]
+    assert cli.main(argv + ["--output-dir", str(tmp_path / "whole")]) == 0
+
+    seen = []
+
+    def interrupt_after_the_first_batch(line):
+        seen.append(line)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "print_line", interrupt_after_the_first_batch)
+    part = ["--output-dir", str(tmp_path / "part")]
+    assert cli.main(argv + part) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert len((tmp_path / "part" / "predictions.jsonl").read_text().splitlines()) == 2  # the first batch only
+    monkeypatch.undo()
+    assert cli.main(argv + part) == 2  # not without --resume
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(argv + part + ["--max-new-tokens", "7", "--resume"]) == 2  # other settings: refused
+    assert "max_new_tokens" in capsys.readouterr().err
+    assert cli.main(argv + part + ["--resume"]) == 0
+    whole, resumed = tmp_path / "whole", tmp_path / "part"
+    assert (resumed / "predictions.jsonl").read_bytes() == (whole / "predictions.jsonl").read_bytes()
+    drop = lambda d: {k: v for k, v in json.loads((d / "summary.json").read_text()).items()  # noqa: E731
+                      if not k.endswith("_this_run") and k != "resumed_from"}
+    assert drop(resumed) == drop(whole)

@@ -7,12 +7,14 @@ import json
 import pytest
 import torch
 
+from gptqlora.errors import UsageError
 from gptqlora.data.gsm8k import (
     IGNORE_INDEX,
     SYSTEM_PROMPT,
     GSM8KCoTDataset,
     answers_match,
     build_prompt,
+    check_answers,
     collate,
     extract_answer,
     format_gsm8k_entry,
@@ -84,7 +86,7 @@ def test_bad_split_and_path_like_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_gsm8k("train", "./no/such/dir")
     write_jsonl(tmp_path / "train.jsonl", [json.dumps(EXEMPLAR)])
-    with pytest.raises(NotADirectoryError, match="directory"):
+    with pytest.raises(UsageError, match="is a file"):
         load_gsm8k("train", str(tmp_path / "train.jsonl"))
 
 
@@ -105,6 +107,22 @@ def test_hub_path_converts_rows(gsm8k_dir, monkeypatch, tmp_path):
     assert all(set(e) == {"question", "answer"} for e in entries)
 
 
+def test_empty_split_file_is_refused(tmp_path):
+    (tmp_path / "test.jsonl").write_text("\n")
+    with pytest.raises(UsageError, match="holds no problems"):
+        load_gsm8k("test", str(tmp_path))
+
+
+def test_check_answers_refuses_solutions_without_an_answer_line():
+    check_answers([EXEMPLAR], "train")
+    with pytest.raises(UsageError, match=r"1 of 2 answers have no '#### <number>' line \(first: entry 1"):
+        check_answers([EXEMPLAR, {"question": "q", "answer": "It is 4."}], "train")
+
+
+def test_a_number_too_large_for_a_float_is_no_answer():
+    assert extract_answer("#### " + "9" * 400) is None
+
+
 def test_hub_failure_suggests_local_directory(monkeypatch):
     import datasets
 
@@ -112,7 +130,7 @@ def test_hub_failure_suggests_local_directory(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match=r"--data.*GSM8K_DIR") as e:
+    with pytest.raises(UsageError, match=r"not a local directory.*--data DIR.*GSM8K_DIR") as e:
         load_gsm8k("train", "openai/gsm8k")
     assert isinstance(e.value.__cause__, ConnectionError)
 

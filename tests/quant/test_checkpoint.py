@@ -83,6 +83,7 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"]["group_size"] = 16  # the stored scales hold 2 groups, the config now implies 4
     cfg_path.write_text(json.dumps(cfg))
+    (tmp_path / "q" / "quantize_config.json").unlink()  # else the two configs' disagreement is reported first
     with pytest.raises(ValueError, match=r"k_proj.qzeros has shape \(2, 4\) but the config implies \(4, 4\)"):
         load_quantized(tmp_path / "q")
 
@@ -101,5 +102,20 @@ def test_overwrite_is_atomic(tmp_path):
     config = QuantConfig(targets="attn", group_size=32)
     model, _ = quantized_tiny(config)
     out = save_quantized(model, None, tmp_path / "q", config)
-    save_quantized(model, None, out, config)
+    (out / "note.txt").write_text("kept unless overwrite")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        save_quantized(model, None, out, config)
+    assert (out / "note.txt").is_file()
+    save_quantized(model, None, out, config, overwrite=True)
+    assert not (out / "note.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temporary or old directory left behind
+
+
+def test_quantize_config_disagreeing_with_config_json_names_both_files(tmp_path):
+    saved_attention_only(tmp_path)
+    side = tmp_path / "q" / "quantize_config.json"
+    block = json.loads(side.read_text())
+    block["sym"] = not block["sym"]
+    side.write_text(json.dumps(block))
+    with pytest.raises(ValueError, match=r"quantize_config.json and .*config.json disagree on sym"):
+        load_quantized(tmp_path / "q")

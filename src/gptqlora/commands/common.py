@@ -80,11 +80,14 @@ def check_quantized_input(path: str) -> Path:
     Raises:
         UsageError: see ``gptqlora.quant.checkpoint.read_quantized_config``; also a directory without tokenizer files.
     """
-    from gptqlora.quant.checkpoint import read_quantized_config
+    from gptqlora.quant.checkpoint import is_quantized_dir, read_quantized_config
 
     p = Path(path).expanduser()
     if not p.is_dir():
         raise UsageError(f"--quantized {p} is not a directory: give a directory written by `gptqlora quantize`")
+    if (p / "config.json").is_file() and not is_quantized_dir(p):
+        raise UsageError(f"--quantized {p} is not a quantized model (its config.json has no GPTQ quantization_config):"
+                         " quantize it first, or pass it as --model to use the float model")
     read_quantized_config(p)
     if not (p / "tokenizer_config.json").is_file():
         raise UsageError(f"{p} has no tokenizer files (tokenizer_config.json): copy them from the model it was "
@@ -123,7 +126,7 @@ def print_line(line: str) -> None:
 
 def evaluate_loaded(model, tokenizer, entries: list[dict], exemplars: list[dict], ec: EvalConfig, style: str,
                     seed: int, out_dir: str | Path | None, split: str = "test", resume: bool = False,
-                    provenance: dict | None = None, log: Callable[[str], Any] = print_line) -> dict:
+                    provenance: dict | None = None, log: Callable[[str], Any] | None = None) -> dict:
     """Exact-match accuracy (and answer-token loss) of a loaded model on the given GSM8K entries."""
     from gptqlora.eval.gsm8k_eval import evaluate_gsm8k
     from gptqlora.eval.perplexity import gsm8k_answer_loss
@@ -133,7 +136,7 @@ def evaluate_loaded(model, tokenizer, entries: list[dict], exemplars: list[dict]
         m.set_cache(ec.cache_dequantized)
     try:
         summary = evaluate_gsm8k(model, tokenizer, entries, ec, style=style, exemplars=exemplars, out_dir=out_dir,
-                                 log=log, seed=seed, split=split, resume=resume, provenance=provenance)
+                                 log=log or print_line, seed=seed, split=split, resume=resume, provenance=provenance)
         loss = gsm8k_answer_loss(model, tokenizer, entries, style=style, batch_size=ec.eval_batch_size)
     finally:
         for m in quantized:
