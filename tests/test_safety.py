@@ -304,3 +304,17 @@ def test_a_full_disk_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(commands.COMMANDS, "quantize", commands.COMMANDS["quantize"]._replace(run=full))
     assert cli.main(["quantize", "--out", "x"]) == 2
     assert "No space left on device" in error_of(capsys)
+
+
+@pytest.mark.parametrize("targets,message", [("foo_proj", "match no linear layer"),
+                                             ("q_proj,foo_proj", "['foo_proj'] match no linear layer")])
+def test_lora_targets_are_checked_before_loading(tmp_path, tiny_model_dir, gsm8k_dir, capsys, monkeypatch, targets,
+                                                 message):
+    import gptqlora.models
+
+    monkeypatch.setattr(gptqlora.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    out = tmp_path / "ft"
+    assert cli.main(["finetune", "--model", str(tiny_model_dir), "--data", str(gsm8k_dir), "--out", str(out),
+                     "--lora-targets", targets]) == 2
+    assert message in error_of(capsys)
+    assert not out.exists()

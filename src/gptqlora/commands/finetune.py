@@ -129,6 +129,30 @@ def training_split(args) -> tuple[list[dict], list[dict]]:
     return split_train(entries, args.train.eval_holdout, args.train.train_limit, args.seed)
 
 
+def check_lora_targets(source: Path | None, targets: str) -> None:
+    """Check the LoRA targets against the model's module names before anything loads or is quantized.
+
+    The model is built on the meta device from its config.json (no weights, no memory); a hub id is checked after
+    loading instead.
+
+    Raises:
+        UsageError: targets that select no linear layer, or a named target that matches none.
+    """
+    if source is None or not (source / "config.json").is_file():
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gptqlora.lora.layer import find_targets
+
+    config = AutoConfig.from_pretrained(source)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    find_targets(skeleton, targets)
+
+
 def check_run_dir(args, inputs: list) -> Path:
     """Check the run directory before any work: not an input, writable, and empty unless resuming or overwriting."""
     tc = args.train
@@ -144,6 +168,7 @@ def finetune(args: FinetuneArgs) -> dict:
 
     source = check_quantized_input(args.quantized) if args.quantized else check_model_source(args.model.model,
                                                                                               args.model.cache_dir)
+    check_lora_targets(source, args.lora.lora_targets)
     train, held = training_split(args)
     resolve_device(args.model.device)
     out = check_run_dir(args, [source, local_data_dir(args.data.data), args.calib.calib_text])

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptqlora.commands.common import evaluate_loaded, fewshot, local_data_dir
-from gptqlora.commands.finetune import check_resume_flags, prepare_base, train_on_base, training_split
+from gptqlora.commands.finetune import (check_lora_targets, check_resume_flags, prepare_base, train_on_base,
+                                        training_split)
 from gptqlora.config import (CalibConfig, DataConfig, EvalConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig,
                              RunConfig, TrainConfig, group, overwrite_field, seed_field)
 from gptqlora.errors import UsageError
@@ -87,6 +88,7 @@ def run(args: RunArgs) -> dict:
 
     mc, tc, qc = args.model, args.train, args.quant
     source = check_model_source(mc.model, mc.cache_dir)
+    check_lora_targets(source, args.lora.lora_targets)
     train, held = training_split(args)
     test = load_gsm8k("test", args.data.data)[: args.run.test_limit or None]
     exemplars = fewshot(args.data.data, args.eval.shots, args.seed)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from gptqlora.files import write_atomic
 
 
 def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
@@ -16,7 +19,7 @@ def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | os.PathLike) 
 
     Args:
         history: metrics records; those with ``loss`` are train steps, those with ``eval_loss`` evaluations.
-        path: the PNG to write (its directory must exist); written to a temporary name, then renamed.
+        path: the PNG to write (its directory must exist); replaced atomically.
     Returns:
         ``path`` as a Path.
     """
@@ -38,8 +41,6 @@ def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | os.PathLike) 
     if train or evals:
         ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    return write_atomic(path, png.getvalue())
