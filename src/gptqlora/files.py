@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,6 +45,22 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file that must hold an object (a config), read with a clear error otherwise.
+
+    Raises:
+        UsageError: invalid JSON, or a value that is not an object (a list, a number...).
+    """
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} must hold a JSON object, not a {type(value).__name__}")
+    return value
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:

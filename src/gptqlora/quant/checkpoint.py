@@ -18,7 +18,7 @@ from torch import nn
 
 from gptqlora.config import ALL_TARGETS, ATTN_TARGETS, QuantConfig
 from gptqlora.errors import InputNotFoundError, UsageError
-from gptqlora.files import staged_dir
+from gptqlora.files import read_json_object, staged_dir
 from gptqlora.quant.driver import STAGES, _set, decoder_layers
 from gptqlora.quant.linear import QuantizedLinear
 
@@ -85,16 +85,6 @@ def quant_config_from_dict(block: dict, where: str = "quantization_config") -> Q
         raise UsageError(f"{where}: {e}") from None
 
 
-def _read_json_object(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{path} must hold a JSON object, not a {type(value).__name__}")
-    return value
-
-
 # Fields of the quantization block that shape the weights: quantize_config.json and config.json must agree on them.
 _AGREEING_FIELDS = ("quant_method", "bits", "group_size", "desc_act", "sym", "static_groups",
                     "modules_in_block_to_quantize", "checkpoint_format")
@@ -114,7 +104,7 @@ def read_quantized_config(path: str | os.PathLike) -> tuple[dict, QuantConfig]:
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise InputNotFoundError(f"{path} is not a quantized model directory: expected config.json and "
                                  "model.safetensors (write one with `gptqlora quantize --out DIR`)")
-    raw = _read_json_object(path / "config.json")
+    raw = read_json_object(path / "config.json")
     block = raw.get("quantization_config")
     qconfig = quant_config_from_dict(block, f"{path / 'config.json'} quantization_config")
     dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
@@ -122,7 +112,7 @@ def read_quantized_config(path: str | os.PathLike) -> tuple[dict, QuantConfig]:
         raise UsageError(f"{path / 'config.json'}: dtype {dtype!r} is unknown: use float32, bfloat16 or float16")
     side = path / "quantize_config.json"
     if side.is_file():
-        other = _read_json_object(side)
+        other = read_json_object(side)
         for key in _AGREEING_FIELDS:
             if key in other and other[key] != block.get(key):
                 raise UsageError(f"{side} and {path / 'config.json'} disagree on {key} ({other[key]!r} vs "
@@ -166,7 +156,7 @@ def is_quantized_dir(path: str | os.PathLike) -> bool:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False
-    block = _read_json_object(cfg).get("quantization_config")
+    block = read_json_object(cfg).get("quantization_config")
     return isinstance(block, dict) and block.get("quant_method") == "gptq"
 
 
