@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import stat
+import warnings
 from pathlib import Path
 
 import pytest
@@ -10,9 +14,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from gptqlora import files
+from gptqlora.errors import UsageError
 from gptqlora.lora import adapter as adapter_mod
-from gptqlora.lora.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config, save_adapter
+from gptqlora.lora.adapter import (BASE_FILE, CONFIG_NAME, WEIGHTS_NAME, adapter_record, check_adapter_base,
+                                   load_adapter, read_adapter_base, read_adapter_config, save_adapter)
 from gptqlora.lora.layer import adapter_state_dict, inject_lora_layers, lora_modules
+from gptqlora.provenance import base_record
 
 from conftest import make_tiny_llama
 
@@ -197,19 +205,115 @@ def test_failed_save_leaves_existing_adapter_intact(tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     model = make_tiny_llama()
     inject_lora_layers(model, "q_proj", r=2, alpha=4.0)
+    real_write = adapter_mod.write_atomic
+    written = []
 
-    def crash(tensors, path, metadata=None):
-        Path(path).write_bytes(b"partial")
-        raise OSError("disk full")
+    def full_disk_on_second_file(path, data):
+        if written:  # the weights went through; the config does not
+            raise OSError("disk full")
+        written.append(path)
+        return real_write(path, data)
 
-    monkeypatch.setattr(adapter_mod, "save_file", crash)
+    monkeypatch.setattr(adapter_mod, "write_atomic", full_disk_on_second_file)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, out, BASE_NAME)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no file replaced, no temporary left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     monkeypatch.undo()
     save_adapter(model, out, BASE_NAME)  # a successful overwrite replaces both files
     assert read_adapter_config(out)["r"] == 2 and len(load_file(str(out / WEIGHTS_NAME))) == 4
+
+
+def test_failed_save_of_a_new_adapter_leaves_nothing(tmp_path, monkeypatch):
+    model = make_tiny_llama()
+    inject_lora_layers(model, "q_proj", r=2, alpha=4.0)
+
+    def crash(path, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_bytes", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, tmp_path / "new", BASE_NAME)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_saved_files_follow_the_umask(tmp_path, monkeypatch, mask):
+    model = make_tiny_llama()
+    inject_lora_layers(model, "q_proj", r=2, alpha=4.0)
+    monkeypatch.setattr(files, "_UMASK", mask)  # files reads the umask once per process
+    previous = os.umask(mask)
+    try:
+        out = save_adapter(model, tmp_path / "a", BASE_NAME, base={"path": "x", "fingerprint": "f"})
+        fresh = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+        save_adapter(model, out, BASE_NAME, base={"path": "x", "fingerprint": "f"})  # over an existing one
+        again = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask  # not tempfile's private 0700
+    assert fresh == again == {n: 0o666 & ~mask for n in (BASE_FILE, CONFIG_NAME, WEIGHTS_NAME)}
+
+
+def saved_base(tmp_path: Path, seed: int, name: str) -> dict:
+    """The base record of a tiny model saved as a Hugging Face directory."""
+    make_tiny_llama(seed=seed).save_pretrained(tmp_path / name)
+    return base_record(tmp_path / name)
+
+
+def test_the_base_sidecar_is_written_and_peft_still_loads_the_adapter(tmp_path):
+    from peft import PeftModel
+
+    base = saved_base(tmp_path, seed=0, name="base")
+    model = make_tiny_llama()
+    inject_lora_layers(model, "attn", r=4, alpha=8.0)
+    randomize_B(model)
+    out = save_adapter(model.eval(), tmp_path / "adapter", BASE_NAME, base=base)
+    assert sorted(p.name for p in out.iterdir()) == sorted([BASE_FILE, CONFIG_NAME, WEIGHTS_NAME])
+    assert read_adapter_base(out) == base
+    assert adapter_record(out) == {"path": str(out.resolve()), "base": base}
+    assert BASE_FILE not in json.dumps(read_adapter_config(out)) and "fingerprint" not in read_adapter_config(out)
+    peft_model = PeftModel.from_pretrained(make_tiny_llama(), str(out)).eval()
+    torch.testing.assert_close(logits(peft_model), logits(model), rtol=1e-5, atol=1e-5)
+
+    save_adapter(model, out, BASE_NAME)  # saved again without a base: the old record would name the wrong one
+    assert read_adapter_base(out) is None and adapter_record(out)["base"] is None
+
+
+def test_loading_onto_another_base_warns_naming_both(tmp_path, caplog):
+    base = saved_base(tmp_path, seed=0, name="base")
+    other = saved_base(tmp_path, seed=1, name="other")
+    model = make_tiny_llama()
+    inject_lora_layers(model, "attn", r=4, alpha=8.0)
+    out = save_adapter(model, tmp_path / "adapter", BASE_NAME, base=base)
+
+    with caplog.at_level(logging.WARNING), pytest.warns(UserWarning, match="trained on") as caught:
+        loaded = load_adapter(make_tiny_llama(seed=1), out, base=other)
+    message = str(caught[0].message)
+    for record in (base, other):
+        assert record["path"] in message and record["fingerprint"][:12] in message
+    assert message in caplog.text
+    assert lora_modules(loaded)  # a warning, not an error: it may be intended
+    assert check_adapter_base(out, other) == message
+
+    # The same weights in another place are the same base; an adapter without a record is not checked.
+    moved = {**base, "path": "/somewhere/else"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapter(make_tiny_llama(), out, base=moved)
+        (out / BASE_FILE).unlink()
+        load_adapter(make_tiny_llama(), out, base=other)
+    assert check_adapter_base(out, other) is None
+
+
+def test_non_finite_adapter_weights_are_refused_naming_the_file(tmp_path):
+    out, _ = trained_adapter(tmp_path)
+    tensors = load_file(str(out / WEIGHTS_NAME))
+    tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"][0, 0] = float("nan")
+    save_file(tensors, str(out / WEIGHTS_NAME))
+    model = make_tiny_llama()
+    with pytest.raises(UsageError, match=rf"{WEIGHTS_NAME} holds NaN or infinite values.*v_proj\.lora_B"):
+        load_adapter(model, out)
+    assert not lora_modules(model)
 
 
 def test_save_without_lora_is_an_error(tmp_path, tiny_llama):

@@ -3,26 +3,42 @@
 from __future__ import annotations
 
 import json
+import math
+import random
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from gptqlora.config import QuantConfig
-from gptqlora.data.gsm8k import collate
+from gptqlora.data.gsm8k import IGNORE_INDEX, collate
 from gptqlora.eval.loss import answer_token_loss
 from gptqlora.lora import get_adapter_params, inject_lora_layers, load_adapter
 from gptqlora.quant.driver import quantize_model_weights
 from gptqlora.quant.linear import QuantizedLinear
-from gptqlora.train import NonFiniteLossError, latest_checkpoint, train_lora, trainable_report
-from gptqlora.train.state import ADAPTER_FILE
+from gptqlora.train import (NonFiniteLossError, get_lr, latest_checkpoint, seed_everything, train_lora,
+                            trainable_report)
+from gptqlora.train.loop import label_nll
+from gptqlora.train.state import ADAPTER_FILE, STATE_FILE, read_state
 
 from conftest import make_tiny_llama
 from train.tiny import tiny_config, tiny_data, tiny_lora_model
 
+WALL_CLOCK = ("elapsed", "tokens_per_s")
+
+
+def strict_json(line: str):
+    """json.loads that refuses the NaN / Infinity extensions, as strict readers (jq, JavaScript) do."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(line, parse_constant=refuse)
+
 
 def read_metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def frozen_snapshot(model) -> dict[str, torch.Tensor]:
@@ -171,3 +187,148 @@ def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
                    tiny_config(out, max_steps=2, gradient_checkpointing=checkpointing), progress=False)
         adapters.append(load_file(str(out / "lora_adapter" / "adapter_model.safetensors")))
     assert all(torch.allclose(adapters[0][k], adapters[1][k], rtol=0, atol=1e-6) for k in adapters[0])
+
+
+def test_seed_everything_seeds_torch_python_and_numpy():
+    draws = []
+    for _ in range(2):
+        seed_everything(11)
+        draws.append((torch.rand(3), random.random(), np.random.rand()))
+        torch.rand(5), random.random(), np.random.rand()  # whatever ran next does not matter
+    (t0, r0, n0), (t1, r1, n1) = draws
+    assert torch.equal(t0, t1) and r0 == r1 and n0 == n1
+    seed_everything(12)
+    assert not torch.equal(torch.rand(3), t0)
+
+
+def seeded_run(out, seed: int, draws_between: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """inject + train_lora as the CLI runs them; the adapter tensors and the metrics without wall-clock fields."""
+    tok, train, held_out = tiny_data()
+    model = make_tiny_llama()
+    seed_everything(seed)  # before inject_lora_layers: LoRA's init is seeded too
+    inject_lora_layers(model, "all", r=4, alpha=8.0, dropout=0.2)
+    torch.rand(draws_between)  # loading data, or anything else, may draw from the global generator meanwhile
+    train_lora(model, tok, train, held_out, tiny_config(out, max_steps=4), seed=seed, progress=False)
+    metrics = [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in read_metrics(out)]
+    return load_file(str(out / "lora_adapter" / "adapter_model.safetensors")), metrics
+
+
+def test_the_same_seed_gives_the_same_run_bit_for_bit_and_another_seed_another(tmp_path):
+    first, first_metrics = seeded_run(tmp_path / "a", seed=5, draws_between=1)
+    again, again_metrics = seeded_run(tmp_path / "b", seed=5, draws_between=7)
+    other, other_metrics = seeded_run(tmp_path / "c", seed=6, draws_between=1)
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert first_metrics == again_metrics and len(first_metrics) == 4 + 3  # 4 steps; evals at 0, 3 and 4
+    assert not any(torch.equal(first[k], other[k]) for k in first)
+    assert [r.get("loss") for r in other_metrics] != [r.get("loss") for r in first_metrics]
+
+
+def test_the_logged_loss_is_the_float64_sum_of_the_micro_batch_nlls(tmp_path):
+    # One sync per step (the NLLs are read together) must not change the arithmetic: the micro-batch NLLs (fp32)
+    # are summed in float64, as when each was read with .item(); an fp32 sum would differ in the last bits.
+    tok, train, _ = tiny_data()
+    seen = []
+    train_lora(tiny_lora_model(dropout=0.0), tok, train, None,
+               tiny_config(tmp_path, max_steps=1, batch_size=1, grad_accum=5), progress=False,
+               on_metrics=seen.append)
+    model = tiny_lora_model(dropout=0.0)  # the same init: B = 0, so the step's forward is this model's
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()[:5]
+    batches = [collate([train[i]], pad_id=tok.pad_token_id) for i in order]
+    n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    with torch.no_grad():
+        nlls = [label_nll(model, b).item() for b in batches]
+    assert seen[0]["loss"] == sum(nlls) / n_labels
+
+
+def nan_once_hook(armed: list[bool]):
+    """A forward hook on the final norm: while ``armed[0]`` is set, the next forward's output becomes NaN once."""
+    def hook(module, args, output):
+        if armed[0]:
+            armed[0] = False
+            return output * float("nan")
+        return output
+
+    return hook
+
+
+def test_a_non_finite_step_is_never_applied_and_a_resume_with_a_lower_lr_continues(tmp_path):
+    tok, train, held_out = tiny_data()
+    model = tiny_lora_model()
+    armed, after_step_3 = [False], {}
+    model.model.norm.register_forward_hook(nan_once_hook(armed))
+
+    def arm_after_step_3(record):
+        if record.get("step") == 3 and "loss" in record:
+            after_step_3.update({k: p.detach().clone() for k, p in get_adapter_params(model).items()})
+            armed[0] = True  # step 4's forward (no eval in between) gives a NaN loss
+
+    config = dict(max_steps=6, save_every=2, eval_every=10)
+    with pytest.raises(NonFiniteLossError, match="at step 4.*--resume and a lower --lr") as info:
+        train_lora(model, tok, train, held_out, tiny_config(tmp_path, **config), progress=False,
+                   on_metrics=arm_after_step_3)
+    assert "\n" not in str(info.value)  # one line: the CLI prints it as is
+    assert all(torch.equal(p, after_step_3[k]) for k, p in get_adapter_params(model).items())  # step 4 not applied
+    ckpt = latest_checkpoint(tmp_path / "train_state")
+    assert ckpt.name == "step-00000002" and str(ckpt) in str(info.value)
+    assert all(math.isfinite(r["loss"]) for r in read_state(ckpt)["history"] if "loss" in r)
+    assert max(r["step"] for r in read_metrics(tmp_path)) == 3
+
+    # The advice works: resume with a lower lr (and another clipping norm); the log says so.
+    lower = tiny_config(tmp_path, **config, lr=5e-3, max_grad_norm=0.5, resume=True)
+    seen = []
+    with pytest.warns(UserWarning) as caught:
+        summary = train_lora(tiny_lora_model(), tok, train, held_out, lower, progress=False, on_metrics=seen.append)
+    assert summary["resumed_from"] == 2 and summary["steps"] == 6
+    records = read_metrics(tmp_path)
+    notes = [r for r in records if "warning" in r]
+    assert [r["warning"] for r in notes] == [str(w.message) for w in caught] == [
+        "resumed at step 2 with lr 0.005 (checkpoint 0.01)",
+        "resumed at step 2 with max_grad_norm 0.5 (checkpoint 1.0)"]
+    assert [r["step"] for r in notes] == [2, 2] and notes == [r for r in seen if "warning" in r]
+    steps = {r["step"]: r for r in records if "loss" in r}
+    assert sorted(steps) == list(range(1, 7))
+    assert records[records.index(notes[0]) - 1] == steps[2]  # in the log where the run resumed
+    for step in range(3, 7):  # the schedule now peaks at the new lr
+        assert steps[step]["lr"] == get_lr(step - 1, peak_lr=5e-3, warmup_steps=1, total_steps=6, min_lr_ratio=0.1)
+    assert summary["warnings"] == [r["warning"] for r in notes]
+
+    # The lowered settings are now the run's: resuming with them again says nothing new.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = train_lora(tiny_lora_model(), tok, train, held_out, lower, progress=False)
+    assert again["warnings"] == summary["warnings"]
+
+
+def test_a_non_finite_eval_loss_is_logged_as_null_with_a_flag(tmp_path):
+    tok, train, held_out = tiny_data()
+    model = tiny_lora_model()
+    model.model.norm.register_forward_hook(lambda m, args, out: out if m.training else out * float("nan"))
+    summary = train_lora(model, tok, train, held_out, tiny_config(tmp_path, max_steps=3), progress=False)
+    records = read_metrics(tmp_path)  # strict JSON throughout
+    evals = [r for r in records if "eval_tokens" in r]
+    assert [r["step"] for r in evals] == [0, 3]
+    assert all(r["eval_loss"] is None and r["non_finite"] == ["eval_loss"] for r in evals)
+    assert all(math.isfinite(r["loss"]) and "non_finite" not in r for r in records if "loss" in r)
+    strict_json((latest_checkpoint(tmp_path / "train_state") / STATE_FILE).read_text())
+    assert summary["eval_loss_after"] is None and (tmp_path / "loss_curve.png").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_loop_syncs_with_the_device_per_step_not_per_micro_batch(tmp_path):
+    tok, train, _ = tiny_data()
+    syncs = {}
+    for accum in (1, 4):
+        model = tiny_lora_model(dropout=0.1).cuda()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_lora(model, tok, train, None, tiny_config(tmp_path / str(accum), max_steps=3, batch_size=1,
+                                                                grad_accum=accum, save_every=100), progress=False)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        # Only the loop's own lines: the model's forward (transformers) is not ours to change.
+        syncs[accum] = sum(w.filename.endswith("train/loop.py") for w in caught)
+    assert syncs[1] > 0 and syncs[4] == syncs[1]

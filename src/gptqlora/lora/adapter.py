@@ -3,28 +3,40 @@
 A directory holds ``adapter_config.json`` and ``adapter_model.safetensors``; tensor keys are
 ``base_model.model.<module>.lora_A.weight`` [r, in] and ``...lora_B.weight`` [out, r]. Only safetensors is
 read or written: a pickle (``adapter_model.bin``) could run code on load.
+
+Beside them, ``gptqlora_base.json`` records the base the adapter was trained on (a ``gptqlora.provenance`` base
+record: path, weights fingerprint, bits, group size, targets). It is a sidecar, not a field of
+``adapter_config.json``, so PEFT's own loader never sees it; ``load_adapter(..., base=...)`` warns when the model
+it loads onto is another base.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-import shutil
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from gptqlora.errors import InputNotFoundError, UsageError
+from gptqlora.files import fsync_path, staged_dir, write_atomic
 from gptqlora.lora.layer import (PEFT_PREFIX, LoRALinear, adapter_state_dict, find_targets, get_adapter_params,
                                  inject_lora_layers, is_linear, linear_layer_names, lora_modules)
+from gptqlora.provenance import base_differences, describe_base
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+BASE_FILE = "gptqlora_base.json"  # our sidecar: the base record
 _KEY_RE = re.compile(re.escape(PEFT_PREFIX) + r"(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight")
 # Config fields whose non-default values would change the computation in ways we do not implement.
 _UNSUPPORTED = {"rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None,
@@ -53,17 +65,21 @@ def _target_modules(model: nn.Module, adapted: list[str]) -> list[str] | str:
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str,
-                 lora_config_extra: dict[str, Any] | None = None) -> Path:
-    """Write the model's LoRA weights and config as a PEFT adapter directory.
+                 lora_config_extra: dict[str, Any] | None = None, *, base: dict[str, Any] | None = None) -> Path:
+    """Write the model's LoRA weights and config as a PEFT adapter directory, and the base it was trained on.
 
-    The files are staged in a temporary directory next to ``out_dir`` and moved in with ``os.replace``,
-    so an existing adapter is never left half-overwritten (the weights move before the config).
+    Every file is serialized first. A new directory is staged beside ``out_dir`` and renamed into place whole
+    (``gptqlora.files.staged_dir``); in an existing one, which may hold other files (README, tokenizer) that are
+    kept, each of ours is written in full under a hidden name before any is renamed over the old ones. Files and
+    directories get the user's umask permissions.
 
     Args:
         model: a model carrying ``LoRALinear`` layers.
         out_dir: the adapter directory (created if needed).
         base_model_name_or_path: what the adapter was trained on (a hub id or path), recorded for loaders.
         lora_config_extra: extra or overriding ``adapter_config.json`` fields (e.g. ``{"revision": "main"}``).
+        base: the base record (``gptqlora.provenance.base_record``), written to ``gptqlora_base.json``; without
+            one, a sidecar left by an earlier save is removed (it would name the wrong base).
     Returns:
         ``out_dir`` as a Path.
     Raises:
@@ -84,30 +100,75 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
         "use_rslora": _shared(modules, "use_rslora"),
     }
     config.update(lora_config_extra or {})
+    files = {WEIGHTS_NAME: safetensors_bytes(adapter_state_dict(model), metadata={"format": "pt"}),
+             CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n"}
+    if base is not None:
+        files[BASE_FILE] = json.dumps(base, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if not out.exists():
+        with staged_dir(out) as tmp:  # the whole directory appears at once
+            for name, data in files.items():
+                (tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
+        return out
+    if base is None:
+        (out / BASE_FILE).unlink(missing_ok=True)  # first: an unknown base is better than a wrong one
+    staged: list[tuple[Path, Path]] = []
     try:
-        save_file(adapter_state_dict(model), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if not out.exists():
-            os.replace(staging, out)  # the whole directory appears at once
-        else:
-            # Keep other files in an existing directory (README, tokenizer); replace ours one by one.
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                os.replace(staging / name, out / name)
+        for name, data in files.items():
+            staged.append((write_atomic(out / f".{name}.new-{os.getpid()}", data), out / name))
+        for tmp, final in staged:  # the weights first, then the config, then the sidecar
+            os.replace(tmp, final)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    fsync_path(out)
     return out
+
+
+def read_adapter_base(adapter_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The base record saved beside an adapter (``gptqlora_base.json``), or None for an adapter without one.
+
+    Raises:
+        UsageError: the sidecar is not a JSON object.
+    """
+    path = Path(adapter_dir) / BASE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e}): delete it, or save the adapter again") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{path} must hold a JSON object (a base record), not {type(record).__name__}")
+    return record
+
+
+def check_adapter_base(adapter_dir: str | os.PathLike, base: dict[str, Any]) -> str | None:
+    """Whether ``base`` is the base the adapter was trained on: None when it is (or nothing was recorded), else a
+    message naming both bases (path, fingerprint, bits, group size) and the fields that differ."""
+    saved = read_adapter_base(adapter_dir)
+    if saved is None:
+        return None
+    fields = base_differences(saved, base)
+    if not fields:
+        return None
+    return (f"the adapter {adapter_dir} was trained on {describe_base(saved)} but is loaded onto "
+            f"{describe_base(base)} (they differ in {', '.join(fields)}); its update may not fit these weights: "
+            "load it onto the base it was trained on unless this is intended")
+
+
+def adapter_record(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """What a summary says about an adapter: ``{"path": absolute directory, "base": its base record or None}``."""
+    return {"path": str(Path(adapter_dir).resolve()), "base": read_adapter_base(adapter_dir)}
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """Read and validate ``adapter_config.json`` of a PEFT LoRA adapter directory.
 
     Raises:
-        FileNotFoundError: if the directory or either adapter file is missing.
-        ValueError: for an unreadable config, a non-LoRA adapter, DoRA, a trained bias, or other PEFT
+        InputNotFoundError: if the directory or either adapter file is missing.
+        UsageError: for an unreadable config, a non-LoRA adapter, DoRA, a trained bias, or other PEFT
             features gptqlora does not implement.
     """
     d = Path(adapter_dir)
@@ -117,37 +178,42 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
                 "safetensors (PEFT's save_pretrained(safe_serialization=True))"
                 if (d / "adapter_model.bin").is_file() else "")
         where = "" if d.is_dir() else " (the directory does not exist)"
-        raise FileNotFoundError(f"{d} is not a PEFT LoRA adapter directory{where}: expected {CONFIG_NAME} and "
-                                f"{WEIGHTS_NAME}, missing {', '.join(missing)}{hint}")
+        raise InputNotFoundError(f"{d} is not a PEFT LoRA adapter directory{where}: expected {CONFIG_NAME} and "
+                                 f"{WEIGHTS_NAME}, missing {', '.join(missing)}{hint}")
     path = d / CONFIG_NAME
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise UsageError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+        raise UsageError(f"{path} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are supported")
+        raise UsageError(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are supported")
     if config.get("use_dora"):
-        raise ValueError(f"{path}: use_dora is true; DoRA adapters are not supported, only plain LoRA")
+        raise UsageError(f"{path}: use_dora is true; DoRA adapters are not supported, only plain LoRA")
     if config.get("bias", "none") != "none":
-        raise ValueError(f"{path}: bias is {config['bias']!r}; only bias 'none' is supported (as in vLLM)")
+        raise UsageError(f"{path}: bias is {config['bias']!r}; only bias 'none' is supported (as in vLLM)")
     for key in ("r", "lora_alpha", "target_modules"):
         if config.get(key) is None:
-            raise ValueError(f"{path}: the field {key!r} is missing")
+            raise UsageError(f"{path}: the field {key!r} is missing")
     for key, default in _UNSUPPORTED.items():
         if config.get(key, default) not in (default, None, {}, False):
-            raise ValueError(f"{path}: {key}={config[key]!r} is not supported by gptqlora; "
+            raise UsageError(f"{path}: {key}={config[key]!r} is not supported by gptqlora; "
                              f"only adapters with {key}={default!r} can be loaded")
     return config
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file (never a pickle), with a clear error for a damaged file."""
+    """All tensors of a safetensors file (never a pickle), with a clear error for a damaged or non-finite file."""
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read {path}: the file is truncated or corrupt ({e}); save the adapter again") from e
+        raise UsageError(f"cannot read {path}: the file is truncated or corrupt ({e}); save the adapter again") from e
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UsageError(f"{path} holds NaN or infinite values (in {len(bad)} tensors, e.g. {bad[0]}): the training "
+                         "that wrote it diverged or the file is damaged; use another adapter or train it again")
+    return tensors
 
 
 def _targets_from_config(target_modules: list[str] | str) -> list[str] | str:
@@ -157,7 +223,8 @@ def _targets_from_config(target_modules: list[str] | str) -> list[str] | str:
     return list(target_modules)
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool = True, *,
+                 base: dict[str, Any] | None = None) -> nn.Module:
     """Load a PEFT LoRA adapter into ``model``, injecting ``LoRALinear`` layers first if it has none.
 
     Everything is checked before the model is changed, so a failed load leaves it as it was.
@@ -166,17 +233,24 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool 
         model: the base model the adapter was trained on (float or quantized linears), with or without LoRA.
         adapter_dir: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
         strict: if true, every LoRA layer must receive both of its tensors.
+        base: the record of ``model``'s base (``gptqlora.provenance.base_record``); when the adapter recorded
+            another one, a warning names both (``logging`` and ``warnings.warn``). Loading onto another base may
+            be intended (e.g. a float base for an adapter trained on its quantized copy), so it is not an error.
     Returns:
         ``model``, with the adapter loaded and only LoRA trainable.
     Raises:
-        FileNotFoundError, ValueError: see ``read_adapter_config``; also for a damaged weights file, a key whose
-            module this model lacks (an adapter for another base), a shape mismatch, mismatched LoRA
-            hyperparameters on an already-injected model, and (if strict) missing keys.
+        InputNotFoundError, UsageError: see ``read_adapter_config``; also for a damaged weights file or one holding
+            NaN/inf, a key whose module this model lacks (an adapter for another base), a shape mismatch,
+            mismatched LoRA hyperparameters on an already-injected model, and (if strict) missing keys.
     """
     d = Path(adapter_dir)
     config = read_adapter_config(d)
     tensors = _read_tensors(d / WEIGHTS_NAME)
-    base = config.get("base_model_name_or_path")
+    mismatch = check_adapter_base(d, base) if base is not None else None
+    if mismatch:
+        log.warning(mismatch)
+        warnings.warn(mismatch, stacklevel=2)
+    trained_for = config.get("base_model_name_or_path")
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     dropout, rslora = float(config.get("lora_dropout", 0.0)), bool(config.get("use_rslora", False))
 
@@ -184,41 +258,42 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool 
     if existing:
         for name, m in existing.items():
             if (m.r, m.alpha, m.use_rslora) != (r, alpha, rslora):
-                raise ValueError(f"{name} already has LoRA with r={m.r}, alpha={m.alpha}, rslora={m.use_rslora} but "
+                raise UsageError(f"{name} already has LoRA with r={m.r}, alpha={m.alpha}, rslora={m.use_rslora} but "
                                  f"the adapter in {d} has r={r}, lora_alpha={alpha}, use_rslora={rslora}")
         targets = list(existing)
     else:
         try:
             targets = find_targets(model, _targets_from_config(config["target_modules"]))
         except ValueError as e:
-            raise ValueError(f"the adapter in {d} (trained for {base}) does not fit this model: {e}") from e
+            raise UsageError(f"the adapter in {d} (trained for {trained_for}) does not fit this model: {e}") from e
 
     # Validate every key against the layer it will fill: [r, in] for A, [out, r] for B.
     found: set[str] = set()
     for key, t in tensors.items():
         m = _KEY_RE.fullmatch(key)
         if m is None:
-            raise ValueError(f"{d / WEIGHTS_NAME}: unexpected key {key!r}; a PEFT LoRA adapter has only "
+            raise UsageError(f"{d / WEIGHTS_NAME}: unexpected key {key!r}; a PEFT LoRA adapter has only "
                              f"'{PEFT_PREFIX}<module>.lora_A.weight' and '.lora_B.weight' keys")
         name = m["module"]
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"adapter key {key!r} is for module {name!r}, which this model does not have: the "
-                             f"adapter was trained for another base model ({base})") from None
+            raise UsageError(f"adapter key {key!r} is for module {name!r}, which this model does not have: the "
+                             f"adapter was trained for another base model ({trained_for})") from None
         if name not in targets or not (is_linear(module) or isinstance(module, LoRALinear)):
-            raise ValueError(f"adapter key {key!r} is for {name!r}, which is not among the LoRA layers selected by "
+            raise UsageError(f"adapter key {key!r} is for {name!r}, which is not among the LoRA layers selected by "
                              f"target_modules={config['target_modules']!r}; the adapter is inconsistent")
         rank = module.r if isinstance(module, LoRALinear) else r
         expected = (rank, module.in_features) if m["which"] == "lora_A" else (module.out_features, rank)
         if tuple(t.shape) != expected:
-            raise ValueError(f"shape mismatch for {key!r}: this model expects {expected} but the adapter has "
-                             f"{tuple(t.shape)}; the adapter was trained for another base model ({base}) or rank")
+            raise UsageError(f"shape mismatch for {key!r}: this model expects {expected} but the adapter has "
+                             f"{tuple(t.shape)}; the adapter was trained for another base model ({trained_for}) "
+                             "or rank")
         found.add(key)
     wanted = {f"{PEFT_PREFIX}{n}.{w}.weight" for n in targets for w in ("lora_A", "lora_B")}
     missing = sorted(wanted - found)
     if missing and strict:
-        raise ValueError(f"{d / WEIGHTS_NAME} lacks {len(missing)} LoRA tensors, e.g. {missing[:3]}; "
+        raise UsageError(f"{d / WEIGHTS_NAME} lacks {len(missing)} LoRA tensors, e.g. {missing[:3]}; "
                          "pass strict=False to leave those layers at their initial (zero) update")
 
     if not existing:

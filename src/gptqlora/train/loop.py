@@ -5,6 +5,12 @@ Each optimizer step reads ``grad_accum`` micro-batches, weighs every label token
 that of the step's token-weighted mean loss, however the step is split into micro-batches), clips, and updates.
 The data order is a permutation per epoch drawn from ``torch.Generator().manual_seed(seed + epoch)``, so the run's
 position is just (epoch, micro-batch index) and a resumed run reads exactly the micro-batches that come next.
+A fresh run seeds every global generator from ``seed`` (LoRA dropout draws from torch's); a resumed run restores
+the checkpoint's generator states instead, so both end where an uninterrupted run would.
+
+``metrics.jsonl`` holds one strict-JSON record per line: a train step (``loss``, ``lr``, ``grad_norm``...), an
+evaluation (``eval_loss``), or a ``warning`` (a resume that changed ``lr`` or ``max_grad_norm``). A non-finite
+value is written as null and its key listed under ``non_finite``.
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
-import os
+import random
+import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,28 +38,61 @@ from tqdm.auto import tqdm
 
 from gptqlora.config import TrainConfig
 from gptqlora.data.gsm8k import IGNORE_INDEX, collate
+from gptqlora.errors import OutputExistsError, UsageError
 from gptqlora.eval.loss import answer_token_loss
+from gptqlora.files import append_durable, write_atomic
 from gptqlora.hardware import resolve_bf16
 from gptqlora.lora.adapter import save_adapter
 from gptqlora.lora.layer import get_adapter_params, is_linear, lora_modules
 from gptqlora.train.plot import plot_loss_curve
 from gptqlora.train.schedule import count_total_steps, get_lr
-from gptqlora.train.state import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from gptqlora.train.state import (TrainState, describe_setting, finite_record, latest_checkpoint, load_checkpoint,
+                                  resume_checkpoint, save_checkpoint, step_dirs)
 
-# TrainConfig fields that shape the trajectory: a resumed run must have the checkpoint's values.
+log = logging.getLogger(__name__)
+
+# TrainConfig fields that shape the trajectory: a resumed run must have the checkpoint's values...
 TRAJECTORY_FIELDS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
                      "min_lr_ratio", "max_grad_norm", "max_length", "train_limit", "eval_holdout")
+# ...but for these, the way out of a diverged run: a lower peak lr, another clipping norm (warned, and logged).
+RESUME_MAY_CHANGE = {"lr": ("lower only", lambda saved, now: now <= saved),
+                     "max_grad_norm": ("any value", lambda saved, now: True)}
+METRICS_FILE, STATE_DIR, ADAPTER_DIR, CURVE_FILE, PROVENANCE_FILE = (
+    "metrics.jsonl", "train_state", "lora_adapter", "loss_curve.png", "run_provenance.json")
+# What a run writes into --out; --overwrite deletes these (and nothing else: the CLI keeps quantized_base/ there).
+RUN_OUTPUTS = (METRICS_FILE, STATE_DIR, ADAPTER_DIR, CURVE_FILE, PROVENANCE_FILE)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (or the gradient norm) of an optimizer step is NaN or infinite; the step was not applied."""
+    """The loss (or the gradient norm) of an optimizer step is NaN or infinite; the step was not applied.
+
+    Its message is one line saying what to do: resume from the last checkpoint (all of whose steps were finite)
+    with a lower ``--lr`` or another ``--max-grad-norm``, which a resume accepts, or start again.
+    """
 
     def __init__(self, step: int, value: float = math.nan, what: str = "training loss", checkpoint: Path | None = None):
         self.step, self.value, self.checkpoint = step, value, checkpoint
-        where = (f"the last good checkpoint, {checkpoint}, is kept: lower --lr or --max-grad-norm and continue with "
-                 "--resume" if checkpoint else "no checkpoint was written yet: lower --lr or --max-grad-norm and rerun")
+        where = (f"the last good checkpoint, {checkpoint}, is kept: continue with --resume and a lower --lr or "
+                 "another --max-grad-norm" if checkpoint else
+                 "no checkpoint was written yet: rerun with --overwrite and a lower --lr or another --max-grad-norm")
         super().__init__(f"non-finite {what} ({value}) at step {step}; training stopped before applying it, and "
                          f"{where}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every global generator a run draws from: torch's (CPU and every CUDA device), Python's, NumPy's.
+
+    Call it before ``inject_lora_layers`` so the LoRA init is seeded too; ``train_lora`` calls it on a fresh
+    start (LoRA dropout draws from torch's generator). The data order has its own generators and needs none.
+    """
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds the CUDA devices as well
+    torch.cuda.manual_seed_all(seed)  # explicit, and deferred until CUDA initialises
+    try:
+        import numpy as np
+    except ImportError:  # NumPy is optional: nothing of ours draws from it
+        return
+    np.random.seed(seed % 2**32)
 
 
 def trainable_report(model: nn.Module) -> dict[str, int | float]:
@@ -101,20 +143,33 @@ def micro_batches(dataset: Dataset, batch_size: int, pad_id: int, seed: int, epo
             yield batch, epoch, batch_index  # the loader ends with (epoch, batch_index) at (next epoch, 0)
 
 
-def label_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed NLL of a micro-batch's label tokens, differentiable; only labelled rows of the logits reach fp32."""
+def label_nll(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """Summed NLL of a micro-batch's label tokens, differentiable; only labelled rows of the logits reach fp32.
+
+    The label positions are found where the batch is: give a CPU batch and the model's ``device`` (the tensors
+    are copied there without waiting) and the call never waits for the device, as ``.item()``, a boolean mask or a
+    blocking copy on it would.
+    """
     input_ids, labels = batch["input_ids"], batch["labels"]  # [B, T]
+    device = device if device is not None else input_ids.device
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:  # host -> device needs no sync: the source is staged at once
+        return t.to(device, non_blocking=True)
+
     keep = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]: position t predicts labels[t + 1]
     first = int(keep.any(0).nonzero()[0])  # logits from the first position that predicts a label on
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False,
-                   logits_to_keep=input_ids.shape[1] - first).logits  # [B, T - first, V]
-    picked = logits[:, :-1][keep[:, first:]]  # [N, V]
-    return F.cross_entropy(picked.float(), labels[:, first + 1:][keep[:, first:]], reduction="sum")
+    rows, cols = keep[:, first:].nonzero(as_tuple=True)  # [N] each, row-major as a boolean mask selects
+    targets = labels[:, first + 1:][rows, cols]  # [N]
+    logits = model(input_ids=to_device(input_ids), attention_mask=to_device(batch["attention_mask"]),
+                   use_cache=False, logits_to_keep=input_ids.shape[1] - first).logits  # [B, T - first, V]
+    picked = logits[to_device(rows), to_device(cols)]  # [N, V]; cols < T - first - 1: the last row predicts nothing
+    return F.cross_entropy(picked.float(), to_device(targets), reduction="sum")
 
 
-def run_fingerprint(model: nn.Module, train_dataset: Dataset, config: TrainConfig, seed: int, bf16: bool
-                    ) -> dict[str, Any]:
-    """The settings a resume must match: trajectory config fields, seed, bf16, the LoRA layers and the data."""
+def run_fingerprint(model: nn.Module, train_dataset: Dataset, config: TrainConfig, seed: int, bf16: bool,
+                    provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings a resume must match: trajectory config fields, seed, bf16, the LoRA layers, the data, and what
+    the caller says the run is made from (``provenance["base"]`` as ``base``, the rest as ``provenance``)."""
     modules = lora_modules(model)
     m = next(iter(modules.values()))
     h = hashlib.sha256()
@@ -123,7 +178,9 @@ def run_fingerprint(model: nn.Module, train_dataset: Dataset, config: TrainConfi
         h.update(item["input_ids"].numpy().tobytes() + b"|" + item["labels"].numpy().tobytes() + b"\n")
     return {**{k: getattr(config, k) for k in TRAJECTORY_FIELDS}, "seed": seed, "bf16": bf16,
             "lora_r": m.r, "lora_alpha": m.alpha, "lora_dropout": m.dropout_p, "lora_rslora": m.use_rslora,
-            "lora_modules": sorted(modules), "train_examples": len(train_dataset), "train_data_sha256": h.hexdigest()}
+            "lora_modules": sorted(modules), "train_examples": len(train_dataset), "train_data_sha256": h.hexdigest(),
+            "base": (provenance or {}).get("base"),
+            "provenance": {k: v for k, v in provenance.items() if k != "base"} if provenance else None}
 
 
 def _enable_checkpointing(model: nn.Module) -> Callable[[], None]:
@@ -151,15 +208,38 @@ def _enable_checkpointing(model: nn.Module) -> Callable[[], None]:
     return undo
 
 
-def _write_jsonl(path: Path, records: list[dict[str, Any]], mode: str) -> None:
-    with path.open(mode) as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+def _jsonl(records: list[dict[str, Any]]) -> list[str]:
+    """Strict-JSON lines (a NaN would make the file unreadable to strict parsers: ``finite_record`` first)."""
+    return [json.dumps(r, allow_nan=False) + "\n" for r in records]
+
+
+def _warn(message: str) -> None:
+    """Say it loudly: in the log and as a Python warning (which a caller's tests and filters can catch)."""
+    log.warning(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def earlier_run(out: Path) -> list[str]:
+    """What in ``out`` shows an earlier run: its metrics.jsonl and its ``train_state/step-*`` directories."""
+    found = [METRICS_FILE] if (out / METRICS_FILE).exists() else []
+    return found + [f"{STATE_DIR}/{d.name}" for d in step_dirs(out / STATE_DIR)]
+
+
+def clear_run_outputs(out: Path) -> None:
+    """Delete what an earlier run wrote into ``out`` (``RUN_OUTPUTS``); anything else there is kept."""
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset: Dataset | None,
                config: TrainConfig, *, seed: int = 0, progress: bool = True,
                on_metrics: Callable[[dict[str, Any]], None] | None = None,
-               base_model_name_or_path: str | None = None) -> dict[str, Any]:
+               base_model_name_or_path: str | None = None, provenance: dict[str, Any] | None = None,
+               overwrite: bool = False) -> dict[str, Any]:
     """Train the model's LoRA adapters; write metrics, checkpoints, the final adapter and a loss curve.
 
     Args:
@@ -168,32 +248,50 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
         train_dataset: items of 1-D ``input_ids``, ``attention_mask``, ``labels`` (``GSM8KCoTDataset``).
         eval_dataset: held-out items for the eval loss at step 0, every ``eval_every`` steps and at the end; or None.
         config: the training options; ``config.out`` receives ``metrics.jsonl``, ``train_state/``,
-            ``lora_adapter/`` and ``loss_curve.png``.
-        seed: seeds the data order (and names the run: a resume must use the same seed).
+            ``lora_adapter/``, ``loss_curve.png`` and ``run_provenance.json``.
+        seed: seeds the data order and, on a fresh start, every global generator (``seed_everything``); names the
+            run: a resume must use the same seed.
         progress: show a tqdm bar.
-        on_metrics: called with each metrics record (train step or eval) as it is logged.
-        base_model_name_or_path: recorded in the adapter config; the model's ``name_or_path`` by default.
+        on_metrics: called with each metrics record (train step, eval or warning) as it is logged.
+        base_model_name_or_path: recorded in the adapter config; by default the provenance's base path, else the
+            model's ``name_or_path``.
+        provenance: what the run is made from, e.g. ``{"base": base_record(dir), "data": "gsm8k", "seed": 0}``.
+            Part of the run's fingerprint (a resume over another base is refused, naming both), written to
+            ``run_provenance.json`` on a fresh start, and ``base`` is recorded beside the final adapter.
+        overwrite: start fresh even though ``out`` holds an earlier run: its outputs (``RUN_OUTPUTS``) are deleted
+            first. Without it such an ``out`` is refused.
     Returns:
         A summary: steps, train_loss (last step), eval_loss_before/after, seconds, tokens, tokens_per_s, bf16,
         resumed_from, trainable (``trainable_report``) and the paths written.
     Raises:
-        ValueError: for a model with other trainable parameters, a resume whose checkpoint has other settings.
-        FileNotFoundError: for ``config.resume`` without a checkpoint in ``config.out``.
-        FileExistsError: for a fresh run in an ``out`` that holds an earlier run's checkpoints.
-        NonFiniteLossError: when a step's loss or gradient norm is not finite; the last checkpoint stays.
+        UsageError: for an empty training set, ``resume`` with ``overwrite``, a resume whose checkpoint has other
+            settings (only a lower lr or another max_grad_norm is accepted, with a warning) or is damaged, or whose
+            ``train_state`` holds only incomplete checkpoints.
+        InputNotFoundError: for ``config.resume`` without a checkpoint in ``config.out``.
+        OutputExistsError: for a fresh run, without ``overwrite``, in an ``out`` that holds an earlier run's
+            metrics.jsonl or checkpoints; raised before any work.
+        ValueError: for a model with other trainable parameters.
+        NonFiniteLossError: when a step's loss or gradient norm is not finite; the step is not applied, and the last
+            checkpoint (from a finite step) stays.
     """
     params = check_only_lora_trainable(model)
     if len(train_dataset) == 0:
-        raise ValueError("the training set is empty: give it examples (check --train-limit and --eval-holdout)")
+        raise UsageError("the training set is empty: give it examples (check --train-limit and --eval-holdout)")
+    out = Path(config.out)
+    state_dir, metrics_path = out / STATE_DIR, out / METRICS_FILE
+    if config.resume and overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite deletes it: pass only one of them")
+    found = [] if config.resume else earlier_run(out)
+    if found and not overwrite:
+        raise OutputExistsError(f"{out} holds an earlier run ({', '.join(found[:3])}): pass --resume to continue it, "
+                                "--overwrite to delete it and start again, or choose a new --out (nothing was written)")
     device = next(iter(params.values())).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bf16 = resolve_bf16(config.bf16, device)
     total_steps = count_total_steps(len(train_dataset), batch_size=config.batch_size, grad_accum=config.grad_accum,
                                     epochs=config.epochs, max_steps=config.max_steps)
-    out = Path(config.out)
-    state_dir, metrics_path = out / "train_state", out / "metrics.jsonl"
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
-    fingerprint = run_fingerprint(model, train_dataset, config, seed, bf16)
+    fingerprint = run_fingerprint(model, train_dataset, config, seed, bf16, provenance)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     eval_loader = None
     if eval_dataset is not None and len(eval_dataset) > 0:
@@ -202,32 +300,35 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
 
     def logged(r: dict[str, Any]) -> bool:
         """Whether a record goes to metrics.jsonl and on_metrics (every record goes to the history)."""
-        return "eval_loss" in r or r["step"] % config.log_every == 0 or r["step"] == total_steps
+        return ("eval_loss" in r or "warning" in r or r["step"] % config.log_every == 0
+                or r["step"] == total_steps)
 
     # Start fresh, or restore adapter, optimizer, RNG and position (the log is rewritten from the checkpoint's
     # history, dropping lines of steps that ran after it and will run again).
-    checkpoint = latest_checkpoint(state_dir)
+    changed: dict[str, tuple[Any, Any]] = {}
     if config.resume:
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no training checkpoint in {state_dir}; run without --resume to "
-                                    "start, or point --out at the earlier run's directory")
-        state = load_checkpoint(checkpoint, model, optimizer, fingerprint)
+        checkpoint, skipped = resume_checkpoint(state_dir)
+        if skipped:
+            _warn(f"--resume: skipping incomplete checkpoint{'s' * (len(skipped) > 1)} "
+                  f"{', '.join(str(d) for d in skipped)} (files are missing); continuing from {checkpoint}")
+        state, changed = load_checkpoint(checkpoint, model, optimizer, fingerprint, RESUME_MAY_CHANGE)
     else:
-        if checkpoint is not None:
-            raise FileExistsError(f"{state_dir} holds checkpoints of an earlier run ({checkpoint.name}): pass "
-                                  "--resume to continue it, or choose a new --out")
+        if found:  # overwrite: the refusal above let it through
+            clear_run_outputs(out)
+        seed_everything(seed)
         state = TrainState()
     out.mkdir(parents=True, exist_ok=True)
-    tmp_metrics = metrics_path.with_suffix(".jsonl.tmp")
-    _write_jsonl(tmp_metrics, [r for r in state.history if logged(r)], "w")
-    os.replace(tmp_metrics, metrics_path)
+    if provenance is not None and not config.resume:
+        write_atomic(out / PROVENANCE_FILE, json.dumps(provenance, indent=2, allow_nan=False) + "\n")
+    write_atomic(metrics_path, "".join(_jsonl([r for r in state.history if logged(r)])))
     resumed_from = state.step if config.resume else None
     t0 = time.perf_counter()  # this segment's start; state.elapsed holds the earlier segments' seconds
 
     def record(r: dict[str, Any]) -> None:
+        r = finite_record(r)
         state.history.append(r)
         if logged(r):
-            _write_jsonl(metrics_path, [r], "a")
+            append_durable(metrics_path, _jsonl([r]))
             if on_metrics is not None:
                 on_metrics(r)
 
@@ -237,6 +338,12 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
                 result = answer_token_loss(model, eval_loader, device)
             record({"step": state.step, "eval_loss": result["loss"], "eval_tokens": result["tokens"],
                     "elapsed": state.elapsed + time.perf_counter() - t0})
+
+    for key, (saved, now) in changed.items():  # accepted changes of settings: said, and kept in the log
+        message = (f"resumed at step {state.step} with {key} {describe_setting(key, now)} "
+                   f"(checkpoint {describe_setting(key, saved)})")
+        _warn(message)
+        record({"step": state.step, "warning": message})
 
     was_training = model.training
     undo_checkpointing = _enable_checkpointing(model) if config.gradient_checkpointing else lambda: None
@@ -253,26 +360,27 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            # Read the whole step first, to weigh each label token by 1 / (label tokens in the step).
+            # Read the whole step first, to weigh each label token by 1 / (label tokens in the step). The batches
+            # stay on the CPU until label_nll moves them: counting labels there never waits for the device.
             micro = [next(batches) for _ in range(config.grad_accum)]
             n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b, _, _ in micro)
             n_tokens = sum(int(b["attention_mask"].sum()) for b, _, _ in micro)
             if n_labels == 0:
-                raise ValueError(f"step {state.step + 1} has no label tokens: check the dataset's label masking")
-            loss_sum = 0.0
+                raise UsageError(f"step {state.step + 1} has no label tokens: check the dataset's label masking "
+                                 "(or raise --max-length: every answer may have been truncated away)")
+            nlls = []
             for batch, _, _ in micro:
-                batch = {k: v.to(device) for k, v in batch.items()}  # [B, T] each
                 if not (batch["labels"][:, 1:] != IGNORE_INDEX).any():
                     continue
                 with autocast():
-                    nll = label_nll(model, batch)
+                    nll = label_nll(model, batch, device)  # summed over the micro-batch's label tokens
                 (nll / n_labels).backward()
-                loss_sum += nll.item()
-            loss = loss_sum / n_labels
+                nlls.append(nll.detach())
+            loss = sum(torch.stack(nlls).tolist()) / n_labels  # one host sync per step; a float64 sum, as ever
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf  # inf: measure, don't clip
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm))
             for value, what in ((loss, "training loss"), (grad_norm, "gradient norm")):
-                if not math.isfinite(value):
+                if not math.isfinite(value):  # before optimizer.step: the bad update is never applied nor saved
                     raise NonFiniteLossError(state.step + 1, value, what, latest_checkpoint(state_dir))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -297,9 +405,11 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
         model.train(was_training)
     seconds = state.elapsed + time.perf_counter() - t0
 
-    base_name = base_model_name_or_path or getattr(model.config, "name_or_path", "") or ""
-    adapter_dir = save_adapter(model, out / "lora_adapter", base_model_name_or_path=base_name)
-    curve = plot_loss_curve(state.history, out / "loss_curve.png")
+    base = (provenance or {}).get("base")
+    base_name = (base_model_name_or_path or (base or {}).get("path") or getattr(model.config, "name_or_path", "")
+                 or "")
+    adapter_dir = save_adapter(model, out / ADAPTER_DIR, base_model_name_or_path=base_name, base=base)
+    curve = plot_loss_curve(state.history, out / CURVE_FILE)
     train_losses = [r["loss"] for r in state.history if "loss" in r]
     eval_losses = [r["eval_loss"] for r in state.history if "eval_loss" in r]
     return {"steps": state.step, "train_loss": train_losses[-1] if train_losses else None,
@@ -308,4 +418,6 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
             "seconds": seconds, "tokens": state.tokens, "tokens_per_s": state.tokens / max(seconds, 1e-9),
             "bf16": bf16, "resumed_from": resumed_from, "trainable": trainable_report(model),
             "adapter": str(adapter_dir), "metrics": str(metrics_path), "loss_curve": str(curve),
-            "train_state": str(state_dir)}
+            "train_state": str(state_dir),
+            "provenance": str(out / PROVENANCE_FILE) if (out / PROVENANCE_FILE).is_file() else None,
+            "warnings": [r["warning"] for r in state.history if "warning" in r]}

@@ -11,19 +11,21 @@
   Python's ``random`` state, and the run's fingerprint (the settings that shape the trajectory).
 
 A checkpoint is written into a hidden temporary directory, every file and the directory fsynced, then renamed
-to its final name (a rename is atomic), and only then are older checkpoints deleted: a crash at any point leaves
-the previous complete checkpoint, or the new one, never a half-written one under a ``step-*`` name.
-NumPy's generator is not saved: nothing in training draws from it.
+to its final name (a rename is atomic), and only then are the other ``step-*`` directories deleted: a crash at any
+point leaves the previous complete checkpoint, or the new one, never a half-written one under a ``step-*`` name.
+A ``step-*`` directory that lost a file afterwards is *incomplete*: a resume skips it, says so, and continues from
+the newest complete one (``resume_checkpoint``). NumPy's generator is not saved: nothing in training draws from it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import shutil
-import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +35,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from gptqlora.errors import InputNotFoundError, UsageError
+from gptqlora.files import fsync_path, normalize_permissions
 from gptqlora.lora.layer import PEFT_PREFIX, adapter_state_dict, get_adapter_params
+from gptqlora.provenance import base_differences, describe_base
 
 FORMAT_VERSION = 1
 ADAPTER_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE = ("adapter.safetensors", "optimizer.safetensors",
                                                       "rng.safetensors", "trainer_state.json")
 FILES = (ADAPTER_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
 _STEP_DIR = re.compile(r"step-(\d{8})")
+# Fingerprint entries that checkpoints written before they existed lack: one side missing is not a difference.
+_RECORDED_LATER = ("base", "provenance")
 
 
 @dataclass
@@ -63,13 +70,31 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under ``root`` (``step-*`` directories holding every file), oldest first."""
+def finite_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics record as strict JSON can hold it: each NaN or infinite float becomes None, its key listed under
+    ``non_finite`` (so a reader can tell a diverged value from a missing one). Finite records are returned as is."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    return {**{k: None if k in bad else v for k, v in record.items()}, "non_finite": bad}
+
+
+def step_dirs(root: str | os.PathLike) -> list[Path]:
+    """Every ``step-*`` directory under ``root``, complete or not, oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [d for d in root.iterdir() if _STEP_DIR.fullmatch(d.name) and all((d / f).is_file() for f in FILES)]
-    return sorted(found, key=lambda d: d.name)
+    return sorted((d for d in root.iterdir() if _STEP_DIR.fullmatch(d.name) and d.is_dir()), key=lambda d: d.name)
+
+
+def is_complete(checkpoint: str | os.PathLike) -> bool:
+    """Whether a checkpoint directory holds every one of its files."""
+    return all((Path(checkpoint) / f).is_file() for f in FILES)
+
+
+def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root`` (``step-*`` directories holding every file), oldest first."""
+    return [d for d in step_dirs(root) if is_complete(d)]
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -78,13 +103,27 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def _fsync_path(path: Path) -> None:
-    """Flush a file's or a directory's contents to disk (a directory fsync makes renames in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def resume_checkpoint(root: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """The checkpoint a resume continues from: the newest complete one, and the newer incomplete ones it skips.
+
+    Args:
+        root: the ``train_state`` directory.
+    Returns:
+        (the newest complete checkpoint, the incomplete ``step-*`` directories newer than it, oldest first).
+    Raises:
+        InputNotFoundError: ``root`` holds no ``step-*`` directory at all.
+        UsageError: it holds some, but none is complete (each names the files it lacks).
+    """
+    dirs = step_dirs(root)
+    if not dirs:
+        raise InputNotFoundError(f"--resume: no training checkpoint in {root}; run without --resume to start, or "
+                                 "point --out at the earlier run's directory")
+    complete = [d for d in dirs if is_complete(d)]
+    if not complete:
+        lacking = "; ".join(f"{d.name} lacks {', '.join(f for f in FILES if not (d / f).is_file())}" for d in dirs)
+        raise UsageError(f"--resume: every checkpoint in {root} is incomplete ({lacking}), so the run cannot be "
+                         "continued; start it again with --overwrite (which deletes them) or in a new --out")
+    return complete[-1], [d for d in dirs if d.name > complete[-1].name]
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -104,7 +143,10 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 def save_checkpoint(root: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
                     fingerprint: dict[str, Any]) -> Path:
-    """Write one complete checkpoint atomically and delete the older ones.
+    """Write one complete checkpoint atomically, then delete every other ``step-*`` directory.
+
+    Only a finite step reaches a checkpoint (``train_lora`` raises before saving otherwise), and the trainer state is
+    strict JSON: a NaN anywhere in it is a bug and raises ``ValueError``.
 
     Args:
         root: the ``train_state`` directory (created if needed).
@@ -120,7 +162,8 @@ def save_checkpoint(root: str | os.PathLike, model: nn.Module, optimizer: torch.
     for stale in root.glob(".tmp-*"):  # left by a run killed mid-write; one trainer writes per --out
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp.mkdir()
     try:
         opt_tensors, opt_rest = _optimizer_tensors(optimizer)
         rng = {"torch_cpu": torch.get_rng_state()}  # uint8 [N]
@@ -133,85 +176,146 @@ def save_checkpoint(root: str | os.PathLike, model: nn.Module, optimizer: torch.
         save_file(adapter_state_dict(model), str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
         save_file(rng, str(tmp / RNG_FILE), metadata={"format": "pt"})
-        (tmp / STATE_FILE).write_text(json.dumps(meta, allow_nan=True) + "\n")
+        (tmp / STATE_FILE).write_text(json.dumps(meta, allow_nan=False) + "\n")
+        normalize_permissions(tmp)  # safetensors writes private 0600 files
         for name in FILES:
-            _fsync_path(tmp / name)
-        _fsync_path(tmp)
-        if final.exists():  # the same step saved again (cannot happen in train_lora; kept safe for callers)
+            fsync_path(tmp / name)
+        fsync_path(tmp)
+        if final.exists():  # an incomplete directory of this step, left by a damaged run that was resumed
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_path(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in checkpoint_dirs(root):  # only once the new one is complete
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    for other in step_dirs(root):  # only once the new one is complete: older ones, and incomplete ones skipped
+        if other != final:
+            shutil.rmtree(other, ignore_errors=True)
     return final
 
 
 def read_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """The ``trainer_state.json`` of a checkpoint directory, as a dict."""
+    """The ``trainer_state.json`` of a checkpoint directory, as a dict.
+
+    Raises:
+        UsageError: the file is unreadable, not JSON, or of another format version.
+    """
     path = Path(checkpoint) / STATE_FILE
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}; the checkpoint is damaged") from e
+        raise UsageError(f"cannot read {path}: {e}; the checkpoint is damaged: resume from an earlier run's "
+                         "directory, or start again with --overwrite") from e
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format {meta.get('format')!r}, this version reads {FORMAT_VERSION}")
+        raise UsageError(f"{path} has format {meta.get('format')!r}, this version reads {FORMAT_VERSION}")
     return meta
 
 
-def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: str | os.PathLike) -> None:
-    """Refuse to resume when the settings that shape the trajectory differ.
+def describe_setting(key: str, value: Any) -> str:
+    """A fingerprint value for a message: a base as ``describe_base`` names it, anything else as short JSON."""
+    if key == "base" and isinstance(value, dict):
+        return describe_base(value)
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
-    Raises:
-        ValueError: naming each differing setting with both values.
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The fingerprint entries that differ, as ``{key: (saved, current)}``.
+
+    ``base`` records are compared by ``base_differences`` (the same weights elsewhere are the same base).
     """
-    def show(v: Any) -> str:
-        text = json.dumps(v)
-        return text if len(text) <= 60 else text[:57] + "..."
+    diffs = {}
+    for k in sorted(saved.keys() | current.keys()):
+        s, c = saved.get(k), current.get(k)
+        if k == "base" and isinstance(s, dict) and isinstance(c, dict):
+            same = not base_differences(s, c)
+        else:
+            same = s == c
+        if not same:
+            diffs[k] = (s, c)
+    return diffs
 
-    diffs = [f"{k}: checkpoint {show(saved.get(k))}, now {show(current.get(k))}"
-             for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)]
-    if diffs:
-        raise ValueError(f"cannot resume from {where}: it was written with different settings ({'; '.join(diffs)}). "
-                         "Resume with the checkpoint's settings, or start a fresh run in a new --out")
+
+# key -> (the rule in words, whether a change from the saved value to the current one is accepted)
+ChangeRules = Mapping[str, tuple[str, Callable[[Any, Any], bool]]]
+
+
+def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: str | os.PathLike,
+                      may_change: ChangeRules | None = None) -> dict[str, tuple[Any, Any]]:
+    """Refuse to resume when the settings that shape the trajectory differ, except the changes allowed.
+
+    Args:
+        saved: the checkpoint's fingerprint.
+        current: this run's.
+        where: the checkpoint, for the message.
+        may_change: entries that may differ, each with its rule (e.g. ``{"lr": ("lower only", le)}``).
+    Returns:
+        The accepted differences ``{key: (saved, current)}``: those ``may_change`` allows, and ``base`` or
+        ``provenance`` recorded on one side only (checkpoints written before they were recorded).
+    Raises:
+        UsageError: naming each refused setting with both values (a base by path, fingerprint and quantization).
+    """
+    may_change = may_change or {}
+    accepted, refused = {}, []
+    for k, (s, c) in fingerprint_differences(saved, current).items():
+        if (k in _RECORDED_LATER and (s is None or c is None)) or (k in may_change and may_change[k][1](s, c)):
+            accepted[k] = (s, c)
+        elif k == "base":
+            fields = ", ".join(base_differences(s, c))
+            refused.append(f"base {fields}: checkpoint {describe_setting(k, s)}, now {describe_setting(k, c)}")
+        else:
+            refused.append(f"{k}: checkpoint {describe_setting(k, s)}, now {describe_setting(k, c)}")
+    if refused:
+        rules = ", ".join(f"{k} ({rule})" for k, (rule, _) in may_change.items())
+        allowed = f" (a resume may change only {rules})" if rules else ""
+        raise UsageError(f"cannot resume from {where}: it was written with different settings ({'; '.join(refused)})."
+                         f" Resume with the checkpoint's settings{allowed}, or start a fresh run in a new --out")
+    return accepted
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint file's tensors; floating ones must be finite (a diverged run is never saved)."""
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read {path}: the file is truncated or corrupt ({e})") from e
+        raise UsageError(f"cannot read {path}: the file is truncated or corrupt ({e}); resume from an earlier "
+                         "checkpoint or start again with --overwrite") from e
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UsageError(f"{path} holds NaN or infinite values (in {', '.join(bad[:3])}): the checkpoint is "
+                         "damaged; start again with --overwrite, or in a new --out")
+    return tensors
 
 
 def load_checkpoint(checkpoint: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    fingerprint: dict[str, Any]) -> TrainState:
+                    fingerprint: dict[str, Any], may_change: ChangeRules | None = None
+                    ) -> tuple[TrainState, dict[str, tuple[Any, Any]]]:
     """Restore the LoRA tensors, the optimizer, the RNG states and the run's position from a checkpoint.
 
     Everything is read and checked before anything is changed.
 
     Args:
-        checkpoint: a ``step-*`` directory (see ``latest_checkpoint``).
+        checkpoint: a complete ``step-*`` directory (see ``resume_checkpoint``).
         model: the same base model with the same LoRA layers injected.
         optimizer: a fresh AdamW over ``get_adapter_params(model)``.
-        fingerprint: this run's settings; they must equal the checkpoint's.
+        fingerprint: this run's settings; they must equal the checkpoint's, but for ``may_change``.
+        may_change: the settings that may differ, with their rules (see ``check_fingerprint``).
     Returns:
-        The run's position, to continue from.
+        (the run's position to continue from, the accepted differences ``{key: (checkpoint's, this run's)}``).
     Raises:
-        ValueError: for different settings, different LoRA layers or a damaged checkpoint.
+        UsageError: for refused settings, different LoRA layers, or a damaged checkpoint (unreadable, or holding
+            non-finite tensors), naming the file.
     """
     d = Path(checkpoint)
     meta = read_state(d)
-    check_fingerprint(meta["fingerprint"], fingerprint, d)
+    changed = check_fingerprint(meta["fingerprint"], fingerprint, d, may_change)
     params = get_adapter_params(model)
     adapter = _read_tensors(d / ADAPTER_FILE)
     expected = {PEFT_PREFIX + k: tuple(p.shape) for k, p in params.items()}
     if {k: tuple(t.shape) for k, t in adapter.items()} != expected:
-        raise ValueError(f"{d / ADAPTER_FILE} does not match this model's LoRA layers (names or shapes differ)")
+        raise UsageError(f"{d / ADAPTER_FILE} does not match this model's LoRA layers (names or shapes differ)")
     if meta["optimizer"]["param_names"] != list(params):
-        raise ValueError(f"{d}: the optimizer state was saved for other parameters or another order")
+        raise UsageError(f"{d}: the optimizer state was saved for other parameters or another order")
     flat = _read_tensors(d / OPTIMIZER_FILE)
     rng = _read_tensors(d / RNG_FILE)
 
@@ -233,5 +337,6 @@ def load_checkpoint(checkpoint: str | os.PathLike, model: nn.Module, optimizer: 
         torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
     py_version, py_state, py_gauss = meta["python_random"]
     random.setstate((py_version, tuple(py_state), py_gauss))
-    return TrainState(step=meta["step"], epoch=meta["epoch"], batch_index=meta["batch_index"], tokens=meta["tokens"],
-                      elapsed=meta["elapsed"], history=meta["history"])
+    state = TrainState(step=meta["step"], epoch=meta["epoch"], batch_index=meta["batch_index"], tokens=meta["tokens"],
+                       elapsed=meta["elapsed"], history=[finite_record(r) for r in meta["history"]])
+    return state, changed
