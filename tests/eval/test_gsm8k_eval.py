@@ -394,20 +394,20 @@ def test_settings_diff_names_each_difference_with_both_values():
 
 
 def test_records_are_strict_json_even_for_an_out_of_range_answer(monkeypatch, tok, tmp_path):
-    huge = "#### " + "9" * 400  # parses to inf: JSON has no such number
+    huge = "#### " + "9" * 400  # beyond float range: no answer (JSON has no inf), so the vote ignores it
     monkeypatch.setattr(gsm8k_eval, "generate", lambda m, t, prompts, **kw: [huge] * len(prompts))
     monkeypatch.setattr(gsm8k_eval, "generate_samples", lambda m, t, ps, k, **kw: [[huge, "#### 5"]] * len(ps))
     lines: list[str] = []
     evaluate_gsm8k(None, tok, SC_ENTRIES[:1], scripted_config(2), style="plain", out_dir=tmp_path, log=lines.append)
-    assert lines == ["[0] predicted=inf gold=5 correct=False voted=inf voted_correct=False"]  # a tie: first wins
+    assert lines == ["[0] predicted=None gold=5 correct=False voted=5 voted_correct=True"]
 
     def no_constants(name):
         raise AssertionError(f"{name} in a record")
 
     record = json.loads((tmp_path / "predictions.jsonl").read_text(), parse_constant=no_constants)
     assert record["prediction"] == huge and record["predicted_answer"] is None and record["correct"] is False
-    assert record["sample_answers"] == [None, 5.0] and record["voted_answer"] is None
-    assert record["voted_correct"] is False
+    assert record["sample_answers"] == [None, 5.0] and record["voted_answer"] == 5.0
+    assert record["voted_correct"] is True
     with pytest.raises(ValueError):
         record_line({"x": float("nan")})
 

@@ -105,6 +105,7 @@ def run(args: RunArgs) -> dict:
     with OutputLock(out):
         if args.overwrite:
             clear_output(out)
+        out.mkdir(parents=True, exist_ok=True)
         if not tc.resume:
             write_atomic(out / "run_config.json", json.dumps(settings, indent=2) + "\n")
         rows_path = out / "rows.json"
