@@ -27,7 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from gptqlora.errors import InputNotFoundError, UsageError
-from gptqlora.files import fsync_path, staged_dir, write_atomic
+from gptqlora.files import fsync_path, read_json_object, staged_dir, write_atomic
 from gptqlora.lora.layer import (PEFT_PREFIX, LoRALinear, adapter_state_dict, find_targets, get_adapter_params,
                                  inject_lora_layers, is_linear, linear_layer_names, lora_modules)
 from gptqlora.provenance import base_differences, describe_base
@@ -135,13 +135,7 @@ def read_adapter_base(adapter_dir: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(adapter_dir) / BASE_FILE
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON ({e}): delete it, or save the adapter again") from None
-    if not isinstance(record, dict):
-        raise UsageError(f"{path} must hold a JSON object (a base record), not {type(record).__name__}")
-    return record
+    return read_json_object(path)
 
 
 def check_adapter_base(adapter_dir: str | os.PathLike, base: dict[str, Any]) -> str | None:
@@ -181,12 +175,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         raise InputNotFoundError(f"{d} is not a PEFT LoRA adapter directory{where}: expected {CONFIG_NAME} and "
                                  f"{WEIGHTS_NAME}, missing {', '.join(missing)}{hint}")
     path = d / CONFIG_NAME
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise UsageError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    config = read_json_object(path)
     if config.get("peft_type") != "LORA":
         raise UsageError(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are supported")
     if config.get("use_dora"):
