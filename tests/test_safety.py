@@ -179,22 +179,48 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_kill_during_quantize_leaves_no_partial_output_and_the_rerun_succeeds(tmp_path, tiny_model_dir, gsm8k_dir):
-    out = tmp_path / "q"
-    argv = ["quantize", "--model", str(tiny_model_dir), "--data", str(gsm8k_dir), "--method", "rtn", "--out",
-            str(out), *QUANT]
+@pytest.mark.parametrize("command", ["quantize", "merge"])
+def test_kill_during_the_write_leaves_no_partial_output_and_the_rerun_succeeds(tmp_path, tiny_model_dir, gsm8k_dir,
+                                                                              command):
+    out = tmp_path / "out"
+    if command == "quantize":
+        argv = ["quantize", "--model", str(tiny_model_dir), "--data", str(gsm8k_dir), "--method", "rtn", "--out",
+                str(out), *QUANT]
+    else:
+        q = tmp_path / "q"
+        assert cli.main(["quantize", "--model", str(tiny_model_dir), "--data", str(gsm8k_dir), "--method", "rtn",
+                         "--out", str(q), *QUANT]) == 0
+        _train_adapter(q, gsm8k_dir, tmp_path / "ft")
+        argv = ["merge", "--quantized", str(q), "--adapter", str(tmp_path / "ft" / "lora_adapter"), "--data",
+                str(gsm8k_dir), "--out", str(out), "--calib-samples", "2", "--calib-seqlen", "16", "--ppl-limit", "2"]
+    before = sorted(p.name for p in tmp_path.iterdir())
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *argv], stdout=subprocess.PIPE, env=env, text=True)
     try:
-        assert proc.stdout.readline().strip() == "saved"  # weights written into the staging directory
-        partial = [p for p in tmp_path.iterdir() if p.name.startswith(".q.partial-")]
-        assert len(partial) == 1 and (partial[0] / "model.safetensors").is_file()
+        line = proc.stdout.readline()
+        while line and line.strip() != "saved":  # the command's own output comes first
+            line = proc.stdout.readline()
+        partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+        assert len(partial) == 1 and (partial[0] / "model.safetensors").is_file()  # weights staged, not in place
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not out.exists()  # nothing under the output's name
     assert cli.main(argv) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["float_user", "q"]  # the killed run's partial is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["out"])  # the killed run's partial is gone
+
+
+# ---------------------------------------------------------------------------------------------- 3. same seed
+
+def test_the_same_seed_gives_bit_identical_adapters_and_metrics(tmp_path, quantized_dir, gsm8k_dir):
+    runs = []
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        _train_adapter(quantized_dir, gsm8k_dir, tmp_path / name, "--seed", seed, "--lora-dropout", "0.1")
+        metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        timeless = [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in metrics]
+        runs.append(((tmp_path / name / "lora_adapter" / "adapter_model.safetensors").read_bytes(), timeless))
+    assert runs[0] == runs[1]
+    assert runs[0][0] != runs[2][0]
 
 
 # ---------------------------------------------------------------------------------------------- 5. one-line errors
