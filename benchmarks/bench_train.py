@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py                       # all three, side by side, ~10 timed steps each
     python benchmarks/bench_train.py --quick               # smoke run (1 warmup + 2 timed steps)
     python benchmarks/bench_train.py --profile ours-4bit   # where the time of one configuration goes
+    python benchmarks/bench_train.py --interleave --configs ours-float,peft-float   # a ratio on a busy machine
 
 Configurations (each in its own fresh process; see ``common.py``):
     ours-4bit   our LoRALinear (gptqlora.lora.layer.inject_lora_layers) over QuantizedLinear layers: every block
@@ -31,12 +32,17 @@ measured steps every configuration's weights are copied out of the checkpoint's 
 (``common.MemoryWindow``, ``common.materialize``), so the peak RSS compares the models as held, not their loading.
 
 On a machine whose cores are shared with other work, pass ``--threads`` (e.g. 1): with more OpenMP threads than free
-cores every small op waits for a preempted thread and steps slow down erratically, by several times.
+cores every small op waits for a preempted thread and steps slow down erratically, by several times. Each step's CPU
+time (``common.cpu_seconds``) is recorded beside its wall time, and the load average before and after the run.
+``--interleave`` builds the configurations in one process instead and alternates them step by step (the order
+reversed every other step), so the load of a shared machine falls on all alike; it reports each one's median step
+and the median of the per-step ratios to the last configuration (the yardstick), not memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -58,12 +64,21 @@ QUICK = {"warmup_steps": 1, "steps": 2, "profile_steps": 1}
 COLUMNS = (  # (key, header, format)
     ("step_s_mean", "s/step mean", ".3f"),
     ("step_s_median", "s/step median", ".3f"),
+    ("step_cpu_s_median", "CPU s/step median", ".3f"),
     ("tokens_per_s", "tokens/s", ".1f"),
     *common.memory_columns("train"),
     ("model_mb", "params+buffers MiB", ".1f"),
     ("trainable_params", "trainable params", ","),
     ("loss_first", "loss step 1", ".4f"),
     ("loss_last", "loss last", ".4f"),
+)
+
+
+INTERLEAVED_COLUMNS = (
+    ("step_s_median", "s/step median", ".3f"),
+    ("step_cpu_s_median", "CPU s/step median", ".3f"),
+    ("ratio_median", "step / last config's (median)", ".3f"),
+    ("cpu_ratio_median", "CPU / last config's (median)", ".3f"),
 )
 
 
@@ -92,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "the top ops by self CPU time.")
     parser.add_argument("--profile-steps", type=int, default=3, help="Steps profiled (after the warmup steps).")
     parser.add_argument("--profile-rows", type=int, default=30, help="Ops listed in the profile table.")
+    parser.add_argument("--interleave", action="store_true",
+                        help="Build the configurations in this one process and alternate their steps: ratios that "
+                             "hold on a busy machine (no memory figures).")
     return parser
 
 
@@ -207,21 +225,58 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     """Warmup steps, then timed steps, of one configuration in this process; its figures."""
     trainer, batches, facts = setup(name, args, args.warmup_steps + args.steps)
     window = common.MemoryWindow(trainer.device)
-    losses, seconds = [], []
+    load_start = common.load_average()
+    losses, seconds, cpu = [], [], []
     for i, batch in enumerate(batches):
-        common.sync(trainer.device)
-        start = time.perf_counter()
-        losses.append(trainer.step(batch))
-        common.sync(trainer.device)
+        wall_s, cpu_s, loss = timed_step(trainer, batch)
+        losses.append(loss)
         if i >= args.warmup_steps:
-            seconds.append(time.perf_counter() - start)
+            seconds.append(wall_s)
+            cpu.append(cpu_s)
     timing = common.timing_summary(seconds)
     tokens_per_step = args.batch_size * args.seq_len
     return {"config": name, **{f"step_s_{k[:-2]}": v for k, v in timing.items()},
             "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_step / timing["mean_s"],
-            "steps": len(seconds), "step_s": seconds, "loss_first": losses[0], "loss_last": losses[-1],
-            **facts, **window.report(), "bf16": trainer.bf16, "device": str(trainer.device),
-            "threads": torch.get_num_threads()}
+            "steps": len(seconds), "step_s": seconds, "step_cpu_s": cpu, "step_cpu_s_median": statistics.median(cpu),
+            "loss_first": losses[0], "loss_last": losses[-1], **facts, **window.report(), "bf16": trainer.bf16,
+            "device": str(trainer.device), "threads": torch.get_num_threads(), "load_start": load_start,
+            "load_end": common.load_average()}
+
+
+def timed_step(trainer: Trainer, batch: dict[str, torch.Tensor]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of this process, loss) of one optimizer step."""
+    common.sync(trainer.device)
+    start, cpu_start = time.perf_counter(), common.cpu_seconds()
+    loss = trainer.step(batch)
+    common.sync(trainer.device)
+    return time.perf_counter() - start, common.cpu_seconds() - cpu_start, loss
+
+
+def run_interleaved(names: list[str], args: argparse.Namespace) -> dict:
+    """Every configuration in this process on the same batches, alternating step by step; medians and ratios."""
+    common.setup_child(args)
+    trainers, batches = {}, None
+    for name in names:
+        torch.manual_seed(args.seed)  # each model's LoRA init as in its own process
+        model, hf_model, tokenizer, _ = build_model(name, args)
+        if batches is None:
+            batches = long_batches(tokenizer, args.warmup_steps + args.steps, args.batch_size, args.seq_len,
+                                   args.prompt_style, args.data)
+        trainers[name] = Trainer(model, hf_model, args)
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for i, batch in enumerate(batches):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            wall_s, cpu_s, _ = timed_step(trainers[name], batch)
+            if i >= args.warmup_steps:
+                wall[name].append(wall_s)
+                cpu[name].append(cpu_s)
+    ref = names[-1]
+    return {name: {"config": name, "step_s_median": statistics.median(wall[name]),
+                   "step_cpu_s_median": statistics.median(cpu[name]),
+                   "ratio_median": statistics.median(a / b for a, b in zip(wall[name], wall[ref])),
+                   "cpu_ratio_median": statistics.median(a / b for a, b in zip(cpu[name], cpu[ref])),
+                   "step_s": wall[name], "step_cpu_s": cpu[name]} for name in names}
 
 
 def profile_one(name: str, args: argparse.Namespace) -> dict:
@@ -263,15 +318,23 @@ def main(argv: list[str] | None = None) -> int:
         common.emit_json(profile_one(args.profile, args))
         return 0
     names = common.config_names(args, CONFIGS)
-    results = common.run_children(Path(__file__), names, argv)
+    load_before, started = common.load_average(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    if args.interleave:
+        results, columns = run_interleaved(names, args), INTERLEAVED_COLUMNS
+    else:
+        results, columns = common.run_children(Path(__file__), names, argv), COLUMNS
+    load_after = common.load_average()
     print(f"## LoRA training: {args.batch_size} x {args.seq_len} tokens per step, {args.steps} timed steps after "
           f"{args.warmup_steps} warmup, r={args.r}, bf16 autocast {'on' if args.bf16 else 'off'}, checkpointing "
-          f"{'on' if args.checkpointing else 'off'}\n")
-    print(common.markdown_table(results, COLUMNS))
+          f"{'on' if args.checkpointing else 'off'}, threads {args.threads or torch.get_num_threads()}"
+          f"{', interleaved in one process' if args.interleave else ''}; started {started}, load average before "
+          f"{load_before}, after {load_after}\n")
+    print(common.markdown_table(results, columns))
     print()
     settings = {k: v for k, v in vars(args).items() if k not in ("one", "profile", "profile_steps", "profile_rows")}
-    return common.finish(results, {"benchmark": "train", "settings": settings, "environment": common.environment(),
-                                   "results": results})
+    return common.finish(results, {"benchmark": "train", "settings": settings, "started": started,
+                                   "load_before": load_before, "load_after": load_after,
+                                   "environment": common.environment(), "results": results})
 
 
 if __name__ == "__main__":

@@ -96,6 +96,16 @@ def materialize(model: torch.nn.Module) -> None:
     gc.collect()
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) this process has used so far, all its threads together.
+
+    Next to a wall time it tells waiting from working: on a busy machine a step's wall time grows while its CPU time
+    stays (with one thread), and OpenMP threads that spin while a peer is preempted add CPU time (with several).
+    """
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued device work, so a timer read after it covers the work (a no-op on the CPU)."""
     if device.type == "cuda":
@@ -237,6 +247,19 @@ def run_children(script: str | os.PathLike, names: Sequence[str], argv: Sequence
     """Run each configuration in its own fresh child, one after the other, with this process's flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     return {name: run_child(script, name, argv) for name in names}
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (``uptime``'s), from ``/proc/loadavg``; None where there is none.
+
+    Recorded before and after a run: on a machine shared with other work, a load above the free cores means the
+    figures were taken on a busy machine.
+    """
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(v) for v in f.read().split()[:3]]
+    except (OSError, ValueError):
+        return None
 
 
 def environment() -> dict[str, Any]:

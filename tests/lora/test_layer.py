@@ -1,4 +1,5 @@
-"""LoRALinear and the injection / merge helpers, on single layers and the tiny seeded LLaMA."""
+"""LoRALinear, the shared LoRA input of q/k/v, and the injection / merge helpers, on single layers and the tiny
+seeded LLaMA."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptqlora.lora.layer import (LoRALinear, get_adapter_params, inject_lora_layers, lora_modules, merge_lora,
-                                 set_trainable_params)
+from gptqlora.lora.layer import (LoRALinear, SharedInput, get_adapter_params, inject_lora_layers, lora_modules,
+                                 merge_lora, set_trainable_params)
+from gptqlora.train.loop import _enable_checkpointing
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -99,7 +101,128 @@ def test_dropout_applies_to_the_lora_branch_only():
     assert not torch.equal(layer(x), layer(x))  # two dropout masks
     layer.eval()
     assert torch.equal(layer(x), layer(x))
-    assert isinstance(LoRALinear(base, r=4, alpha=8.0, dropout=0.0).lora_dropout, nn.Identity)
+    no_dropout = LoRALinear(base, r=4, alpha=8.0, dropout=0.0)
+    nn.init.normal_(no_dropout.lora_B.weight)
+    assert torch.equal(no_dropout.train()(x), no_dropout.eval()(x))  # dropout 0 draws no mask
+
+
+def identity_adapter(layer: LoRALinear) -> None:
+    """A = I [r = in, in], B = I [out, r]: the LoRA branch returns its (dropped) input, times scale."""
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(torch.eye(layer.r, layer.in_features))
+        layer.lora_B.weight.copy_(torch.eye(layer.out_features, layer.r))
+
+
+def test_dropout_zeroes_inputs_with_probability_p_and_rescales_the_rest():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 64), r=64, alpha=64.0, dropout=0.25).train()  # scale 1
+    identity_adapter(layer)
+    x = torch.randn(64, 64)
+    seen = (layer(x) - layer.base(x)) * 0.75  # = keep * x: each element is x or 0
+    kept = seen != 0
+    torch.testing.assert_close(seen[kept], x[kept])
+    assert 0.2 < 1 - kept.float().mean() < 0.3
+
+
+def test_state_dict_keys_are_fixed_and_sharing_adds_none():
+    layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=4.0, dropout=0.1)
+    assert set(layer.state_dict()) == {"base.weight", "base.bias", "lora_A.weight", "lora_B.weight"}
+    assert [n for n, _ in layer.named_modules()] == ["", "base", "lora_A", "lora_B"]
+
+
+def qkv_inputs_and_deltas(model: nn.Module, layer: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Forward hooks on q/k/v/o of one block: each one's input and its LoRA delta (output minus base output)."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    attn = model.model.layers[layer].self_attn
+    hooks = []
+    for name in ATTN:
+        m = getattr(attn, name)
+        hooks.append(m.register_forward_hook(
+            lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out - mod.base(args[0])))))
+    logits(model)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_q_k_v_share_one_dropout_mask_of_their_input(tiny_llama):
+    inject_lora_layers(tiny_llama, "attn", r=64, alpha=64.0, dropout=0.5)  # r = hidden: A = I shows the input
+    for m in lora_modules(tiny_llama).values():
+        identity_adapter(m)
+    tiny_llama.train()
+    seen = qkv_inputs_and_deltas(tiny_llama)
+    x = seen["q_proj"][0]
+    assert all(seen[n][0] is x for n in ("k_proj", "v_proj"))  # the block calls q, k and v on one tensor
+    keep = {n: seen[n][1] != 0 for n in ATTN}  # [B, T, out]; B = I [out, 64] reads the first `out` inputs
+    for n in ("q_proj", "k_proj", "v_proj"):
+        out = keep[n].shape[-1]
+        assert torch.equal(keep[n], keep["q_proj"][..., :out])  # one mask
+        torch.testing.assert_close(seen[n][1], 2 * x[..., :out] * keep[n])  # = x / (1 - p) where kept
+    assert 0.4 < 1 - keep["q_proj"].float().mean() < 0.6
+    assert not torch.equal(keep["o_proj"], keep["q_proj"])  # o_proj reads another tensor: a mask of its own
+    shared = {id(m.shared) for m in lora_modules(tiny_llama).values()}
+    assert len(shared) == 2 * 2  # per block: one for q/k/v, one for o_proj
+    assert all(m.shared._x is None and m.shared._h == () for m in lora_modules(tiny_llama).values())
+
+
+def test_layers_of_one_group_fed_different_tensors_each_read_their_own():
+    torch.manual_seed(0)
+    q, k = (LoRALinear(nn.Linear(16, 16), r=16, alpha=16.0, dropout=0.0) for _ in range(2))
+    q.shared = k.shared = SharedInput([q, k])
+    for m in (q, k):
+        identity_adapter(m)
+    x1, x2 = torch.randn(3, 16), torch.randn(3, 16)
+    torch.testing.assert_close(q(x1) - q.base(x1), x1)
+    torch.testing.assert_close(k(x2) - k.base(x2), x2)  # its own tensor, not q's round on x1
+    torch.testing.assert_close(q(x1) - q.base(x1), x1)  # a member called twice starts a new round
+    assert q.shared._x is not None  # k has not taken its slice of this round yet...
+    torch.testing.assert_close(k(x1) - k.base(x1), x1)
+    assert q.shared._x is None and q.shared._h == ()  # ...now it has, and the round is forgotten
+
+
+def test_sharing_changes_nothing_without_dropout(tiny_llama):
+    inject_lora_layers(tiny_llama, "all", r=4, alpha=8.0, dropout=0.0)
+    groups: dict[int, list[str]] = {}  # SharedInput -> its layers' short names
+    for name, m in lora_modules(tiny_llama).items():
+        groups.setdefault(id(m.shared), []).append(name.rsplit(".", 1)[1])
+    assert sorted(groups.values()) == sorted(2 * [["q_proj", "k_proj", "v_proj"], ["o_proj"],
+                                                  ["gate_proj", "up_proj"], ["down_proj"]])
+    randomize_B(tiny_llama)
+    shared = logits(tiny_llama.train())
+    assert torch.equal(logits(tiny_llama.eval()), shared)
+    for m in lora_modules(tiny_llama).values():
+        m.shared = SharedInput([m])  # every layer alone: per-layer A, as PEFT computes it
+    torch.testing.assert_close(logits(tiny_llama), shared, rtol=1e-6, atol=1e-6)
+
+
+def loss_and_grads(model: nn.Module, bf16: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ids = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(5)  # the dropout masks
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in get_adapter_params(model).items()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_gradient_checkpointing_recomputes_the_same_masks(tiny_llama, bf16):
+    inject_lora_layers(tiny_llama, "all", r=4, alpha=8.0, dropout=0.3)
+    randomize_B(tiny_llama)
+    tiny_llama.train()
+    calls = []
+    tiny_llama.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+    loss, grads = loss_and_grads(tiny_llama, bf16)
+    undo = _enable_checkpointing(tiny_llama)  # non-reentrant, as train_lora runs it
+    loss_ckpt, grads_ckpt = loss_and_grads(tiny_llama, bf16)
+    undo()
+    assert len(calls) == 3  # once without checkpointing; forward and recompute with it
+    assert torch.equal(loss_ckpt, loss)
+    assert grads.keys() == grads_ckpt.keys() and all(g.abs().sum() > 0 for g in grads.values())
+    for name, g in grads.items():
+        assert torch.equal(grads_ckpt[name], g), name
+    assert all(m.shared._x is None and m.shared._h == () for m in lora_modules(tiny_llama).values())  # none kept
 
 
 def test_bf16_activations_keep_fp32_lora_params():

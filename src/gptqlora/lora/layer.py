@@ -1,20 +1,24 @@
 """LoRA by composition: one ``LoRALinear`` wraps a float ``nn.Linear`` or a ``QuantizedLinear`` alike.
 
-The wrapped layer computes ``base(x) + B(A(dropout(x))) * scale`` with ``A`` [r, in] initialised
+The wrapped layer computes ``base(x) + scale * B(A(dropout(x)))`` with ``A`` [r, in] initialised
 kaiming-uniform (a = sqrt(5)) and ``B`` [out, r] initialised to zero, so a fresh adapter changes nothing.
-``scale`` is ``alpha / r``, or ``alpha / sqrt(r)`` with rank-stabilised LoRA. The helpers below inject the
-wrappers into a model, select the trainable parameters, export the PEFT-format state dict and merge.
+``scale`` is ``alpha / r``, or ``alpha / sqrt(r)`` with rank-stabilised LoRA. Layers that read one input tensor
+(q, k and v of an attention block; gate and up of an MLP) share one dropout mask of it and one matmul by their
+stacked A (``SharedInput``). The helpers below inject the wrappers into a model, select the trainable parameters,
+export the PEFT-format state dict and merge.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import weakref
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from gptqlora.config import parse_targets
 from gptqlora.errors import UsageError
@@ -23,6 +27,10 @@ from gptqlora.errors import UsageError
 PEFT_PREFIX = "base_model.model."
 # A module name inside a decoder block, e.g. "model.layers.3.mlp.up_proj".
 _BLOCK_RE = re.compile(r"(?:.*\.)?layers\.(\d+)\..+")
+# Sibling linears that Hugging Face decoder blocks call on the very same tensor: their LoRA shares one dropout
+# mask and one A matmul (``SharedInput``). The tensor is checked at run time, so a model that feeds them apart
+# (cross-attention) still gets each layer's own input.
+SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -44,7 +52,8 @@ class LoRALinear(nn.Module):
         base: the layer to adapt (``nn.Linear`` or a quantized linear); frozen in place.
         r: rank of the update.
         alpha: scaling numerator; the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` if ``use_rslora``).
-        dropout: dropout probability on the LoRA input only (the base sees the undropped ``x``).
+        dropout: dropout probability on the LoRA input only (the base sees the undropped ``x``); layers that read
+            one tensor share one mask of it (``SharedInput``, set up by ``inject_lora_layers``).
         use_rslora: rank-stabilised scaling.
     """
 
@@ -67,11 +76,11 @@ class LoRALinear(nn.Module):
             p.requires_grad_(False)
 
         # LoRA parameters live on the base's device but always in fp32: the optimizer updates them in full
-        # precision, and the forward casts them to the activation dtype.
+        # precision, and the forward casts them to the compute dtype.
         device = next(iter([*base.parameters(), *base.buffers()]), torch.empty(0)).device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)  # [r, in]
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)  # [out, r]
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.shared = SharedInput([self])  # a plain attribute, not a submodule: the state dict is A and B alone
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -79,23 +88,99 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``base(x) + B(A(dropout(x))) * scale``; x [..., in] -> [..., out]."""
-        out = self.base(x)
-        A, B = self.lora_A.weight, self.lora_B.weight
-        if not torch.is_autocast_enabled(x.device.type):
-            # Without autocast, run the branch in the activation dtype (e.g. bf16) rather than upcasting x:
-            # the casts are differentiable, so gradients still reach the fp32 parameters.
-            A, B = A.to(x.dtype), B.to(x.dtype)
-        lora = F.linear(F.linear(self.lora_dropout(x), A), B)  # [..., r] -> [..., out]
-        return out + (lora * self.scale).to(out.dtype)
+    def forward(self, x: Tensor) -> Tensor:
+        """``base(x) + scale * B(A(dropout(x)))``; x [..., in] -> [..., out]."""
+        out = self.base(x)  # [..., out]
+        h, gain = self.shared.down(self, x)  # A(keep * x) [..., r]; gain 1 / (1 - p) if dropped, else 1
+        # One addmm adds scale * gain * h @ B^T to the base output: no pass of its own for the scale or the sum.
+        y = torch.addmm(out.reshape(-1, self.out_features), h.reshape(-1, self.r).to(out.dtype),
+                        self.lora_B.weight.to(out.dtype).t(), alpha=self.scale * gain)  # [M, out]
+        return y.view(out.shape)
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self) -> Tensor:
         """The update the adapter adds to the base weight, ``B @ A * scale`` in fp32: [out, in]."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:.4g}, dropout={self.dropout_p}"
+
+
+class SharedInput:
+    """``A(dropout(x))`` of LoRA layers that read the same tensor ``x``: one dropout mask, one matmul.
+
+    The first member called with ``x`` draws the mask, casts ``x`` to the compute dtype (autocast's, else x's) and
+    multiplies by the members' A stacked [sum r, in]; each member then takes its slice [..., r]. The result is
+    kept only until every member has taken its slice, so nothing outlives the members' calls in one forward, and
+    under gradient checkpointing the recompute draws the same mask again (torch's checkpoint restores the RNG
+    state). A member called with another tensor, or a second time, starts a new round. A layer alone is a group
+    of one and keeps nothing.
+
+    Dropout zeroes each input element with probability p; inverted dropout's 1 / (1 - p) is returned as ``gain``
+    for the member to fold into its scale (the same by linearity, and no pass over ``x``).
+
+    Args:
+        members: LoRALinear layers with equal ``in_features``, ``dropout_p`` and device.
+    """
+
+    def __init__(self, members: Sequence[LoRALinear]) -> None:
+        self.members = list(members)
+        self.p = self.members[0].dropout_p
+        self._x: weakref.ref | None = None  # the input of the round in progress (a weak reference: never kept alive)
+        self._training = False  # the mode the round was computed in
+        self._h: tuple[Tensor, ...] = ()  # each member's A(dropout(x)) [..., r], views of one [..., sum r]
+        self._waiting: set[int] = set()  # members that have not taken their slice yet
+
+    def down(self, member: LoRALinear, x: Tensor) -> tuple[Tensor, float]:
+        """``member``'s ``A(keep * x)`` [..., r] and the dropout gain (1 / (1 - p) if dropped, else 1)."""
+        i = next((j for j, m in enumerate(self.members) if m is member), None)
+        if i is None:  # a shallow copy of the layer (nn.DataParallel's replicas) still points at the original group
+            raise RuntimeError(f"this LoRA layer is not a member of its SharedInput (a shallow copy?): call "
+                               f"gptqlora.lora.layer.share_inputs(model) on the model that holds it")
+        same_round = (i in self._waiting and self._training == member.training and self._x is not None
+                      and self._x() is x)
+        if not same_round:
+            self._h, self._training = self._project(x, member.training), member.training
+            self._x, self._waiting = weakref.ref(x), set(range(len(self.members)))
+        h = self._h[i]
+        self._waiting.discard(i)
+        if not self._waiting:  # every member has its slice: forget the round
+            self._x, self._h = None, ()
+        dropped = self._training and self.p > 0
+        return h, 1 / (1 - self.p) if dropped else 1.0
+
+    def _project(self, x: Tensor, training: bool) -> tuple[Tensor, ...]:
+        """Every member's ``A(keep * x)`` [..., r], views of one [..., sum r]."""
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x = x.to(dtype)  # [..., in]; cast once for every member (autocast would cast it again per matmul)
+        if training and self.p > 0:
+            drop = torch.empty_like(x, dtype=torch.bool).bernoulli_(self.p)  # [..., in]; a serial kernel on the CPU
+            x = torch.where(drop, 0, x)  # one pass forward and one backward (masked_fill takes two: clone, fill)
+        weights = [m.lora_A.weight for m in self.members]
+        A = torch.cat(weights) if len(weights) > 1 else weights[0]  # [sum r, in]
+        h = F.linear(x, A.to(dtype))  # [..., sum r]
+        return h.split([m.r for m in self.members], dim=-1) if len(weights) > 1 else (h,)
+
+    def __getstate__(self) -> dict:  # pickling (torch.save of a whole model) drops a round in progress
+        return {**self.__dict__, "_x": None, "_h": (), "_waiting": set()}
+
+
+def share_inputs(model: nn.Module) -> None:
+    """Group the model's LoRA layers that read one tensor (``SHARED_INPUT_NAMES`` under one parent) by a common
+    ``SharedInput``; every other LoRA layer gets one of its own. Layers whose ``in_features``, dropout or device
+    differ are left apart."""
+    siblings: dict[str, dict[str, LoRALinear]] = defaultdict(dict)
+    for name, m in lora_modules(model).items():
+        m.shared = SharedInput([m])
+        parent, _, child = name.rpartition(".")
+        siblings[parent][child] = m
+    for children in siblings.values():
+        for names in SHARED_INPUT_NAMES:
+            group = [children[n] for n in names if n in children]
+            if len(group) > 1 and len({(m.in_features, m.dropout_p, m.lora_A.weight.device) for m in group}) == 1:
+                shared = SharedInput(group)
+                for m in group:
+                    m.shared = shared
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -212,6 +297,7 @@ def inject_lora_layers(model: nn.Module, targets: str | Sequence[str] = "attn", 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora))
+    share_inputs(model)
     mark_only_lora_trainable(model)
     return list(get_adapter_params(model).values())
 
