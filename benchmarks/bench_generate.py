@@ -20,10 +20,11 @@ Rows (each in its own fresh process; see ``common.py``):
 Same for every row: the first N GSM8K test questions as chat prompts
 (``gptqlora.data.gsm8k.build_prompt(question, "chat", tokenizer)``), encoded without added special tokens (the chat
 template writes its own), batched alike (our ``generate`` sorts prompts longest first and cuts batches in that order;
-the HF row is given the same batches), the same token budget, the model's dtype (no autocast), and a stop at eos only:
-our loop's GSM8K stop rule (end after a finished ``#### <n>`` line) is off unless ``--stop-after-answer-line``, since
-``model.generate`` has no such rule. Before the timed run each row decodes the first batch for a few tokens (warmup;
-for the cached row this also fills the cache, so the timed run is its steady state).
+the HF row is given the same batches), the same token budget, the model's dtype (``--dtype``; no autocast), and a stop
+at eos only: our loop's GSM8K stop rule (end after a finished ``#### <n>`` line) is off unless
+``--stop-after-answer-line``, since ``model.generate`` has no such rule. Before the timed run each row decodes the
+first batch for a few tokens (warmup; for the cached row this also fills the cache, so the timed run is its steady
+state).
 
 Tokens counted: generated tokens per sequence before eos (eos excluded). The HF row counts its output ids exactly;
 our ``generate`` returns text, so our rows count the tokens of the returned text re-tokenized (without special
@@ -62,6 +63,7 @@ LORA_TARGETS = common.LORA_TARGETS
 QUICK = {"prompts": 2, "max_new_tokens": 16, "warmup_new_tokens": 2}
 
 COLUMNS = (  # (key, header, format)
+    ("dtype", "dtype", ""),
     ("tokens_per_s", "tokens/s", ".1f"),
     ("seconds", "seconds", ".2f"),
     ("tokens", "tokens", "d"),
@@ -236,16 +238,20 @@ def main(argv: list[str] | None = None) -> int:
         common.emit_json(run_one(args.one, args))
         return 0
     names = common.config_names(args, ROWS)
+    load_before, started = common.load_average(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results = common.run_children(Path(__file__), names, argv)
+    load_after = common.load_average()
     compare_with_hf(results)
     print(f"## Greedy decoding: {args.prompts} GSM8K test prompts ({args.prompt_style}), batches of {args.batch_size}, "
           f"up to {args.max_new_tokens} new tokens, stop at eos"
-          f"{' or after the answer line (ours)' if args.stop_after_answer_line else ''}\n")
+          f"{' or after the answer line (ours)' if args.stop_after_answer_line else ''}; started {started}, "
+          f"load average before {load_before}, after {load_after}\n")
     print(common.markdown_table(results, COLUMNS))
     print()
     settings = {k: v for k, v in vars(args).items() if k != "one"}
-    return common.finish(results, {"benchmark": "generate", "settings": settings, "environment": common.environment(),
-                                   "results": results})
+    return common.finish(results, {"benchmark": "generate", "settings": settings, "started": started,
+                                   "load_before": load_before, "load_after": load_after,
+                                   "environment": common.environment(), "results": results})
 
 
 if __name__ == "__main__":

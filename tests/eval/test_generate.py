@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import random
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
+import gptqlora.eval.generate as generate_module
 from gptqlora.eval.generate import (
+    ANSWER_LINE_RE,
+    StopChecker,
+    _line_carry,
     answer_line_complete,
     generate,
     generate_batch,
@@ -189,3 +196,250 @@ def test_generate_restores_mode_and_validates(model, tok):
         generate(model, tok, ["ok", ""], max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, tok, ["ok"], temperature=1.0, top_p=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- incremental stop check
+
+# GSM8K-like pieces; joined at random they split "####", numbers and multi-byte characters (unicode digits among
+# them: Python's \d matches "٣" and "３") across tokens in every way.
+PIECES = ["####", "#", "##", "###", " ", "\n", "\n\n", "4", "42", "1,234", "-3.5", "٣", "３", "€", "é", "🙂", "Question:",
+          "Q", "uestion", ":", "x = 2", ".", "$", "\ufffd"]
+CORPUS = ["Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72\n", "So 3 + 4 = 7 dollars.\n#### 7\n\nQuestion: ok",
+          "Le café coûte ٣ € ou ３ ¥ 🙂.\n#### -3.5\n", "#### 1,234\n"] * 20
+STOP_RULES = [  # (stop strings, stop after the answer line)
+    ((), True), (("Question:",), False), (("\n\n", "Q:"), True), (("€", "#4"), True), (("٣ ", "\ufffd"), False)]
+
+
+def trained_byte_level_tokenizer():
+    """A byte-level BPE (as GPT-2 and SmolLM2) with merges learnt across whitespace, so single tokens hold
+    pieces like "\\n####" or "4\\n" and multi-byte characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|im_end|>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>")
+
+
+def sentencepiece_like_tokenizer():
+    """A Llama-2-style tokenizer: "▁" for spaces, byte fallback (<0xNN> tokens), and a decoder that strips the text's
+    leading space, so a token's text depends on whether it comes first."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    spec = json.loads(backend.to_str())
+    for byte in range(256):
+        spec["model"]["vocab"].setdefault(f"<0x{byte:02X}>", len(spec["model"]["vocab"]))
+    spec["model"]["byte_fallback"] = True
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def random_stream(rng: random.Random, tok, random_ids: list[int]) -> list[int]:
+    """Token ids: GSM8K-like text as the tokenizer encodes it, or ids drawn at random (broken UTF-8 included),
+    with special tokens sprinkled in (decoded with skip_special_tokens, so they add no text)."""
+    if rng.random() < 0.6:
+        text = "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 14)))
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = [rng.choice(random_ids) for _ in range(rng.randint(1, 40))]
+    for _ in range(rng.randint(0, 2)):
+        ids.insert(rng.randint(0, len(ids)), rng.choice(tok.all_special_ids))
+    return ids
+
+
+def first_stop_whole_text(tok, ids, stop_strings, answer_line) -> int | None:
+    """The reference: decode everything after every token (the loop's old stop check)."""
+    for t in range(1, len(ids) + 1):
+        if stop_cut(tok.decode(ids[:t], skip_special_tokens=True), stop_strings, answer_line) is not None:
+            return t
+    return None
+
+
+def first_stop_incremental(tok, ids, stop_strings, answer_line) -> int | None:
+    check = StopChecker(tok, stop_strings, answer_line)
+    return next((t for t, i in enumerate(ids, 1) if check.push(i)), None)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "byte-level-bpe", "sentencepiece-like"])
+def test_incremental_stop_check_equals_whole_text_check(tok, kind):
+    tokenizer = {"bytes": lambda: tok, "byte-level-bpe": trained_byte_level_tokenizer,
+                 "sentencepiece-like": sentencepiece_like_tokenizer}[kind]()
+    vocab = tokenizer.get_vocab()
+    random_ids = sorted(vocab.values())
+    if kind == "sentencepiece-like":
+        # Its byte fallback turns a whole run of byte tokens into U+FFFDs when any of them is invalid, so a later
+        # byte can rewrite committed text: draw only its valid UTF-8 (byte tokens come from encoding text).
+        random_ids = [i for t, i in vocab.items() if not t.startswith("<0x")]
+    rng = random.Random(kind)
+    stops = set()
+    for _ in range(400):
+        ids = random_stream(rng, tokenizer, random_ids)
+        for stop_strings, answer_line in STOP_RULES:
+            expected = first_stop_whole_text(tokenizer, ids, stop_strings, answer_line)
+            assert first_stop_incremental(tokenizer, ids, stop_strings, answer_line) == expected, (ids, stop_strings)
+            stops.add(expected)
+    assert None in stops and len(stops) > 10  # streams that stop, at many positions, and streams that do not
+
+
+def test_line_carry_keeps_what_the_answer_line_regex_needs():
+    rng = random.Random(0)
+    alphabet = ["#", "#", "#", "1", "٣", "a", " ", "\n"]
+    for _ in range(3000):
+        line = "".join(rng.choice(alphabet[:-1]) for _ in range(rng.randint(0, 10)))  # an unfinished line
+        more = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+        carry = _line_carry(line)
+        assert len(carry) <= 5
+        assert (ANSWER_LINE_RE.search(line + more) is None) == (ANSWER_LINE_RE.search(carry + more) is None), (line,
+                                                                                                                more)
+
+
+def whole_text_checks(tok, n, stop_strings=(), answer_line=True):
+    """The old per-token stop rule, as stop checks for generate_batch: re-decode all ids so far."""
+    def check_for(ids):
+        def check(token):
+            ids.append(token)
+            return stop_cut(tok.decode(ids, skip_special_tokens=True), stop_strings, answer_line) is not None
+        return check
+    return [check_for([]) for _ in range(n)]
+
+
+def test_generate_stops_where_the_whole_text_check_stops(tok):
+    scripts = {"a": "x = 2\n####٣\nQuestion: more", "b": "two\n\nlines", "c": "# ## 7\n#### €3\nrest",
+               "d": "####\n5\n#### x 5", "e": "Qu€stion: no\nQuestion: yes"}
+    prompts = list(scripts)
+    for stop_strings, answer_line in STOP_RULES:
+        ids_new = generate_batch(ScriptedLM(tok, scripts), encode(tok, prompts), max_new_tokens=40, pad_id=EOS,
+                                 eos_ids={EOS}, stop_checks=[StopChecker(tok, stop_strings, answer_line).push
+                                                             for _ in prompts])
+        ids_old = generate_batch(ScriptedLM(tok, scripts), encode(tok, prompts), max_new_tokens=40, pad_id=EOS,
+                                 eos_ids={EOS}, stop_checks=whole_text_checks(tok, len(prompts), stop_strings,
+                                                                              answer_line))
+        assert ids_new == ids_old
+        texts = generate(ScriptedLM(tok, scripts), tok, prompts, max_new_tokens=40, stop_strings=stop_strings,
+                         stop_after_answer_line=answer_line)
+        cuts = [stop_cut(tok.decode(i), stop_strings, answer_line) for i in ids_old]
+        assert texts == [tok.decode(i)[:c] for i, c in zip(ids_old, cuts)]
+    assert generate(ScriptedLM(tok, scripts), tok, prompts, max_new_tokens=40) == [
+        "x = 2\n####٣", "two\n\nlines", "# ## 7\n#### €3", "####\n5\n#### x 5", "Qu€stion: no\nQuestion: yes"]
+
+
+class TensorLM(torch.nn.Module):
+    """A fake causal LM made of tensor ops only (no host reads): logits from the last token and its position."""
+
+    def __init__(self, vocab: int = 259, eos_bias: float = 0.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.freq = torch.nn.Parameter(torch.randn(vocab, generator=g))
+        self.config, self.steps = None, 0
+        with torch.no_grad():
+            self.table[:, EOS] += eos_bias
+
+    def forward(self, input_ids, attention_mask, position_ids, cache=None, use_cache=True, logits_to_keep=0):
+        self.steps += 1
+        logits = self.table[input_ids[:, -1:]] + torch.sin(position_ids[:, -1:, None] * self.freq)  # [B, 1, V]
+        return SimpleNamespace(logits=logits)
+
+
+HOST_READS = ("tolist", "item", "__bool__", "__int__", "__index__", "__float__", "nonzero", "cpu", "numpy")
+
+
+def count_host_reads(monkeypatch) -> dict[str, int]:
+    """Count the tensor -> Python conversions (each a device sync on an accelerator) from now on."""
+    counts = dict.fromkeys(HOST_READS, 0)
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kw):
+            counts[_name] += 1
+            return _original(self, *args, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+def test_one_host_read_per_decode_step(tok, monkeypatch):
+    lm = TensorLM(eos_bias=2.5)  # some rows draw eos early, others run the budget
+    prompts = encode(tok, PROMPTS)
+    checks = [StopChecker(tok, ["e"], stop_after_answer_line=True).push for _ in prompts]  # "e" stops some rows
+    counts = count_host_reads(monkeypatch)
+    out = generate_batch(lm, prompts, max_new_tokens=40, pad_id=EOS, eos_ids={EOS}, stop_checks=checks)
+    monkeypatch.undo()
+    assert counts == {**dict.fromkeys(HOST_READS, 0), "tolist": lm.steps}
+    assert 1 < lm.steps < 40 and len({len(o) for o in out}) > 1  # rows ended at different steps, all before 40
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_device_sync_per_decode_step_on_cuda(tok):
+    """Greedy decoding: 8 more steps cost 8 more syncs from the loop (the prompt's upload is a fixed cost). Sampling
+    adds one inside ``torch.multinomial``, which checks its input with ``.item()``."""
+    lm = TensorLM(eos_bias=-100.0).cuda()  # never eos: every row runs the budget
+    prompts = encode(tok, PROMPTS)
+    syncs = {}
+    for budget in (8, 16):
+        checks = [StopChecker(tok, ["never written"]).push for _ in prompts]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = generate_batch(lm, prompts, max_new_tokens=budget, pad_id=EOS, eos_ids={EOS},
+                                     stop_checks=checks)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        assert [len(o) for o in out] == [budget] * len(prompts)
+        syncs[budget] = sum(w.filename.endswith("eval/generate.py") for w in caught)
+    assert syncs[16] - syncs[8] == 8
+
+
+def test_stop_check_work_per_token_does_not_grow_with_length(tok, monkeypatch):
+    """A long generation, one line of 300 characters then the answer line: per token a bounded number of decode
+    and regex calls on bounded lengths, however long the text."""
+    script = "x" * 150 + "é" * 75 + "#### 5\nQuestion: never"  # no newline for 300 bytes; 2-byte characters
+    decoded, searched = [], []
+    decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw))
+    monkeypatch.setattr(generate_module, "ANSWER_LINE_RE", SimpleNamespace(
+        search=lambda text: searched.append(len(text)) or ANSWER_LINE_RE.search(text)))
+    out = generate(ScriptedLM(tok, {"a": script}), tok, ["a"], max_new_tokens=400, stop_strings=["Question:"])
+    tokens = len(tok(script[:script.index("\n") + 1], add_special_tokens=False)["input_ids"])
+    assert out == [script[:script.index("\n")]]
+    # After the loop, generate decodes the whole sequence and searches its text once, to cut it.
+    assert decoded[-1] == tokens and searched[-1] == len(script[:script.index("\n") + 1])
+    loop_decodes, loop_searches = decoded[:-1], searched[:-1]
+    assert len(loop_decodes) <= 2 * tokens and max(loop_decodes) <= 4  # ids per decode: a few, not all so far
+    assert len(loop_searches) == tokens and max(loop_searches) <= 5 + 2  # the line's carry plus one token's text
+
+
+def test_generate_batch_wants_one_stop_check_per_prompt(model, tok):
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate_batch(model, encode(tok, PROMPTS[:2]), max_new_tokens=2, pad_id=EOS, eos_ids={EOS},
+                       stop_checks=[lambda t: False])
+
+
+@pytest.mark.slow
+def test_incremental_stop_check_on_the_embedded_tokenizer(gsm8k_dir):
+    """SmolLM2's own byte-level BPE: real GSM8K solutions (each stops at its answer line) and random streams."""
+    from transformers import AutoTokenizer
+
+    from gptqlora.data.gsm8k import load_gsm8k
+    from gptqlora.models import embedded_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    streams = [tokenizer(e["question"] + "\n" + e["answer"] + "\n\nQuestion: next", add_special_tokens=False)
+               ["input_ids"] for e in load_gsm8k("train", str(gsm8k_dir))[:200]]
+    rng = random.Random(0)
+    streams += [random_stream(rng, tokenizer, list(range(len(tokenizer)))) for _ in range(200)]
+    for ids in streams:
+        for stop_strings, answer_line in STOP_RULES:
+            expected = first_stop_whole_text(tokenizer, ids, stop_strings, answer_line)
+            assert first_stop_incremental(tokenizer, ids, stop_strings, answer_line) == expected, (ids, stop_strings)

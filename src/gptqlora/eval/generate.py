@@ -3,6 +3,9 @@
 Our own loop instead of ``model.generate`` so that the stop rule (a finished GSM8K ``#### <number>`` line),
 the padding and the sampling are explicit and tested: batched greedy decoding gives the same tokens as
 one prompt at a time, and the same tokens as ``model.generate(do_sample=False)``.
+
+Per decode step the loop costs O(1) besides the forward pass: one device -> host read (the new tokens), and a stop
+check that decodes only a few tokens (:class:`StopChecker`) instead of the whole text so far.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from transformers import DynamicCache
 
 # A line holding "####" and a digit, ended by a newline: the GSM8K final answer is complete.
 ANSWER_LINE_RE = re.compile(r"####[^\n]*\d[^\n]*\n")
+# The same line before its newline: only that newline is missing.
+_ANSWER_LINE_OPEN_RE = re.compile(r"####[^\n]*\d")
 
 
 def answer_line_complete(text: str) -> int | None:
@@ -38,6 +43,72 @@ def stop_cut(text: str, stop_strings: Sequence[str] = (), stop_after_answer_line
     if stop_after_answer_line and (cut := answer_line_complete(text)) is not None:
         cuts.append(cut)
     return min(cuts) if cuts else None
+
+
+def _line_carry(line: str) -> str:
+    """The part of an unfinished line (no newline in it) that :data:`ANSWER_LINE_RE` can still use.
+
+    A match lies within one line, so of the line written so far only this matters for what follows: whether it
+    already holds ``####`` then a digit (then a newline completes the answer line), else whether it holds ``####``,
+    else its last 3 characters (a ``####`` may straddle the join). The carry plus any further text matches the
+    regex exactly when the whole line plus that text does, and it is at most 5 characters long.
+    """
+    if _ANSWER_LINE_OPEN_RE.search(line):
+        return "####0"
+    return "####" if "####" in line else line[-3:]
+
+
+class StopChecker:
+    """Incremental :func:`stop_cut` for one sequence: fed one token id at a time, O(1) work per token.
+
+    ``push(id)`` is True exactly when ``stop_cut(tokenizer.decode(ids, skip_special_tokens=True), ...)`` finds a
+    cut in the ids pushed so far, as re-decoding the whole text at every token would (O(T^2) in all); the caller
+    stops at the first True.
+
+    The text is decoded incrementally as vLLM and TGI do: a small window of the latest ids is decoded and diffed
+    against the decoding of its head (whose text is already known), so byte-level merges, SentencePiece's leading
+    space and multi-byte characters come out as in one decode of all ids. Text is committed only when it does not
+    end in U+FFFD (a character whose bytes have not all arrived), so the window holds a few tokens. Text not yet
+    committed is checked too: the whole-text check sees it, U+FFFD included. This assumes a decode that only
+    appends as ids are added once a character is complete: true of byte-level BPE decoders (GPT-2, SmolLM2,
+    Llama 3) and of SentencePiece ones on valid UTF-8; not with ``clean_up_tokenization_spaces`` (it deletes spaces
+    already written). The tests compare it with the whole-text check on random token streams. The window grows
+    only while the text ends in U+FFFD, e.g. over a run of invalid bytes.
+
+    Only what a stop could still use is kept of the committed text: the carry of its last line for the answer
+    line (:func:`_line_carry`) and its last ``len(longest stop string) - 1`` characters for the stop strings.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = (), stop_after_answer_line: bool = True):
+        self._tokenizer = tokenizer
+        self.stop_strings = [s for s in stop_strings if s]
+        self.stop_after_answer_line = stop_after_answer_line
+        self._keep = max((len(s) for s in self.stop_strings), default=1) - 1
+        self._window: list[int] = []  # ids since the start of the previous commit
+        self._head = 0  # ids of the window already committed (as _head_text)
+        self._head_text = ""
+        self._line = ""  # _line_carry of the committed text's last line
+        self._tail = ""  # the committed text's last self._keep characters
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> bool:
+        """Add one generated token id; True when the text so far calls for a stop."""
+        self._window.append(token_id)
+        window_text = self._decode(self._window)
+        new = window_text[len(self._head_text):]  # the text after the committed text
+        # No stop was found before this token, so a stop now must end in `new`: an answer line within the last
+        # line (its carry) plus `new`, a stop string within the committed text's last characters plus `new`.
+        answer = self.stop_after_answer_line and ANSWER_LINE_RE.search(self._line + new) is not None
+        stop = answer or any(s in self._tail + new for s in self.stop_strings)
+        if len(window_text) > len(self._head_text) and not window_text.endswith("\ufffd"):
+            self._line = _line_carry((self._line + new).rpartition("\n")[2])
+            self._tail = (self._tail + new)[-self._keep:] if self._keep else ""
+            self._window = self._window[self._head:]  # the next window starts at this commit's first id
+            self._head = len(self._window)
+            self._head_text = self._decode(self._window)
+        return stop
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,8 +177,11 @@ def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
 def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                    pad_id: int, eos_ids: set[int], temperature: float = 0.0, top_p: float = 1.0,
                    generator: torch.Generator | None = None,
-                   should_stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+                   stop_checks: Sequence[Callable[[int], bool]] | None = None) -> list[list[int]]:
     """Decode one left-padded batch step by step with a KV cache.
+
+    Each step reads one small tensor from the device, the new tokens: which rows have finished is kept on the
+    device for the model's inputs and mirrored on the host from those tokens, never read back.
 
     Args:
         model: a causal LM taking input_ids, attention_mask, position_ids and a cache; returns ``.logits``.
@@ -116,10 +190,15 @@ def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], 
         pad_id: id fed on padding and after a sequence has finished (always masked out).
         eos_ids: ids that end a sequence; the eos itself is not returned.
         temperature, top_p, generator: see :func:`sample_next_token`.
-        should_stop: called with a sequence's generated ids after each new token; True ends that sequence.
+        stop_checks: one per prompt, called with each new token of its sequence (eos excluded), in order, e.g.
+            :meth:`StopChecker.push`; True ends that sequence (the token is kept).
     Returns:
         The generated ids per prompt, in order, without eos.
+    Raises:
+        ValueError: when ``stop_checks`` does not have one entry per prompt.
     """
+    if stop_checks is not None and len(stop_checks) != len(prompt_ids):
+        raise ValueError(f"{len(stop_checks)} stop checks for {len(prompt_ids)} prompts: give one per prompt")
     device = next(model.parameters()).device
     input_ids, attention_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))  # [B, L]
     batch = input_ids.shape[0]
@@ -127,24 +206,33 @@ def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], 
     cache_kw = _cache_kwarg(model)
     position_ids = position_ids_from_mask(attention_mask)  # [B, L]
     out = [[] for _ in range(batch)]
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
+    done = [False] * batch  # the host's copy of `finished`
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]  # [B, V]
         token = sample_next_token(logits, temperature, top_p, generator)  # [B]
         token = torch.where(finished, torch.full_like(token, pad_id), token)
-        newly_done = ~finished & torch.isin(token, eos)
-        tokens = token.tolist()  # one device sync per step
-        for i in (~finished & ~newly_done).nonzero().flatten().tolist():
+        tokens = token.tolist()  # the one device -> host sync of the step
+        stopped = []
+        for i in range(batch):
+            if done[i]:
+                continue
+            if tokens[i] in eos_ids:
+                done[i] = True
+                continue
             out[i].append(tokens[i])
-            if should_stop is not None and should_stop(out[i]):
-                newly_done[i] = True
+            if stop_checks is not None and stop_checks[i](tokens[i]):
+                done[i] = True
+                stopped.append(i)
         # A sequence that just finished feeds its last token once more, unmasked (its outputs are no longer read);
         # from the next step on it is fed pad under a 0 mask.
         active = ~finished
-        finished |= newly_done
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        finished = finished | torch.isin(token, eos)  # eos rows, on the device
+        for i in stopped:
+            finished[i] = True  # a host value written to the device: no sync
+        if all(done) or step == max_new_tokens - 1:
             break
         # The new token's position is the count of real tokens before it; finished rows are masked out.
         position_ids = attention_mask.sum(-1, keepdim=True)  # [B, 1]
@@ -193,11 +281,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_toke
     if empty := [i for i, ids in enumerate(encoded) if not ids]:
         raise ValueError(f"prompts {empty[:5]} encode to no tokens: give non-empty prompts or add_special_tokens=True")
 
-    def should_stop(ids: list[int]) -> bool:
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        return stop_cut(text, stop_strings, stop_after_answer_line) is not None
-
-    check = should_stop if stop_strings or stop_after_answer_line else None
+    stops = stop_after_answer_line or any(stop_strings)  # else no stop check is needed
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # stable: equal lengths keep their order
     starts = range(0, len(order), batch_size)
     if progress:
@@ -210,9 +294,11 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_toke
     try:
         for start in starts:
             idx = order[start:start + batch_size]
+            checks = ([StopChecker(tokenizer, stop_strings, stop_after_answer_line).push for _ in idx]
+                      if stops else None)
             new_ids = generate_batch(model, [encoded[i] for i in idx], max_new_tokens=max_new_tokens, pad_id=pad_id,
                                      eos_ids=eos_ids, temperature=temperature, top_p=top_p, generator=generator,
-                                     should_stop=check)
+                                     stop_checks=checks)
             for i, ids in zip(idx, new_ids):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 cut = stop_cut(text, stop_strings, stop_after_answer_line)
