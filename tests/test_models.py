@@ -60,3 +60,15 @@ def test_bad_dtype_and_device():
     if not models.torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             models.resolve_device("cuda")
+
+
+def test_auto_dtype_is_bf16_on_a_cpu_only_for_inference_where_it_runs_natively(monkeypatch):
+    import torch
+
+    import gptqlora.hardware
+
+    for native in (True, False):
+        monkeypatch.setattr(gptqlora.hardware, "resolve_bf16", lambda requested, device, native=native: native)
+        assert models.resolve_dtype("auto", "cpu", inference=True) == (torch.bfloat16 if native else torch.float32)
+        assert models.resolve_dtype("auto", "cpu") == torch.float32  # quantize and train keep fp32 weights
+    assert models.resolve_dtype("float32", "cpu", inference=True) == torch.float32

@@ -135,7 +135,8 @@ def adapter_field(required: bool = False) -> Any:
 class ModelConfig:
     model: str = opt(DEFAULT_MODEL, "Model: the alias 'smollm2-135m' (embedded), a local Hugging Face or gptqlora "
                                     "directory, or a hub id such as meta-llama/Llama-2-7b-hf.")
-    dtype: str = opt("auto", "Compute dtype: 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32' or 'bfloat16'.",
+    dtype: str = opt("auto", "Compute dtype: 'auto' (bfloat16 on CUDA; on a CPU float32, or bfloat16 for evaluating a "
+                             "float model where the CPU runs it natively), 'float32' or 'bfloat16'.",
                      choices=("auto", "float32", "bfloat16", "float16"))
     device: str = opt("auto", "Device: 'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.")
     cache_dir: str | None = opt(None, "Where the embedded model is cached as safetensors "

@@ -28,11 +28,22 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or os.environ.get("GPTQLORA_CACHE") or Path.home() / ".cache" / "gptqlora")
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: str, inference: bool = False) -> torch.dtype:
+    """The compute dtype a name asks for; ``auto`` is bf16 on CUDA, and on a CPU bf16 only for ``inference`` where
+    the CPU runs it natively, else fp32.
+
+    Quantizing and training keep fp32 weights on a CPU (GPTQ must see unrounded weights; training gets bf16 from
+    autocast); evaluation of a float model decodes 1.4-2.4x faster in bf16 on an AVX-512-bf16 CPU (one thread,
+    benchmarks/bench_generate.py --dtype), at the cost of greedy text that differs from fp32's.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if device.startswith("cuda"):
+            return torch.bfloat16
+        from gptqlora.hardware import resolve_bf16
+
+        return torch.bfloat16 if inference and resolve_bf16(None, torch.device("cpu")) else torch.float32
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"dtype {dtype!r} is unknown: use auto, float32, bfloat16 or float16")
     return getattr(torch, dtype)
@@ -100,13 +111,14 @@ def embedded_model_dir(alias: str = "smollm2-135m", cache_dir: str | os.PathLike
 
 
 def load_model(name_or_path: str = "smollm2-135m", dtype: str | torch.dtype = "auto", device: str = "auto",
-               cache_dir: str | os.PathLike | None = None) -> tuple[nn.Module, object]:
+               cache_dir: str | os.PathLike | None = None, inference: bool = False) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer.
 
     Args:
         name_or_path: an embedded alias (``smollm2-135m``), a local directory (a Hugging Face model, or a quantized
             directory written by gptqlora / another GPTQ v1 tool), or a hub id (``meta-llama/Llama-2-7b-hf``).
-        dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
+        dtype: ``auto`` (see ``resolve_dtype``), ``float32``, ``bfloat16`` or ``float16``.
+        inference: the model will only be evaluated (``auto`` may then pick bf16 on a CPU).
         device: ``auto``, ``cpu`` or ``cuda``.
     Returns:
         (model in eval mode, tokenizer). Quantized directories come back with QuantizedLinear layers.
@@ -117,7 +129,7 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: str | torch.dtype = "a
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device, inference)
     if name_or_path in EMBEDDED:
         path = embedded_model_dir(name_or_path, cache_dir)
     else:

@@ -32,8 +32,9 @@ def perplexity(args: PerplexityArgs) -> dict:
     mc = args.model
     check_model_source(mc.model, mc.cache_dir)
     entries = load_gsm8k(args.split.split, args.data.data)[: args.split.limit]
-    model, tokenizer = load_model(mc.model, mc.dtype, resolve_device(mc.device), mc.cache_dir)
+    model, tokenizer = load_model(mc.model, mc.dtype, resolve_device(mc.device), mc.cache_dir, inference=True)
     result = gsm8k_answer_loss(model, tokenizer, entries, batch_size=args.batch_size, max_length=args.max_length,
                                style=args.prompt.prompt_style)
     n_quant = sum(isinstance(m, QuantizedLinear) for m in model.modules())
-    return {"model": mc.model, "quantized_layers": n_quant, "split": args.split.split} | result
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {"model": mc.model, "quantized_layers": n_quant, "split": args.split.split, "dtype": dtype} | result
