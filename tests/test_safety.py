@@ -92,6 +92,7 @@ def test_merge_refuses_to_write_over_the_base_or_the_adapter(tmp_path, quantized
     adapter = tmp_path / "adapter"
     _train_adapter(quantized_dir, gsm8k_dir, tmp_path / "ft")
     (tmp_path / "ft" / "lora_adapter").rename(adapter)
+    capsys.readouterr()
     before = snapshot(quantized_dir), snapshot(adapter)
     for out in (quantized_dir, adapter, adapter / "sub"):
         assert cli.main(["merge", "--quantized", str(quantized_dir), "--adapter", str(adapter), "--data",
@@ -113,6 +114,7 @@ def test_a_fresh_finetune_over_an_earlier_run_is_refused_before_any_work(tmp_pat
             "1", "--train-limit", "4", "--eval-holdout", "2", "--max-length", "48", "--no-bf16",
             "--no-gradient-checkpointing", "--method", "rtn", *QUANT]
     assert cli.main(argv) == 0
+    capsys.readouterr()
     before = snapshot(out)
     assert cli.main(argv[:-len(QUANT)] + ["--bits", "2", *QUANT]) == 2  # a 2-bit base over the 4-bit run
     assert "--overwrite" in error_of(capsys)
@@ -167,13 +169,13 @@ def test_unwritable_outputs_are_refused_before_loading(tmp_path, gsm8k_dir, caps
 
 SLOW_SAVE = """
 import sys, time
-import gptqlora.quant.checkpoint as ckpt
-real = ckpt.save_file
-def slow(*a, **k):
+import gptqlora.files as files
+real = files.normalize_permissions
+def slow(*a, **k):  # called on the complete staged directory, just before it is renamed into place
     real(*a, **k)
     print("saved", flush=True)
     time.sleep(60)
-ckpt.save_file = slow
+files.normalize_permissions = slow
 from gptqlora import cli
 sys.exit(cli.main(sys.argv[1:]))
 """
@@ -201,7 +203,7 @@ def test_kill_during_the_write_leaves_no_partial_output_and_the_rerun_succeeds(t
         while line and line.strip() != "saved":  # the command's own output comes first
             line = proc.stdout.readline()
         partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
-        assert len(partial) == 1 and (partial[0] / "model.safetensors").is_file()  # weights staged, not in place
+        assert len(partial) == 1 and (partial[0] / "config.json").is_file()  # all staged, nothing in place
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
