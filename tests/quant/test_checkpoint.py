@@ -119,3 +119,36 @@ def test_quantize_config_disagreeing_with_config_json_names_both_files(tmp_path)
     side.write_text(json.dumps(block))
     with pytest.raises(ValueError, match=r"quantize_config.json and .*config.json disagree on sym"):
         load_quantized(tmp_path / "q")
+
+
+def test_sharded_directory_saves_and_loads_bit_identical(tmp_path):
+    config = QuantConfig(targets="all", group_size=32, act_order=True)
+    model, ids = quantized_tiny(config)
+    out = save_quantized(model, make_tiny_tokenizer(), tmp_path / "q", config, max_shard_size="30KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    # A block is never split across shards: each layer's tensors sit in one file.
+    for i in range(2):
+        assert len({f for k, f in index["weight_map"].items() if k.startswith(f"model.layers.{i}.")}) == 1
+    loaded, _, _ = load_quantized(out)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    again, _ = load_model(str(out))  # load_model recognises a sharded quantized directory too
+    assert sum(isinstance(m, QuantizedLinear) for m in again.modules()) == 14
+
+
+def test_damaged_shards_are_reported(tmp_path):
+    config = QuantConfig(targets="attn", group_size=32)
+    model, _ = quantized_tiny(config)
+    out = save_quantized(model, None, tmp_path / "q", config, max_shard_size="30KB")
+    shard = out / json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][
+        "model.layers.1.self_attn.q_proj.qweight"]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_quantized(out)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_quantized(out)

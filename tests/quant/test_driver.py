@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_tiny_llama  # noqa: E402
 
 from gptqlora.config import ALL_TARGETS, QuantConfig  # noqa: E402
+from gptqlora.errors import UsageError  # noqa: E402
 from gptqlora.quant import driver  # noqa: E402
 from gptqlora.quant.linear import QuantizedLinear  # noqa: E402
 
@@ -33,7 +34,7 @@ def test_two_block_llama_quantizes_end_to_end(targets):
             assert isinstance(block.get_submodule(name), QuantizedLinear) == (name in names)
     assert set(losses) == {f"model.layers.{i}.{n}" for i in range(2) for n in names}
     # Dequantized weights kept during calibration are released: the memory saving is real afterwards.
-    assert all(m._cache is None and not m.cache_dequantized for m in model.modules() if isinstance(m, QuantizedLinear))
+    assert all(m.kernel == "auto" for m in model.modules() if isinstance(m, QuantizedLinear))
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
 
@@ -117,3 +118,29 @@ def test_invalid_options_rejected_before_work():
 def test_non_llama_model_rejected():
     with pytest.raises(ValueError, match="LLaMA"):
         driver.quantize_model_weights(torch.nn.Linear(4, 4), calib(), QuantConfig(), progress=False)
+
+
+@pytest.mark.parametrize("calib_dtype", ["float32", "bfloat16"])
+def test_run_time_check_finds_llama_blocks_exact(monkeypatch, calib_dtype):
+    """On a LLaMA block the staged computation and the block's forward run the same operations: difference 0."""
+    diffs = []
+    original = driver.check_staged_forward
+    monkeypatch.setattr(driver, "check_staged_forward", lambda *a: diffs.append(original(*a)) or diffs[-1])
+    driver.quantize_model_weights(make_tiny_llama(), calib(), QuantConfig(targets="all", group_size=32,
+                                                                          calib_dtype=calib_dtype),
+                                  chunk_size=3, progress=False)
+    assert diffs == [0.0, 0.0]
+
+
+def test_block_with_an_altered_forward_is_refused_before_any_solve(monkeypatch):
+    model = make_tiny_llama()
+    mlp = model.model.layers[1].mlp
+    original = mlp.forward
+    monkeypatch.setattr(mlp, "forward", lambda x: original(x) + 0.01)  # block 1 only
+    solves = []
+    solve = driver.gptq_solve
+    monkeypatch.setattr(driver, "gptq_solve", lambda W, *a, **k: solves.append(W.shape) or solve(W, *a, **k))
+    with pytest.raises(UsageError, match=r"decoder block 1 \(LlamaDecoderLayer\) does not compute .* "
+                                         r"--no-true-sequential"):
+        driver.quantize_model_weights(model, calib(), QuantConfig(targets="all", group_size=32), progress=False)
+    assert len(solves) == 4  # block 0's four stages; nothing of block 1

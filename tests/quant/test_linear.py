@@ -1,6 +1,13 @@
+import collections
+import copy
+import warnings
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from gptqlora.quant.gptq import HessianAccumulator, gptq_solve
 from gptqlora.quant.grid import rtn_quantize
@@ -58,12 +65,13 @@ def test_gradient_flows_to_input_not_buffers():
     assert all(not b.requires_grad for b in layer.buffers())
 
 
-def test_cache_is_opt_in():
+def test_nothing_dense_is_kept_by_default():
     layer, _, _ = make_layer()
     x = torch.randn(2, 128)
     layer(x)
-    assert layer._cache is None
-    layer.set_cache(True)
+    assert layer.kernel == "auto" and layer._cache is None
+    with pytest.warns(DeprecationWarning):
+        layer.set_cache(True)  # the deprecated alias of set_kernel("dense")
     y = layer(x)
     assert layer._cache is not None and torch.equal(y, layer(x))
 
@@ -71,3 +79,184 @@ def test_cache_is_opt_in():
 def test_rejects_bad_bits():
     with pytest.raises(ValueError, match="bits=5"):
         QuantizedLinear(128, 64, bits=5, group_size=32)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint form
+
+
+def test_state_dict_is_the_checkpoint_form_whatever_ran():
+    layer, _, _ = make_layer(bits=4, group_size=32, bias=True)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for kernel in ("dequant", "dequant-gemm", "int4-aten", "dense"):
+        layer.set_kernel(kernel)
+        layer(torch.randn(3, 128).bfloat16())
+        state = layer.state_dict()
+        assert list(state) == ["qweight", "qzeros", "scales", "g_idx", "bias"]
+        assert all(torch.equal(state[k], before[k]) and state[k].dtype == before[k].dtype for k in state)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "int4-aten", "dequant-gemm", "dense"])
+def test_loading_new_codes_drops_the_repacked_layouts(kernel):
+    layer, _, _ = make_layer(bits=4, group_size=32)
+    other, _, _ = make_layer(bits=4, group_size=32, n=64, k=128)
+    other.qweight.copy_(other.qweight.flip(0))  # different codes
+    x = torch.randn(2, 128).bfloat16()
+    layer.set_kernel(kernel)
+    layer(x)
+    assert layer._layouts
+    layer.load_state_dict(other.state_dict())
+    assert not layer._layouts
+    expected = F.linear(x.float(), other.dequantize_weight())
+    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "bfloat16", "half", "float", "double", "to_cpu_bf16"])
+def test_dtype_casts_move_buffers_but_never_change_their_dtype(cast):
+    layer, _, _ = make_layer(bits=4, group_size=32, bias=True)
+    layer.scales[0, :3] = torch.tensor([1.0009765625, 0.0009765625, 3.0e-5])  # bf16 would round the first two
+    model = nn.Sequential(nn.Linear(16, 128), layer)
+    stored = {k: v.clone() for k, v in layer.state_dict().items()}
+    model(torch.randn(2, 16))
+    assert layer._layouts
+    dtype = {"to_bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "half": torch.float16, "float": torch.float32,
+             "double": torch.float64, "to_cpu_bf16": torch.bfloat16}[cast]
+    if cast == "to_bf16":
+        model.to(torch.bfloat16)
+    elif cast == "to_cpu_bf16":
+        model.to("cpu", torch.bfloat16)
+    else:
+        getattr(model, cast)()
+    assert model[0].weight.dtype == dtype  # the float layers are cast
+    for key, value in layer.state_dict().items():  # the quantized buffers are not, bit for bit
+        assert value.dtype == stored[key].dtype and torch.equal(value, stored[key]), key
+    assert not layer._layouts  # layouts are rebuilt for the new device/dtype
+    x = torch.randn(5, 128).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    expected = x.double() @ layer.dequantize_weight(torch.float64).T + layer.bias.double()
+    tol = {torch.bfloat16: 2e-2, torch.float16: 4e-3}.get(dtype, 1e-5)
+    assert (y.double() - expected).abs().max() <= tol * expected.abs().max()
+
+
+def test_copies_share_no_layout_and_compute_the_same():
+    layer, _, _ = make_layer()
+    x = torch.randn(2, 128)
+    y = layer(x)
+    clone = copy.deepcopy(layer)
+    assert not clone._layouts and clone.qweight.data_ptr() != layer.qweight.data_ptr()
+    assert torch.equal(clone(x), y)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dequant-gemm", "dense"])
+def test_layouts_made_under_inference_mode_serve_training_later(kernel):
+    from gptqlora.quant.kernels import dequant_gemm
+
+    dequant_gemm.release_workspaces()
+    layer, res, _ = make_layer()
+    layer.set_kernel(kernel)
+    with torch.inference_mode():  # as generation runs
+        layer(torch.randn(2, 128))
+    x = torch.randn(3, 128, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # not checkpointing: nothing kept
+        layer(x).sum().backward()
+    y = checkpoint(layer, x, use_reentrant=False)  # keeps the recompute's weight for backward
+    y.sum().backward()
+    expected = torch.ones(3, 64) @ res.dequantize()
+    torch.testing.assert_close(x.grad, 2 * expected, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    layer, res, _ = make_layer()
+    x = torch.randn(4, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), F.linear(x, res.dequantize()), rtol=3e-2, atol=3e-2)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _tiny_quantized_lora_model():
+    from gptqlora.config import QuantConfig
+    from gptqlora.lora import inject_lora_layers
+    from gptqlora.quant.driver import quantize_model_weights
+
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the driver still toggles set_cache
+        quantize_model_weights(model, None, QuantConfig(method="rtn", bits=4, group_size=32, targets="all"),
+                               progress=False)
+    torch.manual_seed(1)
+    inject_lora_layers(model, "all", r=4, alpha=8.0, dropout=0.0)
+    return model
+
+
+def _train_step(model, checkpointing: bool) -> dict[str, torch.Tensor]:
+    """One forward + backward on a fixed batch; the LoRA gradients."""
+    kwargs = {"use_reentrant": False}
+    if checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dequant"])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_a_train_step_dequantizes_each_weight_at_most_twice(monkeypatch, kernel, checkpointing):
+    from gptqlora.quant.kernels import dequant, dequant_gemm, set_kernel
+
+    calls: list[int] = []  # qweight storage of each dequantization
+    alive: list[weakref.ref] = []
+    most_alive = [0]
+
+    def counting(fn, qweight_of):
+        def wrapper(*args, **kwargs):
+            calls.append(qweight_of(*args).data_ptr())
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def tracking(fn):
+        def wrapper(state):
+            w = fn(state)
+            alive.append(weakref.ref(w))
+            most_alive[0] = max(most_alive[0], sum(r() is not None for r in alive))
+            return w
+        return wrapper
+
+    monkeypatch.setattr(dequant_gemm, "dequantize_into", counting(dequant_gemm.dequantize_into, lambda s, o: s.qweight))
+    monkeypatch.setattr(dequant, "dequantize_packed", counting(dequant.dequantize_packed, lambda q, *a: q))
+    monkeypatch.setattr(dequant_gemm, "dense_weight", tracking(dequant_gemm.dense_weight))
+    monkeypatch.setattr(dequant, "dense_weight", tracking(dequant.dense_weight))
+    model = _tiny_quantized_lora_model()
+    set_kernel(model, kernel)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    calls.clear()
+    grads = _train_step(model, checkpointing)
+
+    per_layer = collections.Counter(calls)
+    assert len(per_layer) == len(layers) == 14  # 7 linears x 2 blocks
+    # Forward + (recompute or backward): three times before. Without checkpointing, the first block's q/k/v see the
+    # frozen embedding's output, which needs no gradient: no backward, one dequantization.
+    assert max(per_layer.values()) == 2 and set(per_layer.values()) <= ({2} if checkpointing else {1, 2}), per_layer
+    # A dense weight is kept only from a block's recompute to its backward: never more than one block's (7) at once.
+    assert most_alive[0] <= (7 if checkpointing else 1)
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_checkpointing_changes_no_gradient():
+    torch.manual_seed(0)
+    plain = _train_step(_tiny_quantized_lora_model(), checkpointing=False)
+    checkpointed = _train_step(_tiny_quantized_lora_model(), checkpointing=True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)

@@ -1,28 +1,43 @@
-"""Save and load quantized models as Hugging Face directories in the GPTQ v1 format.
+"""Quantized models as Hugging Face directories in the GPTQ v1 format: save, load, and quantize straight to one.
 
-A directory holds ``config.json`` (with ``quantization_config``), ``quantize_config.json`` (the same block),
-``model.safetensors`` and the tokenizer files. Quantized linears store qweight/qzeros/scales/g_idx (+bias);
-everything else keeps its plain tensors in the model's dtype. Nothing is ever unpickled.
+A directory holds ``config.json`` (with ``quantization_config``), ``quantize_config.json`` (the same block), the
+weights (``model.safetensors``, or Hugging Face shards ``model-0000i-of-0000n.safetensors`` with
+``model.safetensors.index.json`` once they exceed ``max_shard_size``) and the tokenizer files. Quantized linears store
+qweight/qzeros/scales/g_idx (+bias); everything else keeps its plain tensors in the model's dtype. Nothing is ever
+unpickled.
+
+Two ways to make one, with the same bytes on the same inputs: ``save_quantized`` writes a model quantized in memory;
+``quantize_streamed`` quantizes a float checkpoint block by block (``gptqlora.quant.stream``), never holding more than
+one decoder block's float weights, and can resume after a crash. ``load_quantized`` builds the model on the meta
+device and assigns the tensors it reads, so no float copy of the weights is ever made.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import re
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from gptqlora.config import ALL_TARGETS, ATTN_TARGETS, QuantConfig
-from gptqlora.errors import InputNotFoundError, UsageError
+from gptqlora.errors import InputNotFoundError, OutputExistsError, UsageError
 from gptqlora.files import read_json_object, staged_dir
-from gptqlora.quant.driver import STAGES, _set, decoder_layers
+from gptqlora.quant.driver import STAGES, _set, decoder_layers, position_inputs, quantize_blocks
 from gptqlora.quant.linear import QuantizedLinear
+from gptqlora.quant.stream import (DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, SINGLE_FILE, SafetensorsSource, ShardLayout,
+                                   TensorSpec, WorkDir, parse_size, write_tensors)
 
 QUANT_BUFFERS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+
+
 
 
 def gptq_config_dict(config: QuantConfig) -> dict:
@@ -90,20 +105,23 @@ _AGREEING_FIELDS = ("quant_method", "bits", "group_size", "desc_act", "sym", "st
                     "modules_in_block_to_quantize", "checkpoint_format")
 
 
+
+
 def read_quantized_config(path: str | os.PathLike) -> tuple[dict, QuantConfig]:
     """Read and check a GPTQ directory's configuration without loading any weight.
 
     Returns:
         (config.json as a dict, the QuantConfig its ``quantization_config`` describes).
     Raises:
-        InputNotFoundError: no config.json or model.safetensors.
+        InputNotFoundError: no config.json, or neither model.safetensors nor model.safetensors.index.json.
         UsageError: JSON that is not an object, a missing or bad quantization block, an unknown ``dtype``, or a
             quantize_config.json that disagrees with config.json (naming both files and the field).
     """
     path = Path(path)
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+    if not (path / "config.json").is_file() or not ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()):
         raise InputNotFoundError(f"{path} is not a quantized model directory: expected config.json and "
-                                 "model.safetensors (write one with `gptqlora quantize --out DIR`)")
+                                 f"{SINGLE_FILE} (or {INDEX_FILE} with its shards); write one with "
+                                 "`gptqlora quantize --out DIR`")
     raw = read_json_object(path / "config.json")
     block = raw.get("quantization_config")
     qconfig = quant_config_from_dict(block, f"{path / 'config.json'} quantization_config")
@@ -120,8 +138,72 @@ def read_quantized_config(path: str | os.PathLike) -> tuple[dict, QuantConfig]:
     return raw, qconfig
 
 
+# ---------------------------------------------------------------------------------------------- model skeletons
+
+def float_skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal LM with every weight on the meta device (no memory), from a config or a model directory.
+
+    Only the rotary embedding is real: its buffers are computed from the config, never loaded.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(config, (str, os.PathLike)):
+        config = AutoConfig.from_pretrained(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    inner = getattr(model, "model", None)
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is not None:
+        inner.rotary_emb = type(rotary)(config=model.config)
+    return model
+
+
+def quantized_skeleton(config, qconfig: QuantConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``float_skeleton`` with the target linears of every block replaced by (meta) QuantizedLinear layers."""
+    model = float_skeleton(config, dtype)
+    for block in decoder_layers(model):
+        for name in qconfig.target_names:
+            lin = block.get_submodule(name)
+            _set(block, name, QuantizedLinear(lin.in_features, lin.out_features, qconfig.bits, qconfig.group_size,
+                                              bias=lin.bias is not None, device="meta"))
+    return model
+
+
+def _saved_state(model: nn.Module) -> dict[str, Tensor]:
+    """What a checkpoint stores: the state dict without a tied lm_head (safetensors refuses shared storage)."""
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def _units(names: Sequence[str]) -> list[list[str]]:
+    """Tensor names grouped as written: everything outside the blocks (embeddings, norm, head), then each block."""
+    blocks: dict[int, list[str]] = {}
+    outside = []
+    for name in names:
+        match = _LAYER_KEY.match(name)
+        if match is None:
+            outside.append(name)
+        else:
+            blocks.setdefault(int(match[1]), []).append(name)
+    return [outside] + [blocks[i] for i in sorted(blocks)]
+
+
+def _write_configs(directory: Path, model_config, config: QuantConfig, dtype: torch.dtype, extra: dict | None) -> None:
+    block = gptq_config_dict(config)
+    cfg = model_config.to_dict()
+    cfg["quantization_config"] = block
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    (directory / "quantize_config.json").write_text(json.dumps(block | {"gptqlora": extra or {}}, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------- save and load
+
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, config: QuantConfig,
-                   extra: dict | None = None, overwrite: bool = False) -> Path:
+                   extra: dict | None = None, overwrite: bool = False,
+                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write ``model`` (with QuantizedLinear layers) and ``tokenizer`` to ``out_dir`` in the GPTQ v1 format.
 
     The directory is written next to its destination and renamed into place (``gptqlora.files.staged_dir``), so a
@@ -130,22 +212,16 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, conf
     Args:
         extra: recorded under ``"gptqlora"`` in quantize_config.json (method, calibration, losses...).
         overwrite: replace an existing ``out_dir``; without it an existing one is refused.
+        max_shard_size: bytes (or "5GB") per weights file; a model that fits one is written as model.safetensors.
     Returns:
         The directory.
     Raises:
         OutputExistsError: ``out_dir`` exists and ``overwrite`` is false.
     """
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)  # tied to embed_tokens; safetensors refuses shared storage
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        block = gptq_config_dict(config)
-        cfg = model.config.to_dict()
-        cfg["quantization_config"] = block
-        cfg["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        (tmp / "quantize_config.json").write_text(json.dumps(block | {"gptqlora": extra or {}}, indent=2))
+        state = {k: v.detach().contiguous() for k, v in _saved_state(model).items()}
+        write_tensors(tmp, [{n: state[n] for n in unit} for unit in _units(list(state))], max_shard_size)
+        _write_configs(tmp, model.config, config, next(model.parameters()).dtype, extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
@@ -163,55 +239,209 @@ def is_quantized_dir(path: str | os.PathLike) -> bool:
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Load a GPTQ v1 directory (ours, or another tool's with the same layout) as a model with QuantizedLinear layers.
 
+    The model is built on the meta device and each tensor read (memory-mapped) is checked, moved to ``device`` and
+    assigned, so loading holds no second copy of the weights. Reads one model.safetensors or the shards of an index.
+
     Returns:
         (model, tokenizer, QuantConfig).
     Raises:
-        InputNotFoundError: no config.json or model.safetensors.
+        InputNotFoundError: no config.json or weights.
         UsageError: a bad config (see ``read_quantized_config``), a shape or dtype that does not match what the
             config describes, a truncated file, or non-finite scales.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = Path(path)
-    weights = path / "model.safetensors"
     raw, qconfig = read_quantized_config(path)
-    try:
-        state = load_file(weights, device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UsageError(f"cannot read {weights}: the file is truncated or corrupt ({e}); quantize again") from None
-
+    weights = SafetensorsSource(path)
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    dtype = getattr(torch, raw.get("dtype") or raw.get("torch_dtype") or "float32")
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for i, block in enumerate(decoder_layers(model)):
-        for name in qconfig.target_names:
-            lin = block.get_submodule(name)
-            q = QuantizedLinear(lin.in_features, lin.out_features, qconfig.bits, qconfig.group_size,
-                                bias=lin.bias is not None)
-            _set(block, name, q)
-    expected = model.state_dict()
-    if getattr(config, "tie_word_embeddings", False):
-        expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    model = quantized_skeleton(config, qconfig, getattr(torch, raw.get("dtype") or raw.get("torch_dtype") or "float32"))
+    expected = _saved_state(model)
+    missing = sorted(set(expected) - set(weights.names))
+    unexpected = sorted(set(weights.names) - set(expected))
     if missing or unexpected:
-        raise UsageError(f"{weights} does not match its config: missing {missing[:4]}{'...' if len(missing) > 4 else ''}"
-                         f", unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
-    for key, t in state.items():
+        raise UsageError(f"{weights.path} does not match its config: missing {missing[:4]}"
+                         f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                         f"{'...' if len(unexpected) > 4 else ''}")
+
+    def checked(key: str, t: Tensor) -> Tensor:
         want = expected[key]
         if t.shape != want.shape:
-            raise UsageError(f"{weights}: {key} has shape {tuple(t.shape)} but the config implies {tuple(want.shape)}"
-                             f" (bits={qconfig.bits}, group_size={qconfig.group_size})")
+            raise UsageError(f"{weights.path}: {key} has shape {tuple(t.shape)} but the config implies "
+                             f"{tuple(want.shape)} (bits={qconfig.bits}, group_size={qconfig.group_size})")
         if key.endswith(("qweight", "qzeros", "g_idx")) and t.dtype != torch.int32:
-            raise UsageError(f"{weights}: {key} is {t.dtype}, the GPTQ format stores int32")
+            raise UsageError(f"{weights.path}: {key} is {t.dtype}, the GPTQ format stores int32")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise UsageError(f"{weights}: {key} holds NaN or infinite values; the checkpoint is damaged: quantize "
-                             "again")
-    model.load_state_dict(state, strict=False)
+            raise UsageError(f"{weights.path}: {key} holds NaN or infinite values; the checkpoint is damaged: "
+                             "quantize again")
+        return t.to(device=device, dtype=want.dtype)
+
+    state = weights.load(sorted(expected), checked)
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    model.to(device).eval()
+    model.to(device)  # the rotary embedding's computed buffers; every loaded tensor is there already
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise UsageError(f"{path}: {left[:4]} were neither stored nor computed: this model type is not supported")
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model, tokenizer, qconfig
+
+
+# ---------------------------------------------------------------------------------------------- streamed quantization
+
+def work_dir(out_dir: str | os.PathLike) -> Path:
+    """Where ``quantize_streamed`` keeps finished blocks until the output is complete: ``.NAME.quantizing``."""
+    out = Path(out_dir)
+    return out.with_name(f".{out.name}.quantizing")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the work directory keeps its files until the output is in place
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, dst)
+
+
+def _embed(weight: Tensor, ids: Tensor, chunk_size: int, dtype: torch.dtype) -> list[Tensor]:
+    """The first block's calibration inputs on the CPU, in chunks of [b, T, D] (what the model's embedding gives)."""
+    return [torch.nn.functional.embedding(c, weight).to(dtype) for c in ids.to("cpu", torch.int64).split(chunk_size)]
+
+
+@torch.no_grad()
+def quantize_streamed(source: str | os.PathLike, out_dir: str | os.PathLike, config: QuantConfig,
+                      calibration: Tensor | None = None, *, tokenizer=None, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu", max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                      resume: bool = False, overwrite: bool = False, extra: dict | None = None, chunk_size: int = 8,
+                      name_or_path: str | None = None, progress: bool = True,
+                      on_block: Callable[[int, dict[str, float]], None] | None = None) -> dict:
+    """Quantize a float safetensors checkpoint into a GPTQ directory one decoder block at a time.
+
+    The model is built on the meta device. The embeddings, final norm and head are read alone and written at once;
+    then each block is read (memory-mapped) when its turn comes, moved to ``device``, calibrated on the previous
+    block's outputs (kept on the CPU, sent to ``device`` chunk by chunk), quantized, written to its place in the
+    output shards and freed. The result equals ``quantize_model_weights`` + ``save_quantized`` on the same inputs,
+    bit for bit (same device and dtype).
+
+    Finished blocks are kept in ``work_dir(out_dir)``, which survives a crash; with ``resume`` a rerun with the same
+    inputs and settings continues after the last finished block. When all blocks are done the directory is staged and
+    renamed into place as ``save_quantized`` does, and the work directory is deleted.
+
+    Args:
+        source: a Hugging Face model directory (config.json + model.safetensors, or shards and their index).
+        calibration: token ids [n_samples, seqlen] (full windows, no padding); unused for RTN.
+        tokenizer: saved with the model when given (as ``save_pretrained`` writes it).
+        dtype: the model's dtype: calibration passes and unquantized tensors use it, as in a model loaded in it.
+        device: where each block is calibrated and quantized.
+        max_shard_size: bytes (or "5GB") per output file; blocks are never split across files.
+        resume: continue an interrupted run on the same output (refused if its inputs or settings differ).
+        overwrite: replace an existing output, and discard an interrupted run's work unless ``resume``.
+        extra: recorded under "gptqlora" in quantize_config.json, with this function's report.
+        chunk_size: calibration sequences per forward chunk.
+        name_or_path: recorded as config.json's ``_name_or_path`` (default: as the source's config says).
+        on_block: called with (block index, GPTQ losses) once a block is durably written.
+    Returns:
+        A report: method, bits, group_size, targets, seconds (this run), gptq_loss_total, layer_losses (all blocks,
+        resumed ones included), blocks, resumed_blocks, shards.
+    Raises:
+        OutputExistsError: ``out_dir`` is not empty, or an interrupted run's work exists, without ``overwrite`` or
+            ``resume`` (see the message).
+        UsageError: a source that is not a float checkpoint of a LLaMA-family model, missing calibration for GPTQ,
+            a resume over work made differently, a block whose forward the driver does not reproduce.
+    """
+    from transformers import AutoConfig
+
+    begin = time.perf_counter()
+    source, out, device = Path(source), Path(out_dir), torch.device(device)
+    weights = SafetensorsSource(source)
+    if config.method == "gptq" and (calibration is None or calibration.ndim != 2):
+        raise UsageError("GPTQ needs calibration token ids of shape [n_samples, seqlen]")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{out} exists and is not empty: choose a new directory, or pass overwrite "
+                                "(--overwrite) to replace it (nothing was written)")
+    hf_config = AutoConfig.from_pretrained(source)
+    if getattr(hf_config, "quantization_config", None) is not None:
+        raise UsageError(f"{source} is already quantized (its config.json has a quantization_config): pass a float "
+                         "model to quantize")
+    model = float_skeleton(hf_config, dtype)
+    if name_or_path is not None:
+        model.config.name_or_path = name_or_path
+    layers = decoder_layers(model)
+    float_state = _saved_state(model)
+    specs = {n: TensorSpec.of(n, t) for n, t in _saved_state(quantized_skeleton(hf_config, config, dtype)).items()}
+    units = _units(list(specs))
+    layout = ShardLayout([[specs[n] for n in unit] for unit in units], max_shard_size)
+    fingerprint = json.loads(json.dumps({
+        "format": 1, "source": str(source.resolve()),
+        "source_files": {f: (source / f).stat().st_size for f in weights.files},
+        "quant": dataclasses.asdict(config), "dtype": str(dtype), "device": device.type, "chunk_size": chunk_size,
+        "max_shard_size": parse_size(max_shard_size),
+        "calibration": None if config.method == "rtn" else hashlib.sha256(
+            calibration.to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()}))
+    work = WorkDir.open(work_dir(out), layout, fingerprint, resume=resume, overwrite=overwrite)
+    resumed = work.units_done
+
+    def read(names: Sequence[str], to: torch.device) -> dict[str, Tensor]:
+        """Source tensors, checked against the config and converted to the model's dtype on ``to``."""
+
+        def convert(n: str, t: Tensor) -> Tensor:
+            if t.shape != float_state[n].shape:
+                raise UsageError(f"{weights.path}: {n} has shape {tuple(t.shape)} but config.json implies "
+                                 f"{tuple(float_state[n].shape)}")
+            return t.to(device=to, dtype=float_state[n].dtype)
+
+        return weights.load(names, convert)
+
+    xs = None
+    if resumed == 0:  # embeddings, final norm, head: read alone, written at once, freed
+        outside = read(units[0], torch.device("cpu"))
+        if config.method == "gptq":
+            xs = _embed(outside["model.embed_tokens.weight"], calibration, chunk_size, dtype)
+        work.commit(0, outside, {}, xs)
+        del outside
+    elif config.method == "gptq" and resumed <= len(layers):
+        xs = work.activations()
+        if xs is None:
+            raise UsageError(f"cannot resume from {work.path}: the calibration inputs of block {resumed - 1} are "
+                             "missing; rerun with overwrite (--overwrite) to start again")
+    rope, mask = (None, None) if xs is None else position_inputs(model.model.rotary_emb.to(device), model.config,
+                                                                 xs[0].to(device))
+
+    def load_block(i: int) -> nn.Module:
+        prefix = f"model.layers.{i}."
+        tensors = read([prefix + k for k in layers[i].state_dict()], device)
+        layers[i].load_state_dict({k.removeprefix(prefix): t for k, t in tensors.items()}, assign=True)
+        return layers[i]
+
+    def sink(i: int, block: nn.Module, block_losses: dict[str, float], next_xs: list[Tensor] | None) -> None:
+        prefix = f"model.layers.{i}."
+        tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+        last = i == len(layers) - 1
+        work.commit(1 + i, tensors, {prefix + k: v for k, v in block_losses.items()}, None if last else next_xs)
+        block.to("meta")  # frees the block
+        if on_block is not None:
+            on_block(i, block_losses)
+
+    quantize_blocks(len(layers), load_block, xs, rope, mask, config, start=max(resumed - 1, 0), on_block=sink,
+                    progress=progress)
+    del xs
+    losses = work.losses
+    report = {"method": config.method, "bits": config.bits, "group_size": config.group_size,
+              "targets": list(config.target_names), "seconds": round(time.perf_counter() - begin, 2),
+              "gptq_loss_total": round(sum(losses.values()), 4), "blocks": len(layers),
+              "resumed_blocks": max(resumed - 1, 0), "shards": len(layout.files),
+              "layer_losses": {k: round(v, 6) for k, v in losses.items()}}
+    with staged_dir(out, overwrite=overwrite) as tmp:
+        for file in layout.output_files():
+            _link_or_copy(work.path / file, tmp / file)
+        _write_configs(tmp, model.config, config, dtype, (extra or {}) | report)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    work.remove()
+    return report

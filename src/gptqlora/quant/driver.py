@@ -1,26 +1,37 @@
-"""The layer-by-layer driver: quantize a LLaMA-family model's decoder blocks in place.
+"""The layer-by-layer driver: quantize a LLaMA-family model's decoder blocks, one block at a time.
 
-Sequential: block i is calibrated on the outputs of blocks < i already quantized, and only one block's activations
-are held at a time. Inside a block, true-sequential order runs the block once, stage by stage:
+Sequential: block i is calibrated on the outputs of blocks < i already quantized. Inside a block, true-sequential
+order runs the block stage by stage:
 
     x ─ norm1 ─> [q, k, v] ─ attention ─> o ─(+x)─> h ─ norm2 ─> [gate, up] ─ act(gate)*up ─> down ─(+h)─> out
 
-each stage's Hessian is collected from the outputs of the stages before it, already quantized, so every linear is
-evaluated once (not once per stage, as a hook-and-rerun driver does). Linears that share an input (q/k/v, gate/up)
-share a Hessian and are solved in one call with their rows stacked, which is exactly equivalent and 2-3x cheaper.
+each stage's Hessian is collected from the outputs of the stages before it, already quantized. Linears that share an
+input (q/k/v, gate/up) share a Hessian and are solved in one call with their rows stacked, which is exactly equivalent
+and 2-3x cheaper.
+
+Memory: blocks come from a source and go to a sink (``quantize_blocks``). For a model in memory the source is its own
+layers (``quantize_model_weights``); for a checkpoint larger than memory,
+``gptqlora.quant.checkpoint.quantize_streamed`` loads each block from safetensors when its turn comes and writes it
+out when done. Calibration activations stay where they are given (the CPU, when streaming) and go to the block's
+device one chunk at a time; each Hessian is accumulated chunk by chunk, so a block holds its input, one
+residual-stream-sized list and one Hessian, never every stage's input.
+
+The stage-by-stage computation is LLaMA's block written out by hand: ``check_staged_forward`` compares it with the
+block's own forward on the first chunk of every block and refuses a block that computes something else.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from gptqlora.config import QuantConfig
+from gptqlora.errors import UsageError
 from gptqlora.quant.gptq import HessianAccumulator, gptq_solve
 from gptqlora.quant.grid import QuantResult, rtn_quantize
 from gptqlora.quant.linear import QuantizedLinear
@@ -34,6 +45,10 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("mlp.up_proj", "mlp.gate_proj"),
     ("mlp.down_proj",),
 )
+# (rtol, atol) per compute dtype for staged vs forward, element by element: torch.testing.assert_close's defaults.
+_FORWARD_TOLERANCE = {torch.float32: (1.3e-6, 1e-5), torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
+
+Rope = tuple[Tensor, Tensor]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -71,22 +86,34 @@ def quantize_linears(block: nn.Module, names: Sequence[str], H: Tensor | None, c
     """
     linears = [_get(block, n) for n in names]
     W = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [sum N, K]
+    kept = [(lin.out_features, lin.bias, lin.weight.device) for lin in linears]
+    for name in names:  # the float weights are in W now: free them before the solve and the packing need memory
+        _set(block, name, _Quantizing())
+    del linears
     if config.method == "rtn" or H is None:
         result = rtn_quantize(W, config.bits, config.group_size, config.sym)
     else:
         result = gptq_solve(W, H.to(W.device), bits=config.bits, group_size=config.group_size, sym=config.sym,
                             act_order=config.act_order, static_groups=config.static_groups,
                             damp_percent=config.damp_percent, block_size=config.block_size)
+    del W
     losses, start = {}, 0
-    for name, lin in zip(names, linears):
-        rows = slice(start, start + lin.out_features)
+    for name, (out_features, bias, device) in zip(names, kept):
+        rows = slice(start, start + out_features)
         part = QuantResult(result.codes[rows], result.scales[:, rows], result.zeros[:, rows], result.g_idx)
-        q = QuantizedLinear.from_result(part, config.bits, config.group_size, bias=lin.bias).to(lin.weight.device)
-        q.set_cache(True)  # the block's remaining calibration passes reuse it; released when the block is done
+        q = QuantizedLinear.from_result(part, config.bits, config.group_size, bias=bias).to(device)
+        q.set_kernel("dense")  # the block's remaining calibration passes reuse its weight; released when it is done
         _set(block, name, q)
-        losses[name] = result.loss * lin.out_features / W.shape[0]
-        start += lin.out_features
+        losses[name] = result.loss * out_features / result.codes.shape[0]
+        start += out_features
     return losses
+
+
+class _Quantizing(nn.Module):
+    """Holds a linear's place while its weights are being quantized; a block left with one cannot run by mistake."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise RuntimeError("this linear's quantization did not finish: the model is incomplete")
 
 
 class _CaptureInput(nn.Module):
@@ -102,72 +129,133 @@ class _CaptureInput(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
-def _hessian(chunks: Sequence[Tensor], device: torch.device, product_dtype: torch.dtype) -> Tensor:
-    acc = HessianAccumulator(chunks[0].shape[-1], device, product_dtype)
-    for c in chunks:
-        acc.add(c)
-    return acc.hessian()
+def _attention_input(attn: nn.Module, n1: Tensor, rope: Rope, mask: Tensor | None) -> Tensor:
+    """o_proj's input for normalised hidden states n1 [b, T, D]: the attention heads, concatenated [b, T, H*d]."""
+    capture = _CaptureInput(attn.o_proj.out_features)
+    o_proj, attn.o_proj = attn.o_proj, capture
+    try:
+        attn(hidden_states=n1, position_embeddings=_fit(rope, n1), attention_mask=_fit_mask(mask, n1))
+    finally:
+        attn.o_proj = o_proj
+    return capture.inputs[0]
 
 
-def _quantize_stage(block: nn.Module, stage: Sequence[str], targets: Sequence[str], inputs: Sequence[Tensor],
-                    config: QuantConfig) -> dict[str, float]:
-    names = [n for n in stage if n in targets]
-    if not names:
-        return {}
-    H = _hessian(inputs, inputs[0].device, calib_dtype(config, inputs[0].device)) if config.method == "gptq" else None
-    return quantize_linears(block, names, H, config)
+def _mlp_input(mlp: nn.Module, n2: Tensor) -> Tensor:
+    """down_proj's input for normalised hidden states n2 [b, T, D]: act(gate(n2)) * up(n2), [b, T, I]."""
+    return mlp.act_fn(mlp.gate_proj(n2)) * mlp.up_proj(n2)
+
+
+def staged_forward(block: nn.Module, x: Tensor, rope: Rope, mask: Tensor | None) -> Tensor:
+    """The block's output for x [b, T, D] computed stage by stage, exactly as ``quantize_block`` computes it."""
+    attn, mlp = block.self_attn, block.mlp
+    h = x + attn.o_proj(_attention_input(attn, block.input_layernorm(x), rope, mask))
+    return h + mlp.down_proj(_mlp_input(mlp, block.post_attention_layernorm(h)))
+
+
+def _block_device(block: nn.Module) -> torch.device:
+    return block.input_layernorm.weight.device
 
 
 @torch.no_grad()
-def quantize_block(block: nn.Module, xs: Sequence[Tensor], rope: tuple[Tensor, Tensor], mask: Tensor | None,
+def check_staged_forward(block: nn.Module, x: Tensor, rope: Rope, mask: Tensor | None, index: int = 0) -> float:
+    """Refuse a block whose own forward is not the LLaMA computation the driver calibrates with.
+
+    Args:
+        x: one chunk of the block's input [b, T, D] (any device; it is moved to the block's).
+        index: the block's index, for the message.
+    Returns:
+        max |staged - forward| on the chunk (0.0 for a LLaMA block: the two run the same operations).
+    Raises:
+        UsageError: when an element differs by more than the compute dtype's tolerance (``torch.testing``'s
+            defaults: |staged - forward| <= atol + rtol * |forward|), or is not finite.
+    """
+    x = x.to(_block_device(block))
+    ours = staged_forward(block, x, rope, mask).float()
+    theirs = _block_forward(block, [x], rope, mask)[0].float()
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    rtol, atol = _FORWARD_TOLERANCE.get(dtype, _FORWARD_TOLERANCE[torch.bfloat16])
+    diff = (ours - theirs).abs().max().item()
+    if not torch.isclose(ours, theirs, rtol=rtol, atol=atol).all():
+        raise UsageError(f"decoder block {index} ({type(block).__name__}) does not compute what the driver's staged "
+                         f"LLaMA block computes (max |difference| {diff:.3g} on the first calibration chunk, beyond "
+                         f"{str(dtype).removeprefix('torch.')} tolerance rtol={rtol:g}, atol={atol:g}): "
+                         "true-sequential GPTQ would calibrate its layers on wrong inputs. Use --no-true-sequential (hooks on the "
+                         "block's own forward) or --method rtn for this model")
+    return diff
+
+
+def _hessian(inputs: Iterable[Tensor], device: torch.device, product_dtype: torch.dtype) -> Tensor:
+    """H from inputs produced one chunk at a time (each chunk is dropped once added)."""
+    acc: HessianAccumulator | None = None
+    for x in inputs:
+        if acc is None:
+            acc = HessianAccumulator(x.shape[-1], device, product_dtype)
+        acc.add(x)
+    if acc is None:
+        raise ValueError("no calibration chunks")
+    return acc.hessian()
+
+
+@torch.no_grad()
+def quantize_block(block: nn.Module, xs: Sequence[Tensor], rope: Rope, mask: Tensor | None,
                    targets: Sequence[str], config: QuantConfig) -> tuple[list[Tensor], dict[str, float]]:
     """Quantize one decoder block in true-sequential order and return its outputs for the next block.
+
+    Each stage's input is produced chunk by chunk from the block input (``xs``, moved to the block's device one chunk
+    at a time) and the stages before it, already quantized; only o_proj's input and then the residual stream ``h``
+    are kept between stages, on the device ``xs`` live on.
 
     Args:
         xs: the block's input hidden states, in chunks of [b, T, D].
         rope: (cos, sin) position embeddings for one chunk; mask: attention mask for one chunk (None = causal SDPA).
     Returns:
-        (outputs in the same chunks, GPTQ loss per linear).
+        (outputs in the same chunks, on the same device as ``xs``; GPTQ loss per linear).
     """
-    losses: dict[str, float] = {}
+    device = _block_device(block)
+    product_dtype = calib_dtype(config, device)
     attn, mlp = block.self_attn, block.mlp
-    n1 = [block.input_layernorm(x) for x in xs]
-    losses |= _quantize_stage(block, STAGES[0], targets, n1, config)
+    losses: dict[str, float] = {}
 
-    capture = _CaptureInput(attn.o_proj.out_features)
-    o_proj, attn.o_proj = attn.o_proj, capture
-    try:
-        for n in n1:
-            attn(hidden_states=n, position_embeddings=_fit(rope, n), attention_mask=_fit_mask(mask, n))
-    finally:
-        attn.o_proj = o_proj
-    del n1
-    o_in = capture.inputs
-    losses |= _quantize_stage(block, STAGES[1], targets, o_in, config)
-    hs = [x + attn.o_proj(a) for x, a in zip(xs, o_in)]
-    del o_in
+    def solve(stage: int, inputs: Iterable[Tensor]) -> None:
+        names = [n for n in STAGES[stage] if n in targets]
+        if names:  # a stage without targets is not even run
+            H = _hessian(inputs, device, product_dtype) if config.method == "gptq" else None
+            losses.update(quantize_linears(block, names, H, config))
 
-    n2 = [block.post_attention_layernorm(h) for h in hs]
-    losses |= _quantize_stage(block, STAGES[2], targets, n2, config)
-    acts = [mlp.act_fn(mlp.gate_proj(n)) * mlp.up_proj(n) for n in n2]
-    del n2
-    losses |= _quantize_stage(block, STAGES[3], targets, acts, config)
-    outs = [h + mlp.down_proj(a) for h, a in zip(hs, acts)]
+    def norm2(h: Tensor) -> Tensor:
+        return block.post_attention_layernorm(h.to(device))
+
+    solve(0, (block.input_layernorm(x.to(device)) for x in xs))
+    o_in = [_attention_input(attn, block.input_layernorm(x.to(device)), rope, mask).to(x.device) for x in xs]
+    solve(1, (a.to(device) for a in o_in))
+    hs = []
+    for j, x in enumerate(xs):
+        hs.append((x.to(device) + attn.o_proj(o_in[j].to(device))).to(x.device))
+        o_in[j] = None  # type: ignore[call-overload]  # freed as the residual stream replaces it
+    solve(2, (norm2(h) for h in hs))
+    solve(3, (_mlp_input(mlp, norm2(h)) for h in hs))
+    outs = []
+    for j, h in enumerate(hs):
+        outs.append((h.to(device) + mlp.down_proj(_mlp_input(mlp, norm2(h)))).to(h.device))
+        hs[j] = None  # type: ignore[call-overload]
     return outs, losses
 
 
 @torch.no_grad()
-def _block_forward(block: nn.Module, xs: Sequence[Tensor], rope: tuple[Tensor, Tensor], mask: Tensor | None,
+def _block_forward(block: nn.Module, xs: Sequence[Tensor], rope: Rope, mask: Tensor | None,
                    hooks: dict[str, HessianAccumulator] | None = None) -> list[Tensor]:
-    """Plain forward of a block over chunks, optionally accumulating the inputs of some linears (one-pass GPTQ)."""
+    """Plain forward of a block over chunks (each moved to the block's device and back), optionally accumulating the
+    inputs of some linears (one-pass GPTQ)."""
+    device = _block_device(block)
     handles = []
     for name, acc in (hooks or {}).items():
         handles.append(_get(block, name).register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
     try:
         out = []
         for x in xs:
-            y = block(x, position_embeddings=_fit(rope, x), attention_mask=_fit_mask(mask, x))
-            out.append(y[0] if isinstance(y, tuple) else y)
+            xd = x.to(device)
+            y = block(xd, position_embeddings=_fit(rope, xd), attention_mask=_fit_mask(mask, xd))
+            out.append((y[0] if isinstance(y, tuple) else y).to(x.device))
         return out
     finally:
         for h in handles:
@@ -178,7 +266,7 @@ def release_caches(module: nn.Module) -> None:
     """Drop the dequantized weights kept while a block was being calibrated."""
     for m in module.modules():
         if isinstance(m, QuantizedLinear):
-            m.set_cache(False)
+            m.set_kernel("auto")
 
 
 def calib_dtype(config: QuantConfig, device: torch.device) -> torch.dtype:
@@ -191,12 +279,16 @@ def calib_dtype(config: QuantConfig, device: torch.device) -> torch.dtype:
 
 
 def _calib_context(config: QuantConfig, device: torch.device, model_dtype: torch.dtype):
-    """Autocast to bf16 for the calibration passes of a float32 model when bf16 calibration is chosen."""
+    """Autocast to bf16 for the calibration passes of a float32 model when bf16 calibration is chosen.
+
+    Without autocast's cast cache: it would keep a bf16 copy of every float weight the block's passes touch (weights
+    require grad) until the block is done, half a block's weights more, for casts that cost little next to the matmul.
+    """
     use = calib_dtype(config, device) == torch.bfloat16 and model_dtype != torch.bfloat16
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use, cache_enabled=False)
 
 
-def _fit(rope: tuple[Tensor, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+def _fit(rope: Rope, x: Tensor) -> Rope:
     return rope[0][: x.shape[0]], rope[1][: x.shape[0]]
 
 
@@ -204,20 +296,94 @@ def _fit_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
     return None if mask is None else mask[: x.shape[0]]
 
 
-def _causal_mask(model: nn.Module, x: Tensor) -> Tensor | None:
+def _causal_mask(model_config, x: Tensor) -> Tensor | None:
     """The mask the model itself would build for full, unpadded windows (None for SDPA's causal fast path)."""
     from transformers.masking_utils import create_causal_mask
 
     position_ids = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
-    return create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=None,
+    return create_causal_mask(config=model_config, inputs_embeds=x, attention_mask=None, cache=None,
                               position_ids=position_ids)
+
+
+def calibration_inputs(embed: Callable[[Tensor], Tensor], rotary: nn.Module, model_config, ids: Tensor,
+                       chunk_size: int, dtype: torch.dtype, device: torch.device | str
+                       ) -> tuple[list[Tensor], Rope, Tensor | None]:
+    """The first block's inputs, in chunks, and what every block's attention needs.
+
+    Args:
+        embed: token ids -> embeddings (the model's embedding, or a lookup in its weight).
+        rotary: the model's rotary embedding module, on ``device``.
+        ids: token ids [n_samples, seqlen] (full windows, no padding); the chunks live on its device.
+    Returns:
+        (chunks of [b, T, D] in ``dtype``, (cos, sin) for one chunk, the attention mask for one chunk); the last two
+        on ``device``.
+    """
+    xs = [embed(c).to(dtype) for c in ids.split(chunk_size)]
+    return (xs, *position_inputs(rotary, model_config, xs[0].to(device)))
+
+
+def position_inputs(rotary: nn.Module, model_config, x: Tensor) -> tuple[Rope, Tensor | None]:
+    """(cos, sin) and the attention mask for chunks shaped like x [b, T, D] (full windows), on x's device."""
+    position_ids = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+    return rotary(x, position_ids), _causal_mask(model_config, x)
+
+
+@torch.no_grad()
+def quantize_blocks(n_blocks: int, load_block: Callable[[int], nn.Module], xs: list[Tensor] | None,
+                    rope: Rope | None, mask: Tensor | None, config: QuantConfig, start: int = 0,
+                    on_block: Callable[[int, nn.Module, dict[str, float], list[Tensor] | None], None] | None = None,
+                    progress: bool = True) -> dict[str, float]:
+    """The sequential loop: quantize blocks ``start``..``n_blocks - 1``, each fed the previous one's outputs.
+
+    Args:
+        load_block: the source, i -> block i with float weights on the device it is to be calibrated on.
+        xs: block ``start``'s input in chunks [b, T, D] (see ``calibration_inputs``); None for RTN. The list is
+            updated in place to each block's outputs, so the caller's reference never pins an earlier block's.
+        on_block: the sink, called with (i, the quantized block, its GPTQ losses, block i+1's inputs or None) when
+            block i is done; the driver keeps no reference to the block afterwards.
+    Returns:
+        GPTQ loss per full module name (``model.layers.3.self_attn.q_proj``) of the blocks quantized here.
+    Raises:
+        UsageError: a block whose forward is not the staged LLaMA computation (true-sequential GPTQ only).
+    """
+    targets = config.target_names
+    losses: dict[str, float] = {}
+    bar = tqdm(range(start, n_blocks), desc=f"{config.method} {config.bits}-bit", disable=not progress,
+               unit="block", initial=start, total=n_blocks)
+    for i in bar:
+        begin = time.perf_counter()
+        block = load_block(i)
+        if config.method == "rtn":
+            block_losses = quantize_linears_all(block, targets, config)
+        else:
+            device, dtype = _block_device(block), xs[0].dtype
+            with _calib_context(config, device, dtype):
+                if config.true_sequential:
+                    check_staged_forward(block, xs[0], rope, mask, i)
+                    outs, block_losses = quantize_block(block, xs, rope, mask, targets, config)
+                else:
+                    block_losses = _one_pass_block(block, xs, rope, mask, targets, config)
+                    outs = _block_forward(block, xs, rope, mask)
+            # In place, so that no caller keeps an earlier block's activations alive; the residual stream between
+            # blocks stays in the model's dtype.
+            xs[:] = [x.to(dtype) for x in outs]
+            del outs
+        release_caches(block)
+        for name, loss in block_losses.items():
+            log.info("block %d %s: GPTQ loss %.4f", i, name, loss)
+        losses |= {f"model.layers.{i}.{k}": v for k, v in block_losses.items()}
+        bar.set_postfix(loss=f"{sum(block_losses.values()):.3f}", secs=f"{time.perf_counter() - begin:.1f}")
+        if on_block is not None:
+            on_block(i, block, block_losses, xs)
+        del block
+    return losses
 
 
 @torch.no_grad()
 def quantize_model_weights(model: nn.Module, calibration: Tensor | None, config: QuantConfig,
                            chunk_size: int = 8, progress: bool = True,
                            on_block: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
-    """Quantize the target linears of every decoder block, in place, block by block.
+    """Quantize the target linears of every decoder block of a model held in memory, in place, block by block.
 
     Args:
         model: a LLaMA-family causal LM (float weights).
@@ -230,57 +396,36 @@ def quantize_model_weights(model: nn.Module, calibration: Tensor | None, config:
         GPTQ loss per full module name (``model.layers.3.self_attn.q_proj``), also logged.
     Raises:
         ValueError: for a model that is not LLaMA-shaped, or GPTQ without calibration data.
+        UsageError: a block whose forward is not the staged LLaMA computation (true-sequential GPTQ only).
     """
     layers = decoder_layers(model)
-    targets = config.target_names
-    losses: dict[str, float] = {}
-    bar = tqdm(range(len(layers)), desc=f"{config.method} {config.bits}-bit", disable=not progress, unit="block")
-    if config.method == "rtn":
-        for i in bar:
-            block_losses = quantize_linears_all(layers[i], targets, config)
-            release_caches(layers[i])
-            losses |= {f"model.layers.{i}.{k}": v for k, v in block_losses.items()}
-        return losses
-    if calibration is None or calibration.ndim != 2:
-        raise ValueError("GPTQ needs calibration token ids of shape [n_samples, seqlen]")
+    xs = rope = mask = None
+    if config.method == "gptq":
+        if calibration is None or calibration.ndim != 2:
+            raise ValueError("GPTQ needs calibration token ids of shape [n_samples, seqlen]")
+        param = next(model.parameters())
+        inner = model.model
+        xs, rope, mask = calibration_inputs(inner.embed_tokens, inner.rotary_emb, model.config,
+                                            calibration.to(param.device), chunk_size, param.dtype, param.device)
 
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    ids = calibration.to(device)
-    inner = model.model
-    xs = [inner.embed_tokens(c).to(dtype) for c in ids.split(chunk_size)]  # chunks of [b, T, D]
-    position_ids = torch.arange(ids.shape[1], device=device)[None].expand(xs[0].shape[0], -1)
-    rope = inner.rotary_emb(xs[0], position_ids)
-    mask = _causal_mask(model, xs[0])
-    for i in bar:
-        start = time.perf_counter()
-        block = layers[i]
-        with _calib_context(config, device, dtype):
-            if config.true_sequential:
-                xs, block_losses = quantize_block(block, xs, rope, mask, targets, config)
-            else:
-                block_losses = _one_pass_block(block, xs, rope, mask, targets, config)
-                xs = _block_forward(block, xs, rope, mask)
-        xs = [x.to(dtype) for x in xs]  # the residual stream between blocks stays in the model's dtype
-        release_caches(block)
-        for name, loss in block_losses.items():
-            log.info("block %d %s: GPTQ loss %.4f", i, name, loss)
-        losses |= {f"model.layers.{i}.{k}": v for k, v in block_losses.items()}
-        bar.set_postfix(loss=f"{sum(block_losses.values()):.3f}", secs=f"{time.perf_counter() - start:.1f}")
+    def sink(i: int, block: nn.Module, block_losses: dict[str, float], _: list[Tensor] | None) -> None:
         if on_block is not None:
             on_block(i, block_losses)
-    return losses
+
+    return quantize_blocks(len(layers), layers.__getitem__, xs, rope, mask, config, on_block=sink,
+                           progress=progress)
 
 
-def _one_pass_block(block: nn.Module, xs: Sequence[Tensor], rope: tuple[Tensor, Tensor], mask: Tensor | None,
+def _one_pass_block(block: nn.Module, xs: Sequence[Tensor], rope: Rope, mask: Tensor | None,
                     targets: Sequence[str], config: QuantConfig) -> dict[str, float]:
     """Without true-sequential: every linear's Hessian comes from one pass of the block with float weights."""
+    device = _block_device(block)
     accs: dict[str, HessianAccumulator] = {}
     for stage in STAGES:
         names = [n for n in stage if n in targets]
         if names:  # linears of one stage see the same input: hook the first, share its Hessian
-            accs[names[0]] = HessianAccumulator(_get(block, names[0]).in_features, xs[0].device,
-                                                calib_dtype(config, xs[0].device))
+            accs[names[0]] = HessianAccumulator(_get(block, names[0]).in_features, device,
+                                                calib_dtype(config, device))
     _block_forward(block, xs, rope, mask, hooks=accs)
     losses: dict[str, float] = {}
     for stage in STAGES:

@@ -1,56 +1,72 @@
 """QuantizedLinear: a drop-in ``nn.Linear`` replacement holding only packed GPTQ v1 buffers.
 
-Buffers (names and layouts are the checkpoint's): qweight int32 [K*b/32, N], qzeros int32 [G, N*b/32],
-scales fp16 [G, N], g_idx int32 [K], bias [N] or absent. Forward unpacks the codes, dequantizes in the input's dtype
-and multiplies; nothing dequantized is kept unless ``cache_dequantized`` is switched on (it costs one dense weight,
-K*N elements in the input dtype, per layer: the memory saving is then gone, in exchange for speed).
+Buffers (names and layouts are the checkpoint's, and its state_dict): qweight int32 [K*b/32, N], qzeros int32
+[G, N*b/32], scales fp16 [G, N], g_idx int32 [K], bias fp16 [N] or absent. They never change dtype: ``model.to(bf16)``,
+``.half()``, ``.float()`` move them between devices only (``_apply``), so an fp16 scale such as 1.0009765625 is never
+rounded to bf16; the output is computed in the input's dtype.
 
-Backward: the layer is frozen, so its weight needs no gradient, but the input does. A custom autograd function
-saves nothing but the (already held) packed buffers and dequantizes again in backward, so training holds no dense
-copy of the weight between forward and backward.
+Forward is the one place that picks a kernel: it asks ``kernels.registry.select_backend`` for the backend that runs this
+call (device, dtype, M = rows of x, whether the input gradient is needed, the layer's preference ``kernel``, 'auto' by
+default; ``kernels.set_kernel(model, name)`` sets it for a whole model). At first use the layer repacks its buffers
+into that backend's layout (kept per backend and dtype, never saved, dropped when buffers are loaded or moved).
+
+Backward: the layer is frozen, so its weight needs no gradient, but the input does. Backends that dequantize compute
+it from a weight dequantized again in backward, so no dense copy lives between forward and backward; under
+``torch.utils.checkpoint`` (non-reentrant) the weight dequantized during the recompute is kept for the backward that
+follows it, at most one per layer and only until then, so a checkpointed step dequantizes each weight twice, not three
+times (forward, recompute). The triton backend reads the packed codes in backward too.
 """
 
 from __future__ import annotations
+
+import warnings
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from gptqlora.quant.grid import QuantResult, num_groups
-from gptqlora.quant.pack import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
+from gptqlora.quant.kernels import dequant
+from gptqlora.quant.kernels.dequant import dequantize_packed  # noqa: F401  (kept importable from here)
+from gptqlora.quant.kernels.dense import DenseState
+from gptqlora.quant.kernels.registry import (GPTQWeight, LayerFacts, check_kernel, implementation, layer_facts,
+                                             select_backend)
+from gptqlora.quant.pack import pack_qweight, pack_qzeros
+
+_MAX_DISPATCH = 64  # remembered (preference, device, dtype, M, grad) choices per layer
 
 
-def dequantize_packed(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, in_features: int,
-                      group_size: int, dtype: torch.dtype, sequential_groups: bool) -> Tensor:
-    """The weight in [K, N] (in, out) layout and ``dtype``, from packed v1 buffers.
+def _under_checkpoint() -> bool:
+    """Whether saved tensors now go through torch.utils.checkpoint's hooks (its forward or its recompute).
 
-    ``sequential_groups`` (g_idx == k // group_size) lets the scales broadcast over whole groups instead of a gather.
+    Under them a tensor saved in the first forward is dropped at once and the one saved in the recompute lives until
+    its backward, so saving the dense weight costs no memory across the step. Other saved-tensor hooks (such as
+    ``save_on_cpu``) would keep it: then nothing is saved.
     """
-    q = unpack_qweight(qweight, bits, in_features).to(dtype)  # [K, N]
-    n_out = q.shape[1]
-    z = unpack_qzeros(qzeros, bits, n_out).to(dtype)  # [G, N]
-    s = scales.to(dtype)  # [G, N]
-    if sequential_groups and in_features % group_size == 0:
-        n_groups = in_features // group_size
-        w = (q.view(n_groups, group_size, n_out) - z[:, None, :]) * s[:, None, :]  # [G, g, N]
-        return w.view(in_features, n_out)
-    idx = g_idx.long()
-    return (q - z[idx]) * s[idx]
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
 
 
-class _DequantMatmul(torch.autograd.Function):
-    """y = x @ W_kn (+ bias) where W is rebuilt from packed buffers in forward and again in backward."""
+class _QuantMatmul(torch.autograd.Function):
+    """y = x @ W through a backend; the input gradient through the same backend's ``matmul_t``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, layer: "QuantizedLinear") -> Tensor:  # type: ignore[override]
-        ctx.layer = layer
-        w = layer.weight_kn(x.dtype)  # [K, N]
-        y = x @ w
-        return y if layer.bias is None else y + layer.bias.to(x.dtype)
+    def forward(ctx, x: Tensor, impl: ModuleType, state: Any) -> Tensor:  # type: ignore[override]
+        ctx.impl, ctx.state = impl, state
+        dense_weight = getattr(impl, "dense_weight", None)
+        ctx.kept = dense_weight is not None and _under_checkpoint()
+        if not ctx.kept:
+            return impl.matmul(x, state)
+        w = dense_weight(state)
+        ctx.save_for_backward(w)
+        return impl.matmul(x, state, w)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        w = ctx.layer.weight_kn(grad_out.dtype)  # [K, N]
-        return grad_out @ w.T, None
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        w = ctx.saved_tensors[0] if ctx.kept else None
+        return ctx.impl.matmul_t(grad_out, ctx.state, w), None, None
 
 
 class QuantizedLinear(nn.Module):
@@ -60,6 +76,10 @@ class QuantizedLinear(nn.Module):
         in_features, out_features: as nn.Linear (K, N).
         bits, group_size: the grid the codes were made on (group_size -1 = K).
         bias: whether a bias buffer exists.
+
+    ``kernel`` is the layer's preference (see ``gptqlora.quant.kernels``), ``last_kernel`` the backend that ran its
+    latest call. Layouts are rebuilt after ``load_state_dict`` and moves; code that edits the buffers in place after a
+    first call must call ``_forget_layouts()``.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
@@ -84,8 +104,9 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device))
         else:
             self.bias = None
-        self.cache_dequantized = False
-        self._cache: Tensor | None = None
+        self.kernel = "auto"  # the kernel preference (see gptqlora.quant.kernels)
+        self.last_kernel: str | None = None  # the backend that ran the latest call
+        self._forget_layouts()
 
     @classmethod
     def from_result(cls, result: QuantResult, bits: int, group_size: int, bias: Tensor | None = None
@@ -101,49 +122,125 @@ class QuantizedLinear(nn.Module):
             layer.bias = bias.detach().to(torch.float16).clone()
         return layer
 
+    # ------------------------------------------------------------------------------------ layouts and dispatch
+
+    def _forget_layouts(self) -> None:
+        """Drop every repacked layout and remembered choice (after buffers are loaded, moved or re-preferred)."""
+        self._facts: LayerFacts | None = None
+        self._layouts: dict[tuple[str, torch.dtype], Any] = {}
+        self._dispatch: dict[tuple, tuple[str, Any]] = {}
+
     @property
-    def sequential_groups(self) -> bool:
-        """True when g_idx is k // group_size (no act-order), which allows a faster dequantization."""
-        return bool(torch.equal(self.g_idx, torch.arange(self.in_features, device=self.g_idx.device,
-                                                         dtype=torch.int32) // self.group_size))
+    def facts(self) -> LayerFacts:
+        """What backends need to know about the codes (act-order, symmetric, ...), computed once per load."""
+        if self._facts is None:
+            self._facts = layer_facts(self.qzeros, self.g_idx, self.bits, self.group_size, self.in_features,
+                                      self.out_features)
+        return self._facts
+
+    def gptq_weight(self) -> GPTQWeight:
+        """The checkpoint buffers (by reference) and their facts, as backends take them."""
+        return GPTQWeight(self.qweight, self.qzeros, self.scales, self.g_idx, self.facts)
+
+    def _layout(self, name: str, dtype: torch.dtype) -> Any:
+        state = self._layouts.get((name, dtype))
+        if state is None:
+            # Normal tensors even when first called under inference_mode (generation), so that training can use them.
+            with torch.no_grad(), torch.inference_mode(False):
+                state = self._layouts[(name, dtype)] = implementation(name).repack(self.gptq_weight(), dtype)
+        return state
+
+    def _backend(self, x: Tensor, needs_grad: bool) -> tuple[str, Any]:
+        """(backend name, its layout of this layer) for a call on x [M, K]."""
+        key = (self.kernel, x.device, x.dtype, x.shape[0], needs_grad)
+        hit = self._dispatch.get(key)
+        if hit is None:
+            name = select_backend(self.kernel, self.facts, x.device, x.dtype, x.shape[0], needs_grad)
+            hit = (name, self._layout(name, x.dtype))
+            if len(self._dispatch) >= _MAX_DISPATCH:
+                self._dispatch.clear()
+            self._dispatch[key] = hit
+        return hit
+
+    def set_kernel(self, name: str) -> None:
+        """Prefer kernel ``name`` (see ``gptqlora.quant.kernels.KERNELS``); layouts of the old choice are dropped."""
+        check_kernel(name)
+        if name != self.kernel:
+            self.kernel = name
+            self._layouts.clear()
+            self._dispatch.clear()
+
+    # ------------------------------------------------------------------------------------ torch.nn.Module hooks
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies and pickles carry the checkpoint buffers only; layouts are rebuilt at first use.
+        state = self.__dict__.copy()
+        state.update(_facts=None, _layouts={}, _dispatch={})
+        return state
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(*args, **kwargs)
-        self._sequential = None
-        self._cache = None
+        self._forget_layouts()
 
-    def weight_kn(self, dtype: torch.dtype) -> Tensor:
-        """The dense weight in [K, N] layout (transposed nn.Linear layout), in ``dtype``."""
-        if self._cache is not None and self._cache.dtype == dtype:
-            return self._cache
-        seq = getattr(self, "_sequential", None)
-        if seq is None:
-            seq = self._sequential = self.sequential_groups
-        w = dequantize_packed(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features,
-                              self.group_size, dtype, seq)
-        if self.cache_dequantized:
-            self._cache = w
-        return w
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """Move buffers as ``fn`` does, but keep their dtypes: int32 codes and fp16 scales stay as stored."""
+
+        def move_only(t: Tensor) -> Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(device=moved.device)
+
+        result = super()._apply(move_only, recurse)
+        self._forget_layouts()
+        return result
+
+    # ------------------------------------------------------------------------------------ compute
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The dense weight [N, K] in nn.Linear layout."""
-        return self.weight_kn(dtype).T.contiguous()
-
-    def set_cache(self, enabled: bool) -> None:
-        """Keep the dequantized weight between calls: faster, but costs K*N elements of memory per layer."""
-        self.cache_dequantized = enabled
-        self._cache = None
+        """The dense weight [N, K] in nn.Linear layout (the reference dequantization)."""
+        return dequant.dense_weight(dequant.repack(self.gptq_weight(), dtype)).T.contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x.device.type):  # compute in autocast's dtype, with our own kernels
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        with torch.autocast(x.device.type, enabled=False):
-            if torch.is_grad_enabled() and x.requires_grad:
-                return _DequantMatmul.apply(x, self)
-            w = self.weight_kn(x.dtype)
-            y = x @ w
-            return y if self.bias is None else y + self.bias.to(x.dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        name, state = self._backend(x2, needs_grad)
+        self.last_kernel = name
+        impl = implementation(name)
+        y = _QuantMatmul.apply(x2, impl, state) if needs_grad else impl.matmul(x2, state)  # [M, N]
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*lead, self.out_features)
+
+    # ------------------------------------------------------------------------------------ deprecated
+
+    def set_cache(self, enabled: bool) -> None:
+        """Deprecated: ``set_kernel('dense')`` (True) or ``set_kernel('auto')`` (False)."""
+        warnings.warn("QuantizedLinear.set_cache is deprecated: use gptqlora.quant.kernels.set_kernel(model, 'dense') "
+                      "or layer.set_kernel('dense' / 'auto')", DeprecationWarning, stacklevel=2)
+        self.set_kernel("dense" if enabled else "auto")
+
+    @property
+    def cache_dequantized(self) -> bool:
+        """Deprecated: whether the 'dense' kernel (a kept dequantized weight) is preferred."""
+        return self.kernel == "dense"
+
+    @property
+    def _cache(self) -> Tensor | None:
+        """Deprecated: the kept dequantized weight [K, N] of the 'dense' kernel, if one was made."""
+        return next((s.weight for s in self._layouts.values() if isinstance(s, DenseState)), None)
+
+    @property
+    def sequential_groups(self) -> bool:
+        """True when g_idx is k // group_size (no act-order)."""
+        return not self.facts.act_order
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, bias={self.bias is not None}, kernel={self.kernel!r}")

@@ -1,0 +1,297 @@
+"""Streamed quantization: bit-identical to the in-memory path, one block in memory at a time, resumable."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
+
+from gptqlora.config import QuantConfig  # noqa: E402
+from gptqlora.errors import OutputExistsError, UsageError  # noqa: E402
+from gptqlora.quant import stream  # noqa: E402
+from gptqlora.quant.checkpoint import (load_quantized, quantize_streamed, save_quantized,  # noqa: E402
+                                       work_dir)
+from gptqlora.quant.driver import quantize_model_weights  # noqa: E402
+from gptqlora.quant.stream import ShardLayout, TensorSpec, parse_size, write_tensors  # noqa: E402
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def calib(n=8, t=32, seed=0):
+    return torch.randint(0, 259, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def write_source(path: Path, layers: int = 3, tied: bool = True, shard: str | None = None) -> Path:
+    """A tiny float LLaMA saved by transformers: one model.safetensors, or shards + index with ``shard``."""
+    model = make_tiny_llama(num_layers=layers)
+    if not tied:  # an untied head of its own
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.02)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    make_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def in_memory(source: Path, out: Path, config: QuantConfig, dtype=torch.float32, shard="5GB") -> Path:
+    """Today's path: load the whole float model, quantize it in place, save it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    losses = quantize_model_weights(model, calib() if config.method == "gptq" else None, config, chunk_size=3,
+                                    progress=False)
+    save_quantized(model, make_tiny_tokenizer(), out, config, extra={"layer_losses": losses},
+                   max_shard_size=shard)
+    return out
+
+
+def streamed(source: Path, out: Path, config: QuantConfig, **kw) -> dict:
+    kw = {"chunk_size": 3, "progress": False, "tokenizer": make_tiny_tokenizer()} | kw
+    return quantize_streamed(source, out, config, calib() if config.method == "gptq" else None, **kw)
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    """Every file byte for byte, except the run's own record in quantize_config.json (timings)."""
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for p in a.iterdir():
+        if p.name == "quantize_config.json":
+            ours, theirs = json.loads(p.read_text()), json.loads((b / p.name).read_text())
+            assert ours.pop("gptqlora")["layer_losses"].keys() == theirs.pop("gptqlora")["layer_losses"].keys()
+            assert ours == theirs
+        else:
+            assert p.read_bytes() == (b / p.name).read_bytes(), p.name
+
+
+CASES = {
+    "gptq-all": QuantConfig(targets="all", group_size=32),
+    "gptq-attn-act-asym": QuantConfig(targets="attn", group_size=32, act_order=True, sym=False),
+    "gptq-all-act-static-3bit": QuantConfig(targets="all", bits=3, group_size=32, act_order=True, static_groups=True),
+    "gptq-one-pass": QuantConfig(targets="q_proj,down_proj", group_size=32, true_sequential=False),
+    "rtn-all": QuantConfig(method="rtn", targets="all", group_size=32),
+    "rtn-attn": QuantConfig(method="rtn", targets="attn", group_size=-1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_streamed_equals_in_memory_bit_for_bit(tmp_path, case):
+    config = CASES[case]
+    source = write_source(tmp_path / "src", shard="60KB")  # several source shards, an index
+    reference = in_memory(source, tmp_path / "mem", config, shard="60KB")
+    report = streamed(source, tmp_path / "out", config, max_shard_size="60KB")
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file() and report["shards"] > 1
+    assert_same_files(reference, tmp_path / "out")
+    theirs = json.loads((reference / "quantize_config.json").read_text())["gptqlora"]["layer_losses"]
+    assert report["layer_losses"] == {k: round(v, 6) for k, v in theirs.items()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mem", "out", "src"]  # no work directory left
+
+
+@pytest.mark.parametrize("tied,dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_single_file_source_untied_head_and_bf16(tmp_path, tied, dtype):
+    config = QuantConfig(targets="all", group_size=32, act_order=True, calib_dtype="float32")
+    source = write_source(tmp_path / "src", tied=tied)
+    reference = in_memory(source, tmp_path / "mem", config, dtype=dtype)
+    streamed(source, tmp_path / "out", config, dtype=dtype)
+    assert (tmp_path / "out" / "model.safetensors").is_file()  # small: one file, no index, as Hugging Face writes
+    assert_same_files(reference, tmp_path / "out")
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    assert ("lm_head.weight" in tensors) == (not tied)
+    assert tensors["model.embed_tokens.weight"].dtype == dtype
+
+
+def test_one_block_at_a_time_and_embeddings_alone(tmp_path, monkeypatch):
+    """Each read is one unit (the outside tensors, or one block), and a block's tensors are gone before the next."""
+    source = write_source(tmp_path / "src", layers=4, shard="60KB")
+    reads: list[tuple[set, list]] = []
+    original = stream.SafetensorsSource.load
+
+    def spy(self, names, convert=None):
+        names = list(names)
+        for _, refs in reads:  # everything read before, block weights included, has been freed by now
+            assert all(r() is None for r in refs)
+        tensors = original(self, names, convert)
+        reads.append(({n.split(".")[2] if n.startswith("model.layers.") else "outside" for n in names},
+                      [weakref.ref(t) for t in tensors.values()]))
+        return tensors
+
+    monkeypatch.setattr(stream.SafetensorsSource, "load", spy)
+    streamed(source, tmp_path / "out", QuantConfig(targets="all", group_size=32, calib_dtype="float32"),
+             dtype=torch.bfloat16)  # converted copies: the source's own mapped tensors must go too
+    assert [units for units, _ in reads] == [{"outside"}, {"0"}, {"1"}, {"2"}, {"3"}]
+
+
+class Interrupt(Exception):
+    """Raised from on_block, as a crash after a block would stop the run."""
+
+
+def interrupt_after(k):
+    def on_block(i, _):
+        if i == k:
+            raise Interrupt
+
+    return on_block
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path, method):
+    config = QuantConfig(method=method, targets="all", group_size=32, act_order=method == "gptq")
+    source = write_source(tmp_path / "src", layers=4, shard="60KB")
+    streamed(source, tmp_path / "whole", config, max_shard_size="60KB")
+    out = tmp_path / "out"
+    with pytest.raises(Interrupt):
+        streamed(source, out, config, max_shard_size="60KB", on_block=interrupt_after(1))
+    assert not out.exists() and work_dir(out).is_dir()
+    with pytest.raises(OutputExistsError, match="--resume"):  # never silently thrown away
+        streamed(source, out, config, max_shard_size="60KB")
+    seen = []
+    report = streamed(source, out, config, max_shard_size="60KB", resume=True, on_block=lambda i, _: seen.append(i))
+    assert seen == [2, 3] and report["resumed_blocks"] == 2
+    assert_same_files(tmp_path / "whole", out)
+    assert not work_dir(out).exists()
+
+
+def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path):
+    config = QuantConfig(targets="all", group_size=32)
+    source = write_source(tmp_path / "src", layers=4)
+    streamed(source, tmp_path / "whole", config)
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {str(TESTS)!r})
+        from conftest import make_tiny_tokenizer
+        from gptqlora.config import QuantConfig
+        from gptqlora.quant.checkpoint import quantize_streamed
+        ids = torch.randint(0, 259, (8, 32), generator=torch.Generator().manual_seed(0))
+        def on_block(i, _):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        quantize_streamed({str(source)!r}, {str(out)!r}, QuantConfig(targets="all", group_size=32), ids,
+                          tokenizer=make_tiny_tokenizer(), chunk_size=3, progress=False, on_block=on_block)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert json.loads((work_dir(out) / "state.json").read_text())["units_done"] == 4  # outside + blocks 0-2
+    report = streamed(source, out, config, resume=True)
+    assert report["resumed_blocks"] == 3
+    assert_same_files(tmp_path / "whole", out)
+
+
+@pytest.mark.parametrize("change,field", [({"group_size": 64}, "quant"), ({"chunk_size": 4}, "chunk_size")])
+def test_resume_with_other_settings_is_refused_naming_them(tmp_path, change, field):
+    config = QuantConfig(targets="all", group_size=32)
+    source = write_source(tmp_path / "src")
+    with pytest.raises(Interrupt):
+        streamed(source, tmp_path / "out", config, on_block=interrupt_after(0))
+    other = QuantConfig(targets="all", group_size=change.get("group_size", 32))
+    kw = {"chunk_size": change["chunk_size"]} if "chunk_size" in change else {}
+    with pytest.raises(UsageError, match=f"cannot resume .* other {field}"):
+        streamed(source, tmp_path / "out", other, resume=True, **kw)
+    report = streamed(source, tmp_path / "out", other, overwrite=True, **kw)  # starts again
+    assert report["resumed_blocks"] == 0 and not work_dir(tmp_path / "out").exists()
+
+
+def test_block_with_another_forward_is_refused(tmp_path, monkeypatch):
+    """A block whose forward is not LLaMA's staged data flow must not be calibrated on wrong inputs."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    source = write_source(tmp_path / "src")
+    original = LlamaMLP.forward
+    monkeypatch.setattr(LlamaMLP, "forward", lambda self, x: 0.5 * original(self, x))
+    config = QuantConfig(targets="all", group_size=32)
+    with pytest.raises(UsageError, match=r"decoder block 0 \(LlamaDecoderLayer\) does not compute"):
+        streamed(source, tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match="--no-true-sequential"):
+        quantize_model_weights(make_tiny_llama(), calib(), config, progress=False)
+    # Hooks on the block's own forward need no hand-written data flow: one-pass GPTQ still runs.
+    streamed(source, tmp_path / "one-pass", QuantConfig(targets="all", group_size=32, true_sequential=False))
+
+
+def test_existing_output_and_quantized_source_are_refused(tmp_path):
+    config = QuantConfig(method="rtn", targets="attn", group_size=32)
+    source = write_source(tmp_path / "src")
+    streamed(source, tmp_path / "out", config)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        streamed(source, tmp_path / "out", config)
+    streamed(source, tmp_path / "out", config, overwrite=True)
+    with pytest.raises(UsageError, match="already quantized"):
+        streamed(tmp_path / "out", tmp_path / "again", config)
+    with pytest.raises(UsageError, match="calibration"):
+        quantize_streamed(source, tmp_path / "gptq", QuantConfig(), None)
+
+
+def test_sharded_output_loads_with_our_loader_and_safetensors(tmp_path):
+    config = QuantConfig(targets="attn", group_size=32)
+    source = write_source(tmp_path / "src", shard="60KB")
+    streamed(source, tmp_path / "out", config, max_shard_size="40KB")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    total = 0
+    for f in files:
+        with safe_open(tmp_path / "out" / f, "pt") as h:
+            total += sum(h.get_tensor(k).nbytes for k in h.keys())
+            assert all(index["weight_map"][k] == f for k in h.keys())
+    assert index["metadata"]["total_size"] == total
+    model, tokenizer, qconfig = load_quantized(tmp_path / "out")
+    reference, _, _ = load_quantized(in_memory(source, tmp_path / "mem", config))  # one model.safetensors
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    with torch.no_grad():
+        assert torch.equal(model(calib()).logits, reference(calib()).logits)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and tokenizer is not None
+
+
+# ---------------------------------------------------------------------------------------------- layout and sizes
+
+def test_layout_packs_whole_units_under_the_limit_with_hf_names(tmp_path):
+    units = [{"a": torch.arange(10, dtype=torch.int32)},  # 40 bytes
+             {"b.x": torch.randn(3, 5), "b.y": torch.randn(7).to(torch.bfloat16),
+              "b.z": torch.ones(3, dtype=torch.int8)},
+             {"c": torch.randn(30)},  # 120 bytes: over the limit, alone
+             {"d": torch.randn(5).half(), "e": torch.tensor([1, 2], dtype=torch.int64)}]
+    layout = write_tensors(tmp_path, units, max_shard_size=100)
+    assert layout.files == [f"model-0000{i}-of-00004.safetensors" for i in (1, 2, 3, 4)]
+    assert [layout.unit_file[i] for i in range(4)] == layout.files  # 40 + 77 > 100: every unit starts a shard
+    for unit in units:
+        for name, t in unit.items():
+            with safe_open(tmp_path / layout.weight_map[name], "pt") as f:
+                assert torch.equal(f.get_tensor(name), t)
+                assert f.metadata() == {"format": "pt"}
+    header = (tmp_path / layout.files[1]).read_bytes()
+    assert int.from_bytes(header[:8], "little") % 8 == 0  # the data region starts aligned
+    (tmp_path / "one").mkdir()
+    single = write_tensors(tmp_path / "one", units, "1GB")
+    assert single.files == ["model.safetensors"] and single.index() is None
+    assert load_file(tmp_path / "one" / "model.safetensors").keys() == {n for u in units for n in u}
+
+
+def test_layout_refuses_tensors_that_differ_from_the_plan(tmp_path):
+    layout = ShardLayout([[TensorSpec("w", torch.float32, (2, 2))]], 1000)
+    layout.create(tmp_path)
+    with pytest.raises(ValueError, match="differs from the planned"):
+        layout.write_unit(tmp_path, 0, {"w": torch.zeros(2, 2, dtype=torch.float16)})
+    with pytest.raises(ValueError, match="differ from the plan"):
+        layout.write_unit(tmp_path, 0, {"v": torch.zeros(2, 2)})
+
+
+@pytest.mark.parametrize("text,size", [("5GB", 5 * 10**9), ("500MiB", 500 * 2**20), ("1024", 1024), (7, 7),
+                                       ("1.5kb", 1500)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["five", "0", "-3GB", "5XB"])
+def test_parse_size_refuses_nonsense(text):
+    with pytest.raises(UsageError, match="max shard size"):
+        parse_size(text)
