@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gptqlora.errors import InputNotFoundError, UsageError
-from gptqlora.files import fsync_path, normalize_permissions
+from gptqlora.files import staged_dir
 from gptqlora.lora.layer import PEFT_PREFIX, adapter_state_dict, get_adapter_params
 from gptqlora.provenance import base_differences, describe_base
 
@@ -159,12 +159,12 @@ def save_checkpoint(root: str | os.PathLike, model: nn.Module, optimizer: torch.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a run killed mid-write; one trainer writes per --out
+    for stale in root.glob(".step-*"):  # staging left by a run killed mid-write; one trainer writes per --out
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{state.step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    try:
+    # Staged beside its final name, permissions normalized, fsynced and renamed in (gptqlora.files.staged_dir); an
+    # incomplete directory of this step, left by a damaged run that was resumed, is replaced.
+    with staged_dir(final, overwrite=True) as tmp:
         opt_tensors, opt_rest = _optimizer_tensors(optimizer)
         rng = {"torch_cpu": torch.get_rng_state()}  # uint8 [N]
         if torch.cuda.is_available():
@@ -177,17 +177,6 @@ def save_checkpoint(root: str | os.PathLike, model: nn.Module, optimizer: torch.
         save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
         save_file(rng, str(tmp / RNG_FILE), metadata={"format": "pt"})
         (tmp / STATE_FILE).write_text(json.dumps(meta, allow_nan=False) + "\n")
-        normalize_permissions(tmp)  # safetensors writes private 0600 files
-        for name in FILES:
-            fsync_path(tmp / name)
-        fsync_path(tmp)
-        if final.exists():  # an incomplete directory of this step, left by a damaged run that was resumed
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_path(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for other in step_dirs(root):  # only once the new one is complete: older ones, and incomplete ones skipped
         if other != final:
             shutil.rmtree(other, ignore_errors=True)
