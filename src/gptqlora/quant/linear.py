@@ -207,16 +207,16 @@ class QuantizedLinear(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [M, K]
         needs_grad = torch.is_grad_enabled() and x.requires_grad
         name, state = self._backend(x2, needs_grad)
-        self.last_kernel = name
+        if self.last_kernel != name:  # nn.Module.__setattr__ is slow enough to matter in decoding
+            self.last_kernel = name
         impl = implementation(name)
         y = _QuantMatmul.apply(x2, impl, state) if needs_grad else impl.matmul(x2, state)  # [M, N]
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.view(*lead, self.out_features)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     # ------------------------------------------------------------------------------------ deprecated
 
@@ -233,7 +233,7 @@ class QuantizedLinear(nn.Module):
 
     @property
     def _cache(self) -> Tensor | None:
-        """Deprecated: the kept dequantized weight [K, N] of the 'dense' kernel, if one was made."""
+        """Deprecated: the kept dequantized weight [N, K] of the 'dense' kernel, if one was made."""
         return next((s.weight for s in self._layouts.values() if isinstance(s, DenseState)), None)
 
     @property

@@ -21,8 +21,8 @@ def test_keeps_one_weight_per_dtype_until_another_kernel_is_chosen():
     x = torch.randn(2, 192)
     run(layer, "dense", x)
     kept = layer._cache
-    ref = dequant.dense_weight(dequant.repack(layer.gptq_weight(), torch.float32))
-    assert torch.equal(kept, ref)
+    ref = dequant.dense_weight(dequant.repack(layer.gptq_weight(), torch.float32))  # [K, N]
+    assert torch.equal(kept, ref.T)  # kept in nn.Linear's [N, K] layout
     run(layer, "dense", x)
     assert layer._cache is kept  # made once
     run(layer, "dequant", x)

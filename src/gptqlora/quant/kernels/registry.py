@@ -21,17 +21,17 @@ another answer.
     python benchmarks/bench_kernels.py --threads 1 --clock cpu --shapes 7b,smol --m 1,8,16,32,64,128 \
         --configs torch-bf16,int4-aten,dequant-gemm --dtypes bf16
 
-(per-call CPU time, since the 2 shared cores were busy with other work: load average ~6) and the full
-``python benchmarks/bench_kernels.py --threads 2``:
-    CPU, 4-bit, bf16 input, M <= 64: ``int4-aten``. At M = 1 it is ~4.2x a dense bf16 matmul at the 7B shapes
-        (1.5-3x at SmolLM2's); its time grows linearly with M (~0.36 ms per row at 4096x4096) while dequant-gemm's
+(per-call CPU time of one thread: the 2 shared cores were busy with other work, load average 4-8, which made
+wall-clock timings with 2 threads meaningless) and the full ``bench_kernels.py --threads 1 --clock cpu``:
+    CPU, 4-bit, bf16 input, M <= 64: ``int4-aten``. At M = 1 it is 3.9-4.4x a dense bf16 matmul at the 7B shapes
+        (1.7-3.1x at SmolLM2's); its time grows linearly with M (~0.18 ms per row at 4096x4096) while dequant-gemm's
         is a fixed dequantization (~10 ms there) plus a GEMM, so dequant-gemm wins from M = 128 at every shape
         (7B 4096x4096: 11.4 vs 16.0 ms at M = 64, 23.0 vs 20.1 ms at M = 128; SmolLM2 576x576: 0.25 vs 0.31 ms,
         0.50 vs 0.39 ms).
     CPU, bf16, M > 64, training (the input gradient is needed: int4-aten has no backward), bits 2 and 8, and fp32 at
-        every M: ``dequant-gemm``. torch's int4 kernel takes fp32 and fp16 input but runs them 30-100x slower than bf16
-        (slower than a dense matmul), and auto never changes the compute dtype behind the caller's back: a model that
-        wants the fast decode path runs in bf16. 3-bit: ``dequant``.
+        every M: ``dequant-gemm``. torch's int4 kernel takes fp32 and fp16 input but runs them 50-130x slower than
+        bf16 (slower than a dense matmul), and auto never changes the compute dtype behind the caller's back: a model
+        that wants the fast decode path runs in bf16. 3-bit: ``dequant``.
     CUDA (not measured yet: no GPU figure exists, see benchmarks/gpu_check.sh): 4-bit bf16 with M <= 16 on sm80+
         ``int4-aten`` (tinygemm), else ``triton`` where it is installed, else ``dequant-gemm``.
 """
