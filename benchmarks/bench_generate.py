@@ -13,7 +13,7 @@ Rows (each in its own fresh process; see ``common.py``):
                            drawn from N(0, 0.01^2) so the adapter changes the output (``--lora-b-std 0`` keeps B = 0):
                            against ours-float it measures what the 4-bit layers (dequantizing every weight at every
                            step) and the LoRA branches cost.
-    ours-4bit-lora-cached  the same with ``QuantizedLinear.set_cache(True)`` on every quantized layer: each dense weight
+    ours-4bit-lora-cached  the same with ``set_kernel(model, 'dense')``: each dense weight
                            is dequantized once and kept (its memory is reported as cache MiB), so the 4-bit memory
                            saving is traded for speed.
 
@@ -108,7 +108,7 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, object,
     if "4bit" in name:
         from gptqlora.lora.layer import inject_lora_layers, lora_modules
         from gptqlora.quant.driver import quantize_model_weights
-        from gptqlora.quant.linear import QuantizedLinear
+        from gptqlora.quant.kernels import set_kernel
 
         start = time.perf_counter()
         quantize_model_weights(model, None, QuantConfig(method="rtn", bits=4, group_size=args.group_size,
@@ -122,9 +122,7 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, object,
                 B = m.lora_B.weight
                 B.copy_(torch.randn(B.shape, generator=g) * args.lora_b_std)
         if name.endswith("-cached"):
-            for m in model.modules():
-                if isinstance(m, QuantizedLinear):
-                    m.set_cache(True)
+            set_kernel(model, "dense")
     else:
         facts["linear_weight_mb"] = weight_bytes(model) / common.MiB
     common.materialize(model)  # every row's weights held the same way (see common.materialize)

@@ -131,16 +131,15 @@ def evaluate_loaded(model, tokenizer, entries: list[dict], exemplars: list[dict]
     from gptqlora.eval.gsm8k_eval import evaluate_gsm8k
     from gptqlora.eval.perplexity import gsm8k_answer_loss
 
-    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    for m in quantized:
-        m.set_cache(ec.cache_dequantized)
+    from gptqlora.quant.kernels import set_kernel
+
+    set_kernel(model, "dense" if ec.cache_dequantized else "auto")  # the layers' forward picks the kernel
     try:
         summary = evaluate_gsm8k(model, tokenizer, entries, ec, style=style, exemplars=exemplars, out_dir=out_dir,
                                  log=log or print_line, seed=seed, split=split, resume=resume, provenance=provenance)
         loss = gsm8k_answer_loss(model, tokenizer, entries, style=style, batch_size=ec.eval_batch_size)
     finally:
-        for m in quantized:
-            m.set_cache(False)
+        set_kernel(model, "auto")  # a dense copy of the weights never outlives the evaluation
     return summary | {"answer_loss": loss["loss"], "answer_perplexity": loss["perplexity"]}
 
 
