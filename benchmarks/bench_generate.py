@@ -6,6 +6,8 @@
 Rows (each in its own fresh process; see ``common.py``):
     hf-float               ``model.generate(do_sample=False)`` on the float model: left padding by the tokenizer
                            (``padding_side='left'``), attention_mask, max_new_tokens, pad_token_id = eos.
+    hf-float-fp32          the same in float32 whatever ``--dtype`` says: the yardstick as transformers runs it on a
+                           CPU by default.
     ours-float             ``gptqlora.eval.generate.generate`` (greedy) on the float model: against hf-float it
                            measures the decoding loop alone.
     ours-4bit-lora         the same on the 4-bit model: every block linear round-to-nearest quantized (4-bit, group
@@ -58,7 +60,7 @@ import common
 from gptqlora.config import EvalConfig, LoRAConfig, QuantConfig
 
 LORA, QUANT = LoRAConfig(), QuantConfig()  # the library's defaults: LoRA r=16, alpha=32; group size 64
-ROWS = ("hf-float", "ours-float", "ours-4bit-lora", "ours-4bit-lora-cached")
+ROWS = ("hf-float", "hf-float-fp32", "ours-float", "ours-4bit-lora", "ours-4bit-lora-cached")
 LORA_TARGETS = common.LORA_TARGETS
 QUICK = {"prompts": 2, "max_new_tokens": 16, "warmup_new_tokens": 2}
 
@@ -73,6 +75,7 @@ COLUMNS = (  # (key, header, format)
     ("cache_mb", "cache MiB", ".1f"),
     ("same_as_hf", "same text as hf-float", ""),
     ("retok_diff", "retok diff", ""),
+    ("kernels", "kernels", ""),
 )
 
 
@@ -103,7 +106,8 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, object,
     from gptqlora.commands import weight_bytes
     from gptqlora.models import load_model
 
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    dtype = "float32" if name.endswith("-fp32") else args.dtype
+    model, tokenizer = load_model(args.model, dtype, args.device, inference=True)
     facts: dict = {"quantize_s": None}
     if "4bit" in name:
         from gptqlora.lora.layer import inject_lora_layers, lora_modules
@@ -176,6 +180,7 @@ def text_digest(text: str) -> str:
 def run_one(name: str, args: argparse.Namespace) -> dict:
     """Warm up, then decode every prompt once with one row's model and decoder; its figures."""
     from gptqlora.eval.generate import generate
+    from gptqlora.quant.kernels import kernels_used
     from gptqlora.quant.linear import QuantizedLinear
 
     common.setup_child(args)
@@ -213,7 +218,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
             "text_sha1": [text_digest(t) for t in texts],
             "cache_mb": common.tensor_bytes(cache) / common.MiB if "4bit" in name else None,
             **facts, **memory, "device": str(device), "dtype": str(next(model.parameters()).dtype),
-            "threads": torch.get_num_threads()}
+            "kernels": kernels_used(model) or None, "threads": torch.get_num_threads()}
 
 
 def compare_with_hf(results: dict[str, dict]) -> None:

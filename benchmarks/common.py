@@ -17,7 +17,6 @@ what training or decoding on the 4-bit model costs.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import math
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from gptqlora.config import ATTN_TARGETS, DEFAULT_MODEL
+from gptqlora.hardware import release_free_heap
 
 MiB = 2 ** 20
 # The adapted modules in the training and generation benchmarks: q/k/v/o, as short names (PEFT's spelling).
@@ -57,19 +57,6 @@ def current_rss_mb() -> float | None:
     except OSError:
         return None
     return resident_pages * os.sysconf("SC_PAGE_SIZE") / MiB
-
-
-def release_free_heap() -> bool:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim(0)``); False where there is no glibc.
-
-    Memory freed by the setup (a float model replaced by its quantized layers) otherwise stays resident in malloc's
-    arenas and would count in every later RSS reading.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        return False
-    return True
 
 
 def reset_peak_rss() -> bool:

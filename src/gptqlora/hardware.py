@@ -1,8 +1,35 @@
-"""What the hardware runs fast: shared by calibration (quant) and training."""
+"""What the hardware runs fast (shared by calibration, kernels and training), and handing host memory back."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (glibc only)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def release_free_heap() -> bool:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim(0)``); False where there is no glibc.
+
+    glibc keeps freed blocks in its arenas, and many mid-sized temporaries interleaved with long-lived tensors (a
+    repack per layer) fragment them: without this, repacking SmolLM2's 210 layers for int4-aten left 375 MiB of free
+    heap resident. About 1 ms per call.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 def resolve_bf16(requested: bool | None, device: torch.device) -> bool:

@@ -10,9 +10,10 @@ check that decodes only a few tokens (:class:`StopChecker`) instead of the whole
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -173,6 +174,26 @@ def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     return ids
 
 
+@contextlib.contextmanager
+def contiguous_head_input(model: torch.nn.Module) -> Iterator[None]:
+    """While active, the output head gets a contiguous input.
+
+    With ``logits_to_keep=1`` the head sees the last position of the hidden states, a strided view. torch 2.13's CPU
+    bf16 ``linear`` on a strided input with a frozen weight (``requires_grad=False``: every weight of a LoRA model)
+    converts the whole weight per call: SmolLM2's head took 81 ms and 108 MiB instead of 1.9 ms at prefill. A
+    contiguous copy of the [B, 1, H] slice costs nothing.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.inference_mode()
 def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                    pad_id: int, eos_ids: set[int], temperature: float = 0.0, top_p: float = 1.0,
@@ -210,8 +231,9 @@ def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], 
     done = [False] * batch  # the host's copy of `finished`
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     for step in range(max_new_tokens):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]  # [B, V]
+        with contiguous_head_input(model):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]  # [B, V]
         token = sample_next_token(logits, temperature, top_p, generator)  # [B]
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens = token.tolist()  # the one device -> host sync of the step

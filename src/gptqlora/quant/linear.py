@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gptqlora.hardware import release_free_heap
 from gptqlora.quant.grid import QuantResult, num_groups
 from gptqlora.quant.kernels import dequant
 from gptqlora.quant.kernels.dequant import dequantize_packed  # noqa: F401  (kept importable from here)
@@ -148,6 +149,8 @@ class QuantizedLinear(nn.Module):
             # Normal tensors even when first called under inference_mode (generation), so that training can use them.
             with torch.no_grad(), torch.inference_mode(False):
                 state = self._layouts[(name, dtype)] = implementation(name).repack(self.gptq_weight(), dtype)
+            if self.qweight.device.type == "cpu":
+                release_free_heap()  # the repack's temporaries would otherwise stay resident (see its docstring)
         return state
 
     def _backend(self, x: Tensor, needs_grad: bool) -> tuple[str, Any]:
