@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/gptqlora run --out $(OUT) --cache-dequantized
+	$(VENV)/bin/gptqlora run --out $(OUT) --kernel dense
 
 test: setup
 	$(PY) -m pytest -q

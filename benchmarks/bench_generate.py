@@ -19,6 +19,11 @@ Rows (each in its own fresh process; see ``common.py``):
                            is dequantized once and kept (its memory is reported as cache MiB), so the 4-bit memory
                            saving is traded for speed.
 
+``--synthetic-blocks N`` replaces the model with a LLaMA of N decoder blocks of Llama-2-7B's shapes (hidden 4096, MLP
+11008, 32 heads), random weights, and the embedded model's tokenizer and vocabulary (49,152): the per-step work of a
+big model's blocks, where reading the weights, not Python, bounds decoding. Its text is noise; the rows still decode
+the same number of steps (random weights rarely emit eos).
+
 Same for every row: the first N GSM8K test questions as chat prompts
 (``gptqlora.data.gsm8k.build_prompt(question, "chat", tokenizer)``), encoded without added special tokens (the chat
 template writes its own), batched alike (our ``generate`` sorts prompts longest first and cuts batches in that order;
@@ -94,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Std of the random LoRA B (seeded by --seed); 0 keeps B = 0 (the adapter adds nothing).")
     parser.add_argument("--group-size", type=int, default=QUANT.group_size, help="Group size of the 4-bit base.")
     parser.add_argument("--prompt-style", default="chat", choices=("plain", "chat"), help="GSM8K prompt format.")
+    parser.add_argument("--synthetic-blocks", type=int, default=0,
+                        help="Use a random LLaMA of this many Llama-2-7B-shaped blocks instead of --model (0: off).")
     parser.add_argument("--stop-after-answer-line", action="store_true",
                         help="Our rows also stop after a finished '#### <n>' line (the eval default; HF cannot).")
     return parser
@@ -107,7 +114,10 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, object,
     from gptqlora.models import load_model
 
     dtype = "float32" if name.endswith("-fp32") else args.dtype
-    model, tokenizer = load_model(args.model, dtype, args.device, inference=True)
+    if args.synthetic_blocks:
+        model, tokenizer = synthetic_llama(args.synthetic_blocks, dtype, args.device, args.model)
+    else:
+        model, tokenizer = load_model(args.model, dtype, args.device, inference=True)
     facts: dict = {"quantize_s": None}
     if "4bit" in name:
         from gptqlora.lora.layer import inject_lora_layers, lora_modules
@@ -131,6 +141,24 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, object,
         facts["linear_weight_mb"] = weight_bytes(model) / common.MiB
     common.materialize(model)  # every row's weights held the same way (see common.materialize)
     return model.eval(), tokenizer, facts
+
+
+def synthetic_llama(blocks: int, dtype: str, device: str, tokenizer_source: str) -> tuple[nn.Module, object]:
+    """A random LLaMA with ``blocks`` Llama-2-7B-shaped decoder blocks and ``tokenizer_source``'s tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from gptqlora.models import model_input_path, resolve_device, resolve_dtype
+
+    tokenizer = AutoTokenizer.from_pretrained(model_input_path(tokenizer_source) or tokenizer_source)
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                         num_hidden_layers=blocks, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device, inference=True)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch_dtype)  # seeded by setup_child: every row gets the same weights
+    return model, tokenizer
 
 
 def gsm8k_prompts(tokenizer, n: int, style: str, source: str | None) -> list[str]:

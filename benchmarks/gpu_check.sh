@@ -2,8 +2,12 @@
 # GPU readiness check (issue 8, part 6), meant to finish in under 5 minutes on one lent CUDA machine:
 #   1. the `gpu`-marked tests (every CUDA backend against the exact product, forward and input gradient);
 #   2. benchmarks/bench_kernels.py on CUDA at Llama-2-7B's shapes, M = 1, 16, 512, bf16;
-#   3. one JSON line on stdout, last: {"check": "gpu", ...} with the test outcome and the benchmark's JSON.
-# (The tiny end-to-end run, quantize + fine-tune + evaluate on CUDA, is to be added here by the lead.)
+#   3. a tiny end-to-end run through the CLI on the device: quantize (GPTQ 4-bit) a small random LLaMA built here
+#      (byte-level tokenizer; the embedded model's 0.5 GB cache cannot travel to an offline machine), fine-tune it
+#      for 5 steps, evaluate 8 GSM8K test questions; accuracy means nothing here, that every stage runs does;
+#   4. one JSON line on stdout, last: {"check": "gpu", ...} with the test outcome, the benchmark's JSON and the
+#      end-to-end stages' exit codes, seconds, and the eval summary's kernels.
+# GSM8K comes from $GSM8K_DIR, else ../shared/data/gsm8k, else runs/gpu_data/gsm8k (copy it there and carry it).
 #
 #     bash benchmarks/gpu_check.sh                      # from the repository root of a fresh checkout
 #     GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 GPU_CHECK_PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
@@ -76,7 +80,36 @@ BENCH_RC=$?
 sed -n '/^## /,$p' "$OUT_DIR/bench_kernels.log" | grep -v '^{' >&2
 tail -n 1 "$OUT_DIR/bench_kernels.log" >"$OUT_DIR/bench_kernels.json"
 
-# ---------------------------------------------------------------------------------------------- 3. one JSON line
+# ---------------------------------------------------------------------------------------------- 3. end to end
+for d in "${GSM8K_DIR:-}" ../shared/data/gsm8k runs/gpu_data/gsm8k; do
+    if [ -n "$d" ] && [ -f "$d/test.jsonl" ]; then export GSM8K_DIR="$d"; break; fi
+done
+E2E="$OUT_DIR/e2e"
+rm -rf "$E2E" && mkdir -p "$E2E"
+"$PY" - "$E2E/tiny" <<'PYEOF' >"$E2E/build.log" 2>&1
+import sys
+sys.path.insert(0, "tests")
+from conftest import make_tiny_llama, make_tiny_tokenizer  # offline: a byte-level tokenizer built in memory
+make_tiny_llama(num_layers=4, hidden=256, intermediate=512).save_pretrained(sys.argv[1])
+make_tiny_tokenizer().save_pretrained(sys.argv[1])
+PYEOF
+CLI=("$PY" -m gptqlora.cli)
+stage() {  # stage NAME ARGS...: run one CLI stage, log it, record "NAME rc seconds"
+    local name=$1; shift
+    local t0=$(date +%s%N)
+    timeout 120 "${CLI[@]}" "$@" >"$E2E/$name.log" 2>&1
+    local rc=$?
+    echo "$name $rc $(( ($(date +%s%N) - t0) / 1000000 ))" >>"$E2E/stages.txt"  # milliseconds
+    tail -n 3 "$E2E/$name.log" >&2
+}
+stage quantize quantize --model "$E2E/tiny" --device "$DEVICE" --out "$E2E/quantized" --group-size 32 \
+    --calib-samples 8 --calib-seqlen 64
+stage finetune finetune --quantized "$E2E/quantized" --device "$DEVICE" --out "$E2E/finetune" --train-steps 5 \
+    --train-limit 40 --eval-holdout 4 --batch-size 2 --max-length 128
+stage eval eval --quantized "$E2E/quantized" --adapter "$E2E/finetune/lora_adapter" --device "$DEVICE" \
+    --limit 8 --max-new-tokens 32 --batch-size 8 --output-dir "$E2E/eval"
+
+# ---------------------------------------------------------------------------------------------- 4. one JSON line
 "$PY" - "$OUT_DIR" "$TESTS_RC" "$BENCH_RC" "$START" "$INSTALL" <<'EOF'
 import json, sys, time, xml.etree.ElementTree as ET
 from pathlib import Path
@@ -97,9 +130,19 @@ try:
     bench = json.loads((out / "bench_kernels.json").read_text())
 except (OSError, ValueError) as e:
     bench = {"error": f"no JSON from bench_kernels ({e}); see bench_kernels.err"}
-print(json.dumps({"check": "gpu", "ok": tests_rc == 0 and bench_rc == 0, "install": install,
+e2e: dict = {}
+try:
+    for line in (out / "e2e" / "stages.txt").read_text().splitlines():
+        name, rc, ms = line.split()
+        e2e[name] = {"exit_code": int(rc), "seconds": round(int(ms) / 1000, 1)}
+    summary = json.loads((out / "e2e" / "eval" / "summary.json").read_text())
+    e2e["eval"] |= {"n": summary["n"], "kernels": summary.get("kernels"), "dtype": summary["provenance"]["dtype"]}
+except (OSError, ValueError, KeyError) as e:
+    e2e["report_error"] = str(e)
+e2e_ok = [e2e.get(s, {}).get("exit_code") for s in ("quantize", "finetune", "eval")] == [0, 0, 0]
+print(json.dumps({"check": "gpu", "ok": tests_rc == 0 and bench_rc == 0 and e2e_ok, "install": install,
                   "torch": torch.__version__, "cuda": torch.version.cuda,
                   "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                  "gpu_tests": tests, "bench_kernels_exit": bench_rc, "bench_kernels": bench,
+                  "gpu_tests": tests, "bench_kernels_exit": bench_rc, "bench_kernels": bench, "end_to_end": e2e,
                   "wall_s": round(time.time() - start, 1)}))
 EOF

@@ -78,6 +78,7 @@ def test_eval_takes_batch_size_as_users_type_it():
     (["eval", "--top-p", "0.5"], "--top-p only applies to sampling"),
     (["eval", "--limit", "0"], "limit=0 must be positive"),
     (["eval", "--resume", "--overwrite"], "give one of them"),
+    (["eval", "--kernel", "marlin"], "invalid choice"),
     (["finetune", "--lora-targets", "re:(", "--out", "x"], "target regex"),
     (["finetune", "--weight-decay", "-1"], "weight_decay=-1.0 must be >= 0"),
     (["finetune", "--warmup-steps", "-2"], "warmup_steps=-2 must be >= 0"),

@@ -58,6 +58,13 @@ def test_run_eval_merge_end_to_end(tmp_path, tiny_model_dir, gsm8k_dir, capsys):
     assert summary["n"] == 2
     assert summary["provenance"]["base"]["path"] == str((out / "quantized_base").resolve())
     assert summary["provenance"]["adapter"]["path"].endswith("lora_adapter")
+    assert summary["provenance"]["kernel"] == "auto" and sum(summary["kernels"].values()) >= 8
+    # --kernel chooses the quantized layers' backend; summary.json says which ran.
+    assert cli.main(["eval", "--quantized", str(out / "quantized_base"), "--data", str(gsm8k_dir), "--limit", "1",
+                     "--max-new-tokens", "2", "--output-dir", str(tmp_path / "eval-dequant"), "--kernel",
+                     "dequant"]) == 0
+    summary = json.loads((tmp_path / "eval-dequant" / "summary.json").read_text())
+    assert summary["kernels"] == {"dequant": 8} and summary["provenance"]["kernel"] == "dequant"
 
     merged = tmp_path / "merged"
     assert cli.main(["merge", "--quantized", str(out / "quantized_base"), "--adapter", str(out / "lora_adapter"),

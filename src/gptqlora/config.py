@@ -28,6 +28,8 @@ TARGET_PRESETS = {"attn": ATTN_TARGETS, "mlp": MLP_TARGETS, "all": ALL_TARGETS}
 
 # Group sizes the GPTQ ecosystem reads (gptqmodel's kernels; vLLM's Marlin takes -1, 32, 64 and 128).
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+# Kernels of QuantizedLinear (see gptqlora.quant.kernels.registry, which says what each supports and what auto picks).
+KERNELS = ("auto", "dequant", "dequant-gemm", "int4-aten", "triton", "dense")
 DEFAULT_TEMPERATURE = 0.7  # self-consistency sampling, used only with --samples
 DEFAULT_TOP_P = 0.95
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -141,12 +143,18 @@ class ModelConfig:
     device: str = opt("auto", "Device: 'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.")
     cache_dir: str | None = opt(None, "Where the embedded model is cached as safetensors "
                                       "(default $GPTQLORA_CACHE or ~/.cache/gptqlora).")
+    kernel: str = opt("auto", "Kernel of the quantized layers: 'auto' (per device, dtype and tokens per call, the "
+                              "fastest measured), 'int4-aten', 'dequant-gemm', 'triton' (CUDA), 'dequant' (the "
+                              "reference) or 'dense' (keeps a dequantized copy of every weight: fast, but the memory "
+                              "saving is gone).", choices=KERNELS)
 
     def __post_init__(self) -> None:
         if not _DEVICE_RE.match(self.device):
             raise UsageError(f"device {self.device!r} is unknown: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UsageError(f"dtype {self.dtype!r} is unknown: use auto, float32, bfloat16 or float16")
+        if self.kernel not in KERNELS:
+            raise UsageError(f"kernel {self.kernel!r} is unknown: choose one of {', '.join(KERNELS)}")
         if not self.model:
             raise UsageError("--model is empty: give the alias 'smollm2-135m', a model directory or a hub id")
 
@@ -319,8 +327,6 @@ class EvalConfig:
                                           f"{DEFAULT_TEMPERATURE}).")
     top_p: float | None = opt(None, f"Nucleus sampling threshold for self-consistency (with --samples; default "
                                     f"{DEFAULT_TOP_P}).")
-    cache_dequantized: bool = opt(False, "Keep quantized layers' dequantized weights while generating: faster "
-                                         "decoding, at the memory cost of those layers' float weights.")
 
     def __post_init__(self) -> None:
         if self.eval_batch_size <= 0 or self.max_new_tokens <= 0:

@@ -50,10 +50,12 @@ def check_group_size(model: nn.Module, qc: QuantConfig) -> None:
 
 
 def quantize_loaded(model: nn.Module, tokenizer, qc: QuantConfig, calib: CalibConfig, data: str, seed: int,
-                    progress: bool = True) -> dict:
-    """Quantize an already loaded float model in place; returns a report (time, losses, bytes)."""
+                    progress: bool = True, kernel: str = "auto") -> dict:
+    """Quantize an already loaded float model in place, its layers then running ``kernel``; returns a report
+    (time, losses, bytes)."""
     from gptqlora.data.calibration import calibration_tokens
     from gptqlora.quant.driver import quantize_model_weights
+    from gptqlora.quant.kernels import set_kernel
 
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise UsageError("the model is already quantized: pass a float model to quantize")
@@ -66,6 +68,7 @@ def quantize_loaded(model: nn.Module, tokenizer, qc: QuantConfig, calib: CalibCo
     start = time.perf_counter()
     losses = quantize_model_weights(model, tokens, qc, progress=progress)
     seconds = time.perf_counter() - start
+    set_kernel(model, kernel)
     return {"method": qc.method, "bits": qc.bits, "group_size": qc.group_size, "targets": list(qc.target_names),
             "seconds": round(seconds, 2), "gptq_loss_total": round(sum(losses.values()), 4),
             "weight_bytes_before": before, "weight_bytes_after": weight_bytes(model),
@@ -95,13 +98,17 @@ def check_quantized_input(path: str) -> Path:
     return p
 
 
-def load_quantized_base(path: str | Path, dtype: str, device: str, cache_dir: str | None = None):
-    """Load a quantized directory with its tokenizer, refusing a float model given where a quantized one is asked."""
+def load_quantized_base(path: str | Path, dtype: str, device: str, kernel: str = "auto", inference: bool = False):
+    """Load a quantized directory with its tokenizer, its layers running ``kernel``; a float model given where a
+    quantized one is asked is refused. ``inference``: see ``gptqlora.models.resolve_dtype`` (bf16 on a CPU that runs
+    it natively, where int4-aten decodes)."""
     from gptqlora.eval.gsm8k_eval import check_quantized
     from gptqlora.models import load_model
+    from gptqlora.quant.kernels import set_kernel
 
-    model, tokenizer = load_model(str(path), dtype, device, cache_dir)
+    model, tokenizer = load_model(str(path), dtype, device, inference=inference)
     check_quantized(model)
+    set_kernel(model, kernel)
     return model, tokenizer
 
 
@@ -131,15 +138,9 @@ def evaluate_loaded(model, tokenizer, entries: list[dict], exemplars: list[dict]
     from gptqlora.eval.gsm8k_eval import evaluate_gsm8k
     from gptqlora.eval.perplexity import gsm8k_answer_loss
 
-    from gptqlora.quant.kernels import set_kernel
-
-    set_kernel(model, "dense" if ec.cache_dequantized else "auto")  # the layers' forward picks the kernel
-    try:
-        summary = evaluate_gsm8k(model, tokenizer, entries, ec, style=style, exemplars=exemplars, out_dir=out_dir,
-                                 log=log or print_line, seed=seed, split=split, resume=resume, provenance=provenance)
-        loss = gsm8k_answer_loss(model, tokenizer, entries, style=style, batch_size=ec.eval_batch_size)
-    finally:
-        set_kernel(model, "auto")  # a dense copy of the weights never outlives the evaluation
+    summary = evaluate_gsm8k(model, tokenizer, entries, ec, style=style, exemplars=exemplars, out_dir=out_dir,
+                             log=log or print_line, seed=seed, split=split, resume=resume, provenance=provenance)
+    loss = gsm8k_answer_loss(model, tokenizer, entries, style=style, batch_size=ec.eval_batch_size)
     return summary | {"answer_loss": loss["loss"], "answer_perplexity": loss["perplexity"]}
 
 

@@ -49,13 +49,15 @@ def load_scored_model(model_args: ModelConfig, quantized: str | None, adapter: s
 
     device = resolve_device(model_args.device)
     if quantized:
-        model, tokenizer = load_quantized_base(quantized, model_args.dtype, device)
+        model, tokenizer = load_quantized_base(quantized, model_args.dtype, device, model_args.kernel, inference=True)
         base = base_record(quantized)
     else:
         model, tokenizer = load_model(model_args.model, model_args.dtype, device, model_args.cache_dir, inference=True)
         base = base_record(model_input_path(model_args.model, model_args.cache_dir) or model_args.model)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     record = {"base": base, "adapter": None, "dtype": dtype}  # the compute dtype changes greedy text
+    if quantized:
+        record["kernel"] = model_args.kernel  # so does the kernel, in bf16
     if adapter:
         load_adapter(model, adapter, base=base)  # warns, naming both, when the adapter was trained on another base
         record["adapter"] = adapter_record(adapter)

@@ -82,14 +82,14 @@ def prepare_base(args, out: Path, model=None, tokenizer=None):
 
     mc, device = args.model, resolve_device(args.model.device)
     if getattr(args, "quantized", None):
-        return (*load_quantized_base(args.quantized, mc.dtype, device), Path(args.quantized), None)
+        return (*load_quantized_base(args.quantized, mc.dtype, device, mc.kernel), Path(args.quantized), None)
     base_dir = out / BASE_DIR
     if args.train.resume and (base_dir / "config.json").is_file():
         check_same_quantization(base_dir, mc.model, args.quant)
-        return (*load_quantized_base(base_dir, mc.dtype, device), base_dir, None)
+        return (*load_quantized_base(base_dir, mc.dtype, device, mc.kernel), base_dir, None)
     if model is None:
         model, tokenizer = load_model(mc.model, mc.dtype, device, mc.cache_dir)
-    report = quantize_loaded(model, tokenizer, args.quant, args.calib, args.data.data, args.seed)
+    report = quantize_loaded(model, tokenizer, args.quant, args.calib, args.data.data, args.seed, kernel=mc.kernel)
     save_quantized(model, tokenizer, base_dir, args.quant, extra=report | {"base_model": mc.model})
     return model, tokenizer, base_dir, report
 

@@ -35,7 +35,7 @@ def quantize(args: QuantizeArgs) -> dict:
                        overwrite=args.overwrite)
     with OutputLock(out):
         model, tokenizer = load_model(mc.model, mc.dtype, device, mc.cache_dir)
-        report = quantize_loaded(model, tokenizer, args.quant, args.calib, args.data.data, args.seed)
+        report = quantize_loaded(model, tokenizer, args.quant, args.calib, args.data.data, args.seed, kernel=mc.kernel)
         save_quantized(model, tokenizer, out, args.quant, extra=report | {"base_model": mc.model},
                        overwrite=args.overwrite)
     # Each layer's GPTQ loss is kept in OUT/quantize_config.json (and logged with -v), not printed.

@@ -1,5 +1,9 @@
 """``gptqlora run``: the whole job (evaluate float -> quantize -> evaluate -> fine-tune -> evaluate), one table.
 
+Each evaluation scores what ``gptqlora eval`` would: a copy loaded from disk (the float model, the run's quantized
+base, base + the run's adapter) in the inference dtype (bf16 on a CPU that runs it natively, where the 4-bit layers
+decode with int4-aten), freed afterwards; quantizing and training keep their own dtype.
+
 Every stage can be resumed: ``--resume`` keeps finished evaluations (``rows.json``), continues an interrupted one
 from its last answered batch, reuses the run's quantized base and continues training from its last checkpoint;
 it refuses when any recorded setting differs from the one given now.
@@ -82,9 +86,9 @@ def results_table(rows: dict[str, dict]) -> str:
 
 
 def run(args: RunArgs) -> dict:
+    from gptqlora.commands.evaluate import load_scored_model
     from gptqlora.data.gsm8k import load_gsm8k
-    from gptqlora.models import check_model_source, load_model, resolve_device
-    from gptqlora.provenance import base_record
+    from gptqlora.models import check_model_source, resolve_device
 
     mc, tc, qc = args.model, args.train, args.quant
     source = check_model_source(mc.model, mc.cache_dir)
@@ -92,7 +96,7 @@ def run(args: RunArgs) -> dict:
     train, held = training_split(args)
     test = load_gsm8k("test", args.data.data)[: args.run.test_limit or None]
     exemplars = fewshot(args.data.data, args.eval.shots, args.seed)
-    device = resolve_device(mc.device)
+    resolve_device(mc.device)  # an unknown or absent device fails here, before any work
     out = check_output(tc.out, inputs=[source, local_data_dir(args.data.data), args.calib.calib_text],
                        overwrite=args.overwrite, resume=tc.resume)
     settings = flat_settings(args)
@@ -112,7 +116,7 @@ def run(args: RunArgs) -> dict:
         rows: dict[str, dict] = json.loads(rows_path.read_text()) if tc.resume and rows_path.is_file() else {}
         timings: dict[str, float] = {}
 
-        def evaluate(name: str, model, tokenizer, provenance: dict) -> None:
+        def evaluate(name: str, quantized: Path | None = None, adapter: Path | None = None) -> None:
             if name in rows:
                 print(f"\n== {name}: evaluated before, kept ==", flush=True)
                 return
@@ -120,24 +124,18 @@ def run(args: RunArgs) -> dict:
             resume = tc.resume and (eval_dir / "eval_config.json").is_file()
             start = time.perf_counter()
             print(f"\n== evaluating {name}{' (resumed)' if resume else ''} ==", flush=True)
+            model, tokenizer, provenance = load_scored_model(mc, quantized and str(quantized), adapter and str(adapter))
             rows[name] = evaluate_loaded(model, tokenizer, test, exemplars, args.eval, args.prompt.prompt_style,
                                          args.seed, eval_dir, resume=resume, provenance=provenance)
             timings[f"eval {name}"] = round(time.perf_counter() - start, 1)
             write_atomic(rows_path, json.dumps(rows, indent=2, default=str) + "\n")
 
-        float_row = "float base"
-        base_dir = out / "quantized_base"
-        model = tokenizer = None
-        needs_float = not args.run.skip_float_eval and float_row not in rows
-        if needs_float or not (tc.resume and (base_dir / "config.json").is_file()):
-            model, tokenizer = load_model(mc.model, mc.dtype, device, mc.cache_dir)
-        if needs_float:
-            evaluate(float_row, model, tokenizer, {"base": base_record(source or mc.model), "adapter": None})
-        model, tokenizer, base_dir, report = prepare_base(args, out, model, tokenizer)
+        if not args.run.skip_float_eval:
+            evaluate("float base")
+        model, tokenizer, base_dir, report = prepare_base(args, out)
         if report is not None:
             timings["quantize"] = report["seconds"]
-        base = base_record(base_dir)
-        evaluate(f"{qc.method} {qc.bits}-bit base", model, tokenizer, {"base": base, "adapter": None})
+        evaluate(f"{qc.method} {qc.bits}-bit base", base_dir)
         start = time.perf_counter()
         resume_training = tc.resume and (out / "train_state").is_dir()
         # A run killed before its first checkpoint restarts training; its partial metrics are its own to replace.
@@ -145,8 +143,8 @@ def run(args: RunArgs) -> dict:
         training = train_on_base(model, tokenizer, base_dir, train, held, args,
                                  overwrite=tc.resume and not resume_training)
         timings["finetune"] = round(time.perf_counter() - start, 1)
-        evaluate(f"{qc.method} {qc.bits}-bit + LoRA", model, tokenizer,
-                 {"base": base, "adapter": str(out / "lora_adapter")})
+        del model  # the evaluation loads its own copy
+        evaluate(f"{qc.method} {qc.bits}-bit + LoRA", base_dir, out / "lora_adapter")
 
         table = results_table(rows)
         result = {"table": table, "rows": rows, "quantization": report, "training": training, "timings_s": timings,

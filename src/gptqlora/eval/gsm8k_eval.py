@@ -33,6 +33,7 @@ from gptqlora.errors import UsageError
 from gptqlora.eval.generate import generate, generate_samples
 from gptqlora.eval.scoring import majority_vote, summarize
 from gptqlora.files import append_durable, fsync_path, write_atomic
+from gptqlora.quant.kernels import kernels_used
 from gptqlora.quant.linear import QuantizedLinear
 
 
@@ -396,6 +397,7 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
 
     summary = {"n": len(records), "style": style, "shots": len(exemplars), **score_records(records, config),
                "settings": settings, "provenance": provenance, "resumed_from": resumed_from,
+               "kernels": kernels_used(model) or None,  # quantized layers per backend that ran
                "seconds_this_run": seconds, "generated_tokens_this_run": n_tokens,
                "tokens_per_s_this_run": n_tokens / seconds if seconds > 0 else 0.0}
     if out_dir is not None:

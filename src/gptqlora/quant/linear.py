@@ -107,6 +107,7 @@ class QuantizedLinear(nn.Module):
             self.bias = None
         self.kernel = "auto"  # the kernel preference (see gptqlora.quant.kernels)
         self.last_kernel: str | None = None  # the backend that ran the latest call
+        self.kernels_seen: set[str] = set()  # the backends that ran since the preference was last set
         self._forget_layouts()
 
     @classmethod
@@ -168,6 +169,8 @@ class QuantizedLinear(nn.Module):
     def set_kernel(self, name: str) -> None:
         """Prefer kernel ``name`` (see ``gptqlora.quant.kernels.KERNELS``); layouts of the old choice are dropped."""
         check_kernel(name)
+        self.kernels_seen.clear()
+        self.last_kernel = None  # so that the next call records its backend in kernels_seen
         if name != self.kernel:
             self.kernel = name
             self._layouts.clear()
@@ -215,6 +218,7 @@ class QuantizedLinear(nn.Module):
         name, state = self._backend(x2, needs_grad)
         if self.last_kernel != name:  # nn.Module.__setattr__ is slow enough to matter in decoding
             self.last_kernel = name
+            self.kernels_seen.add(name)
         impl = implementation(name)
         y = _QuantMatmul.apply(x2, impl, state) if needs_grad else impl.matmul(x2, state)  # [M, N]
         if self.bias is not None:

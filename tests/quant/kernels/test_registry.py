@@ -81,6 +81,18 @@ def test_set_kernel_sets_every_quantized_layer_of_a_model():
     assert all(m._cache is not None for m in model if hasattr(m, "kernel"))
     set_kernel(model, "auto")
     assert all(m._cache is None for m in model if hasattr(m, "kernel"))
+    assert kernels_used(model) == {"none": 2}  # counted again from the new preference on
+
+
+def test_kernels_used_counts_every_backend_a_layer_ran():
+    """A decode runs one backend for the prompt (many rows) and another per new token: both are reported."""
+    model = nn.Sequential(random_layer(n=64, k=128, bits=4, group_size=64, seed=0))
+    x = torch.randn(200, 128, dtype=torch.bfloat16)
+    model(x)  # M = 200: dequant-gemm on the CPU
+    model(x[:1])  # M = 1: int4-aten
+    assert kernels_used(model) == {"dequant-gemm": 1, "int4-aten": 1}
+    model(x)
+    assert kernels_used(model) == {"dequant-gemm": 1, "int4-aten": 1}
 
 
 def test_layer_facts():

@@ -39,16 +39,17 @@ def set_kernel(model: nn.Module, name: str) -> int:
 
 
 def kernels_used(model: nn.Module) -> dict[str, int]:
-    """How many QuantizedLinear layers of ``model`` ran each backend in their latest call (for run summaries).
+    """How many QuantizedLinear layers of ``model`` ran each backend since their kernel was last set (for run
+    summaries: a decode uses one backend for the prompt and another per new token, so a layer can count twice).
 
     Returns:
-        Backend name -> layer count, plus ``"none"`` for layers not called yet; empty when there are no such layers.
+        Backend name -> layer count, plus ``"none"`` for layers not called since; empty when there are no such layers.
     """
     from gptqlora.quant.linear import QuantizedLinear
 
     counts: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
-            key = m.last_kernel or "none"
-            counts[key] = counts.get(key, 0) + 1
+            for key in sorted(m.kernels_seen) or ["none"]:
+                counts[key] = counts.get(key, 0) + 1
     return counts

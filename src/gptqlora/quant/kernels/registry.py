@@ -47,10 +47,10 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from gptqlora.config import KERNELS
 from gptqlora.errors import UsageError
 from gptqlora.quant.pack import unpack_qzeros
 
-KERNELS = ("auto", "dequant", "dequant-gemm", "int4-aten", "triton", "dense")
 # auto on the CPU: the largest M (rows of x) for which the int4 kernel beats dequant-gemm (see the docstring).
 CPU_INT4_MAX_M = 64
 # auto on CUDA: the largest M given to tinygemm (unmeasured; tinygemm is a decode kernel).
