@@ -104,7 +104,7 @@ stage() {  # stage NAME ARGS...: run one CLI stage, log it, record "NAME rc seco
 }
 stage quantize quantize --model "$E2E/tiny" --device "$DEVICE" --out "$E2E/quantized" --group-size 32 \
     --calib-samples 8 --calib-seqlen 64
-stage finetune finetune --quantized "$E2E/quantized" --device "$DEVICE" --out "$E2E/finetune" --train-steps 5 \
+stage finetune finetune --quantized "$E2E/quantized" --device "$DEVICE" --out "$E2E/finetune" --max-steps 5 \
     --train-limit 40 --eval-holdout 4 --batch-size 2 --max-length 128
 stage eval eval --quantized "$E2E/quantized" --adapter "$E2E/finetune/lora_adapter" --device "$DEVICE" \
     --limit 8 --max-new-tokens 32 --batch-size 8 --output-dir "$E2E/eval"

@@ -139,8 +139,7 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: str | torch.dtype = "a
         if tokenizer is None:
             raise UsageError(f"{path} has no tokenizer files (tokenizer_config.json): copy them from the model it was "
                              "quantized from (tokenizer.save_pretrained(DIR)), or quantize again with gptqlora")
-        if dtype != "auto":
-            model.to(torch_dtype)
+        model.to(torch_dtype)  # the compute dtype (auto included: bf16 for inference where native); codes keep theirs
         return model, tokenizer
     source = str(path) if path is not None else name_or_path
     try:
