@@ -170,6 +170,10 @@ class QuantConfig:
                     aliases=("--asym",))
     act_order: bool = opt(False, "GPTQ act-order (desc_act): quantize columns by descending Hessian diagonal.")
     static_groups: bool = opt(False, "Compute every group's scale and zero from the original weights up front.")
+    group_aware: bool = opt(False, "Group-aware reordering: quantize groups by importance (max Hessian diagonal) and "
+                                   "each group's columns by descending Hessian diagonal; groups stay contiguous, so "
+                                   "g_idx needs no permutation and every kernel's fast path applies. --act-order "
+                                   "replaces it.")
     damp_percent: float = opt(0.01, "Damping added to the Hessian diagonal, as a fraction of its mean.")
     block_size: int = opt(128, "GPTQ lazy-update block size (columns).")
     true_sequential: bool = opt(True, "Quantize a block's linears stage by stage ([k,v,q] -> o -> [up,gate] -> down), "
@@ -261,7 +265,8 @@ class TrainConfig:
     out: str = opt("checkpoints", "Output directory: quantized_base/, lora_adapter/, training checkpoints and logs.")
     epochs: float = opt(1.0, "Passes over the training examples (ignored when --max-steps is set).")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
-    batch_size: int = opt(2, "Examples per micro-batch.")
+    batch_size: int = opt(2, "Examples per micro-batch, per process under torchrun (global batch: batch x processes"
+                             " x grad accumulation).")
     grad_accum: int = opt(1, "Micro-batches per optimizer step.", aliases=("--gradient-accumulation-steps",))
     lr: float = opt(2e-4, "Peak learning rate (AdamW).", aliases=("--learning-rate",))
     weight_decay: float = opt(0.0, "AdamW weight decay.")

@@ -119,3 +119,63 @@ def agree(value: Any, what: str) -> None:
     values = gather_objects(value)
     if any(v != values[0] for v in values[1:]):
         raise UsageError(f"the processes disagree on {what}: {values}; give every rank the same arguments")
+
+
+def local_size() -> int:
+    """How many processes of the job run on this machine (torchrun's ``LOCAL_WORLD_SIZE``; 1 without torchrun)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        raise UsageError("LOCAL_WORLD_SIZE must be an integer: launch with torchrun") from None
+
+
+def share_threads() -> int:
+    """Give this process its fair share of the CPU cores: ``cores // local processes`` threads, at least one.
+
+    Processes on one machine that each take every core slow one another down. ``OMP_NUM_THREADS``, when set, is
+    the user's (or torchrun's) choice and is kept. Returns the thread count in use.
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // local_size()))
+    return torch.get_num_threads()
+
+
+def joined() -> World:
+    """This process's place, checked against the process group: under torchrun, :func:`init` must have run.
+
+    Raises:
+        RuntimeError: torchrun started several processes but this one joined no group, so each would work alone
+            and write over the others' outputs (a bug in the caller).
+    """
+    w = world()
+    if w.distributed and not active():
+        raise RuntimeError(f"rank {w.rank} of {w.size} has not joined the process group: call "
+                           "gptqlora.distributed.init(device) first")
+    return w
+
+
+def from_main(fn, *args, **kwargs) -> Any:
+    """Run ``fn`` on rank 0 only and hand its result to every rank; a ``UsageError`` it raises is raised on all.
+
+    For the steps one process must do alone (checking and preparing an output directory, resuming from files) while
+    the others wait, without leaving them waiting forever when the step refuses.
+    """
+    if not active():
+        return fn(*args, **kwargs)
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except UsageError as e:
+            error = e
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of ``n`` that rank ``rank`` of ``size`` takes: contiguous, in rank order, sizes
+    differing by one at most, so the ranks' shards put back together are the ``n`` rows in their order."""
+    return rank * n // size, (rank + 1) * n // size

@@ -26,7 +26,8 @@ COMMANDS: dict[str, Command] = {
                         quantize.QuantizeArgs, quantize.quantize),
     "perplexity": Command("Teacher-forced perplexity of GSM8K solutions (float or quantized model).",
                           perplexity.PerplexityArgs, perplexity.perplexity),
-    "finetune": Command("Train LoRA adapters over a quantized base on GSM8K train.",
+    "finetune": Command("Train LoRA adapters over a quantized base on GSM8K train; under torchrun, "
+                        "data-parallel (--batch-size per process).",
                         finetune.FinetuneArgs, finetune.finetune),
     "eval": Command("Exact-match GSM8K accuracy with greedy decoding and optional self-consistency.",
                     evaluate.EvalArgs, evaluate.evaluate),

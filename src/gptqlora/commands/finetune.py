@@ -1,10 +1,28 @@
-"""``gptqlora finetune``: LoRA over a quantized base (given, or quantized first) on GSM8K train."""
+"""``gptqlora finetune``: LoRA over a quantized base (given, or quantized first) on GSM8K train.
+
+Several processes train one adapter with DistributedDataParallel when launched by torchrun (gloo on CPU, NCCL with
+one GPU per process)::
+
+    torchrun --nproc-per-node 4 --no-python gptqlora finetune --model M --batch-size 4 --grad-accum 2 --out runs/a
+    python -m torch.distributed.run --nproc-per-node 4 -m gptqlora.cli finetune ...   # the same
+
+``--batch-size`` is per process: a step reads batch x processes x accumulation examples (here 4 x 4 x 2 = 32; rank 0
+prints it), the same examples, in the same order, as one process with ``--batch-size 16 --grad-accum 2``, and the
+result equals that run's up to float rounding. Rank 0 quantizes ``--model`` and saves the base while the others
+wait, then every rank loads it from disk (with ``--quantized`` each loads it at once). Rank 0 alone writes the
+adapter, metrics, checkpoints and loss curve. ``--resume`` needs the process count of the run it continues. On a
+CPU each process takes cores / local processes threads unless OMP_NUM_THREADS is set (torchrun sets it to 1 for
+several processes when it is unset: set it to your share, e.g. OMP_NUM_THREADS=8 for 2 processes on 16 cores).
+"""
 
 from __future__ import annotations
 
+import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from gptqlora import distributed
 from gptqlora.commands.common import (check_quantized_input, load_quantized_base, local_data_dir, quantize_loaded,
                                       split_train)
 from gptqlora.config import (CalibConfig, DataConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig, TrainConfig,
@@ -70,8 +88,20 @@ def check_same_quantization(base_dir: Path, model: str, qc: QuantConfig) -> None
                          "with the run's settings, or start a new --out")
 
 
+def join(device: str) -> distributed.World:
+    """Join torchrun's process group (a no-op for one process), on this rank's device; on a CPU with several
+    processes on the machine, take a fair share of its cores (``distributed.share_threads``)."""
+    world = distributed.init(distributed.rank_device(device))
+    if world.distributed and device == "cpu":
+        distributed.share_threads()
+    return world
+
+
 def prepare_base(args, out: Path, model=None, tokenizer=None):
     """The run's quantized base: ``--quantized``, the run's own base on ``--resume``, or ``--model`` quantized now.
+
+    Under torchrun rank 0 quantizes and saves while the others wait, then every rank loads the saved base (rank 0
+    too: every rank trains on the same tensors, as read from disk); ``model`` is then used by rank 0 only.
 
     ``model``/``tokenizer``: the already loaded float model (``run`` evaluates it first); loaded here when None.
     Returns:
@@ -81,17 +111,27 @@ def prepare_base(args, out: Path, model=None, tokenizer=None):
     from gptqlora.quant.checkpoint import save_quantized
 
     mc, device = args.model, resolve_device(args.model.device)
+    world = join(device)
+    device = distributed.rank_device(device)
     if getattr(args, "quantized", None):
         return (*load_quantized_base(args.quantized, mc.dtype, device, mc.kernel), Path(args.quantized), None)
     base_dir = out / BASE_DIR
     if args.train.resume and (base_dir / "config.json").is_file():
         check_same_quantization(base_dir, mc.model, args.quant)
         return (*load_quantized_base(base_dir, mc.dtype, device, mc.kernel), base_dir, None)
-    if model is None:
-        model, tokenizer = load_model(mc.model, mc.dtype, device, mc.cache_dir)
-    report = quantize_loaded(model, tokenizer, args.quant, args.calib, args.data.data, args.seed, kernel=mc.kernel)
-    save_quantized(model, tokenizer, base_dir, args.quant, extra=report | {"base_model": mc.model})
-    return model, tokenizer, base_dir, report
+    report = None
+    if world.main:
+        if model is None:
+            model, tokenizer = load_model(mc.model, mc.dtype, device, mc.cache_dir)
+        report = quantize_loaded(model, tokenizer, args.quant, args.calib, args.data.data, args.seed,
+                                 kernel=mc.kernel)
+        save_quantized(model, tokenizer, base_dir, args.quant, extra=report | {"base_model": mc.model})
+    if not world.distributed:
+        return model, tokenizer, base_dir, report
+    del model  # rank 0's in-memory copy: it loads the saved one below, as the others do
+    distributed.barrier()  # the others wait for the saved base (within the process group's timeout)
+    report = distributed.broadcast_object(report)
+    return (*load_quantized_base(base_dir, mc.dtype, device, mc.kernel), base_dir, report)
 
 
 def run_provenance(base_dir: Path, args) -> dict:
@@ -105,6 +145,7 @@ def train_on_base(model, tokenizer, base_dir: Path, train: list[dict], held: lis
                   overwrite: bool = False) -> dict:
     """Seed, inject LoRA and train; writes the adapter, metrics and checkpoints under ``args.train.out``.
 
+    Under torchrun every rank calls it (after ``prepare_base``) and trains its shard of each batch; rank 0 writes.
     ``overwrite``: replace an earlier start's metrics that no checkpoint continues (``run --resume`` only).
     """
     from gptqlora.data.gsm8k import GSM8KCoTDataset
@@ -112,6 +153,10 @@ def train_on_base(model, tokenizer, base_dir: Path, train: list[dict], held: lis
     from gptqlora.train import seed_everything, train_lora
 
     lc, tc, style = args.lora, args.train, args.prompt.prompt_style
+    world = distributed.joined()
+    if world.distributed and world.main:
+        print(f"global batch: {tc.batch_size} per process x {world.size} processes x {tc.grad_accum} accumulation = "
+              f"{tc.batch_size * world.size * tc.grad_accum} examples per step", file=sys.stderr, flush=True)
     train_ds = GSM8KCoTDataset(train, tokenizer, style=style, max_length=tc.max_length)
     held_ds = GSM8KCoTDataset(held, tokenizer, style=style, max_length=tc.max_length) if held else None
     seed_everything(args.seed)  # LoRA init draws from the global RNG
@@ -163,18 +208,30 @@ def check_run_dir(args, inputs: list) -> Path:
     return out
 
 
-def finetune(args: FinetuneArgs) -> dict:
+def finetune(args: FinetuneArgs) -> dict | None:
+    """Quantize (or load) the base, train, write the run's directory; returns the summary (None on ranks > 0 under
+    torchrun: rank 0's is the one printed).
+
+    Every rank checks the inputs and the output before any work; rank 0 alone locks and clears the output.
+    """
     from gptqlora.models import check_model_source, resolve_device
 
     source = check_quantized_input(args.quantized) if args.quantized else check_model_source(args.model.model,
                                                                                               args.model.cache_dir)
     check_lora_targets(source, args.lora.lora_targets)
     train, held = training_split(args)
-    resolve_device(args.model.device)
-    out = check_run_dir(args, [source, local_data_dir(args.data.data), args.calib.calib_text])
-    with OutputLock(out):
-        if args.overwrite:
-            clear_output(out)
-        model, tokenizer, base_dir, report = prepare_base(args, out)
-        summary = train_on_base(model, tokenizer, base_dir, train, held, args)
+    world = join(resolve_device(args.model.device))
+    try:
+        out = check_run_dir(args, [source, local_data_dir(args.data.data), args.calib.calib_text])
+        distributed.barrier()  # every rank has checked the output before rank 0 changes it
+        with OutputLock(out) if world.main else nullcontext():
+            if args.overwrite and world.main:
+                clear_output(out)
+            distributed.barrier()
+            model, tokenizer, base_dir, report = prepare_base(args, out)
+            summary = train_on_base(model, tokenizer, base_dir, train, held, args)
+    finally:
+        distributed.shutdown()
+    if not world.main:
+        return None
     return {"quantized_base": str(base_dir), "quantization": report, "training": summary}

@@ -8,6 +8,13 @@ position is just (epoch, micro-batch index) and a resumed run reads exactly the 
 A fresh run seeds every global generator from ``seed`` (LoRA dropout draws from torch's); a resumed run restores
 the checkpoint's generator states instead, so both end where an uninterrupted run would.
 
+Under torchrun (``gptqlora.distributed``) the adapter is trained by DistributedDataParallel: ``batch_size`` is per
+process, every rank reads the same global micro-batches of ``batch_size x processes`` examples (the micro-batches
+of a one-process run with that batch size) and trains on its contiguous shard of each; the gradients are averaged
+across ranks on the last micro-batch of a step only (DDP ``no_sync`` before it). Each rank's summed NLL is scaled
+by the process count, so the averaged gradient is the one-process run's; losses and token counts are reduced, so
+the log is the one-process run's too, up to float rounding. Rank 0 alone writes files; the others wait at barriers.
+
 ``metrics.jsonl`` holds one strict-JSON record per line: a train step (``loss``, ``lr``, ``grad_norm``...), an
 evaluation (``eval_loss``), or a ``warning`` (a resume that changed ``lr`` or ``max_grad_norm``). A non-finite
 value is written as null and its key listed under ``non_finite``.
@@ -36,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from gptqlora import distributed
 from gptqlora.config import TrainConfig
 from gptqlora.data.gsm8k import IGNORE_INDEX, collate
 from gptqlora.errors import OutputExistsError, UsageError
@@ -44,10 +52,12 @@ from gptqlora.files import append_durable, write_atomic
 from gptqlora.hardware import resolve_bf16
 from gptqlora.lora.adapter import save_adapter
 from gptqlora.lora.layer import get_adapter_params, is_linear, lora_modules
+from gptqlora.train.parallel import data_parallel, has_labels, rank_shard, sharded_answer_loss
 from gptqlora.train.plot import plot_loss_curve
 from gptqlora.train.schedule import count_total_steps, get_lr
-from gptqlora.train.state import (TrainState, describe_setting, finite_record, latest_checkpoint, load_checkpoint,
-                                  resume_checkpoint, save_checkpoint, step_dirs)
+from gptqlora.train.state import (TrainState, check_world_size, describe_setting, finite_record, latest_checkpoint,
+                                  load_checkpoint, ranks_rng_state, resume_checkpoint, rng_state, save_checkpoint,
+                                  step_dirs)
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +177,10 @@ def label_nll(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.de
 
 
 def run_fingerprint(model: nn.Module, train_dataset: Dataset, config: TrainConfig, seed: int, bf16: bool,
-                    provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+                    provenance: dict[str, Any] | None = None, world_size: int = 1) -> dict[str, Any]:
     """The settings a resume must match: trajectory config fields, seed, bf16, the LoRA layers, the data, and what
-    the caller says the run is made from (``provenance["base"]`` as ``base``, the rest as ``provenance``)."""
+    the caller says the run is made from (``provenance["base"]`` as ``base``, the rest as ``provenance``); with
+    several processes, their number (``world_size``; left out for one, as runs before torchrun recorded it)."""
     modules = lora_modules(model)
     m = next(iter(modules.values()))
     h = hashlib.sha256()
@@ -180,7 +191,8 @@ def run_fingerprint(model: nn.Module, train_dataset: Dataset, config: TrainConfi
             "lora_r": m.r, "lora_alpha": m.alpha, "lora_dropout": m.dropout_p, "lora_rslora": m.use_rslora,
             "lora_modules": sorted(modules), "train_examples": len(train_dataset), "train_data_sha256": h.hexdigest(),
             "base": (provenance or {}).get("base"),
-            "provenance": {k: v for k, v in provenance.items() if k != "base"} if provenance else None}
+            "provenance": {k: v for k, v in provenance.items() if k != "base"} if provenance else None,
+            **({"world_size": world_size} if world_size > 1 else {})}
 
 
 def _enable_checkpointing(model: nn.Module) -> Callable[[], None]:
@@ -242,6 +254,10 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
                overwrite: bool = False) -> dict[str, Any]:
     """Train the model's LoRA adapters; write metrics, checkpoints, the final adapter and a loss curve.
 
+    Under torchrun every rank calls it with the same arguments and the same (seeded) model; the process group is
+    joined here if the caller has not (``distributed.init``). ``config.batch_size`` is per process: a step reads
+    ``batch_size x processes x grad_accum`` examples. Rank 0 alone writes; a resume needs the same process count.
+
     Args:
         model: a causal LM with LoRA injected and only LoRA trainable; trained in place.
         tokenizer: gives the pad id (its eos when it has no pad token).
@@ -251,8 +267,8 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
             ``lora_adapter/``, ``loss_curve.png`` and ``run_provenance.json``.
         seed: seeds the data order and, on a fresh start, every global generator (``seed_everything``); names the
             run: a resume must use the same seed.
-        progress: show a tqdm bar.
-        on_metrics: called with each metrics record (train step, eval or warning) as it is logged.
+        progress: show a tqdm bar (on rank 0).
+        on_metrics: called with each metrics record (train step, eval or warning) as it is logged (on rank 0).
         base_model_name_or_path: recorded in the adapter config; by default the provenance's base path, else the
             model's ``name_or_path``.
         provenance: what the run is made from, e.g. ``{"base": base_record(dir), "data": "gsm8k", "seed": 0}``.
@@ -265,8 +281,8 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
         resumed_from, trainable (``trainable_report``) and the paths written.
     Raises:
         UsageError: for an empty training set, ``resume`` with ``overwrite``, a resume whose checkpoint has other
-            settings (only a lower lr or another max_grad_norm is accepted, with a warning) or is damaged, or whose
-            ``train_state`` holds only incomplete checkpoints.
+            settings (only a lower lr or another max_grad_norm is accepted, with a warning), another process count,
+            or is damaged, or whose ``train_state`` holds only incomplete checkpoints.
         InputNotFoundError: for ``config.resume`` without a checkpoint in ``config.out``.
         OutputExistsError: for a fresh run, without ``overwrite``, in an ``out`` that holds an earlier run's
             metrics.jsonl or checkpoints; raised before any work.
@@ -286,15 +302,18 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
         raise OutputExistsError(f"{out} holds an earlier run ({', '.join(found[:3])}): pass --resume to continue it, "
                                 "--overwrite to delete it and start again, or choose a new --out (nothing was written)")
     device = next(iter(params.values())).device
+    world = distributed.init(str(device))  # a world of one without torchrun: everything below as ever
+    main = world.main
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bf16 = resolve_bf16(config.bf16, device)
-    total_steps = count_total_steps(len(train_dataset), batch_size=config.batch_size, grad_accum=config.grad_accum,
+    global_batch = config.batch_size * world.size  # examples per micro-batch, all ranks together
+    total_steps = count_total_steps(len(train_dataset), batch_size=global_batch, grad_accum=config.grad_accum,
                                     epochs=config.epochs, max_steps=config.max_steps)
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
-    fingerprint = run_fingerprint(model, train_dataset, config, seed, bf16, provenance)
+    fingerprint = run_fingerprint(model, train_dataset, config, seed, bf16, provenance, world.size)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     eval_loader = None
-    if eval_dataset is not None and len(eval_dataset) > 0:
+    if eval_dataset is not None and len(eval_dataset) > 0 and not world.distributed:
         eval_loader = DataLoader(eval_dataset, batch_size=config.batch_size,
                                  collate_fn=functools.partial(collate, pad_id=pad_id))
 
@@ -308,26 +327,31 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
     changed: dict[str, tuple[Any, Any]] = {}
     if config.resume:
         checkpoint, skipped = resume_checkpoint(state_dir)
-        if skipped:
+        if skipped and main:
             _warn(f"--resume: skipping incomplete checkpoint{'s' * (len(skipped) > 1)} "
                   f"{', '.join(str(d) for d in skipped)} (files are missing); continuing from {checkpoint}")
-        state, changed = load_checkpoint(checkpoint, model, optimizer, fingerprint, RESUME_MAY_CHANGE)
+        check_world_size(checkpoint, world.size)
+        state, changed = load_checkpoint(checkpoint, model, optimizer, fingerprint, RESUME_MAY_CHANGE, world.rank)
     else:
-        if found:  # overwrite: the refusal above let it through
-            clear_run_outputs(out)
         seed_everything(seed)
+        if world.distributed:  # LoRA dropout: a stream per rank (rank 0 keeps the one-process run's)
+            torch.manual_seed(seed + world.rank)
         state = TrainState()
-    out.mkdir(parents=True, exist_ok=True)
-    if provenance is not None and not config.resume:
-        write_atomic(out / PROVENANCE_FILE, json.dumps(provenance, indent=2, allow_nan=False) + "\n")
-    write_atomic(metrics_path, "".join(_jsonl([r for r in state.history if logged(r)])))
+    distributed.barrier()  # every rank has read what it needs from out before rank 0 changes it
+    if main:
+        if found:  # overwrite (a fresh start): the refusal above let it through
+            clear_run_outputs(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if provenance is not None and not config.resume:
+            write_atomic(out / PROVENANCE_FILE, json.dumps(provenance, indent=2, allow_nan=False) + "\n")
+        write_atomic(metrics_path, "".join(_jsonl([r for r in state.history if logged(r)])))
     resumed_from = state.step if config.resume else None
     t0 = time.perf_counter()  # this segment's start; state.elapsed holds the earlier segments' seconds
 
     def record(r: dict[str, Any]) -> None:
         r = finite_record(r)
-        state.history.append(r)
-        if logged(r):
+        state.history.append(r)  # on every rank: the values are reduced, so every rank's history is rank 0's
+        if logged(r) and main:
             append_durable(metrics_path, _jsonl([r]))
             if on_metrics is not None:
                 on_metrics(r)
@@ -336,20 +360,28 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
         if eval_loader is not None:
             with autocast():
                 result = answer_token_loss(model, eval_loader, device)
-            record({"step": state.step, "eval_loss": result["loss"], "eval_tokens": result["tokens"],
-                    "elapsed": state.elapsed + time.perf_counter() - t0})
+        elif world.distributed and eval_dataset is not None and len(eval_dataset) > 0:
+            with autocast():
+                result = sharded_answer_loss(model, eval_dataset, config.batch_size, pad_id, device, world)
+        else:
+            return
+        record({"step": state.step, "eval_loss": result["loss"], "eval_tokens": result["tokens"],
+                "elapsed": state.elapsed + time.perf_counter() - t0})
 
     for key, (saved, now) in changed.items():  # accepted changes of settings: said, and kept in the log
         message = (f"resumed at step {state.step} with {key} {describe_setting(key, now)} "
                    f"(checkpoint {describe_setting(key, saved)})")
-        _warn(message)
+        if main:
+            _warn(message)
         record({"step": state.step, "warning": message})
 
     was_training = model.training
     undo_checkpointing = _enable_checkpointing(model) if config.gradient_checkpointing else lambda: None
     model.train()  # LoRA dropout active; a frozen base in train mode changes nothing else for LLaMA
-    batches = micro_batches(train_dataset, config.batch_size, pad_id, seed, state.epoch, state.batch_index)
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not progress)
+    trained = data_parallel(model) if world.distributed else model  # what the training forward runs through
+    # Every rank reads the global micro-batches (those of a one-process run with batch_size x processes).
+    batches = micro_batches(train_dataset, global_batch, pad_id, seed, state.epoch, state.batch_index)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not (progress and main))
     try:
         if state.step == 0 and not state.history:
             evaluate()  # before any update: the "before" of the log
@@ -369,14 +401,29 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
                 raise UsageError(f"step {state.step + 1} has no label tokens: check the dataset's label masking "
                                  "(or raise --max-length: every answer may have been truncated away)")
             nlls = []
-            for batch, _, _ in micro:
-                if not (batch["labels"][:, 1:] != IGNORE_INDEX).any():
-                    continue
-                with autocast():
-                    nll = label_nll(model, batch, device)  # summed over the micro-batch's label tokens
-                (nll / n_labels).backward()
-                nlls.append(nll.detach())
-            loss = sum(torch.stack(nlls).tolist()) / n_labels  # one host sync per step; a float64 sum, as ever
+            if not world.distributed:
+                for batch, _, _ in micro:
+                    if not has_labels(batch):
+                        continue
+                    with autocast():
+                        nll = label_nll(model, batch, device)  # summed over the micro-batch's label tokens
+                    (nll / n_labels).backward()
+                    nlls.append(nll.detach())
+                loss = sum(torch.stack(nlls).tolist()) / n_labels  # one host sync per step; a float64 sum, as ever
+            else:
+                labelled = [batch for batch, _, _ in micro if has_labels(batch)]  # the same on every rank
+                for i, batch in enumerate(labelled):
+                    part, counts = rank_shard(batch, world.rank, world.size)
+                    # Gradients are averaged across ranks in the step's last backward only.
+                    with nullcontext() if i == len(labelled) - 1 else trained.no_sync():
+                        with autocast():
+                            nll = label_nll(trained, part, device)  # summed over this rank's label tokens
+                        # x processes: DDP averages, and the step's gradient is the sum over all ranks' tokens
+                        (nll / n_labels * (world.size if counts else 0)).backward()
+                    if counts:
+                        nlls.append(nll.detach())
+                mine = sum(torch.stack(nlls).tolist()) if nlls else 0.0
+                loss = sum(distributed.gather_objects(mine)) / n_labels  # in rank order: equal on every rank
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf  # inf: measure, don't clip
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm))
             for value, what in ((loss, "training loss"), (grad_norm, "gradient norm")):
@@ -398,18 +445,26 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
                 evaluate()
             if state.step % config.save_every == 0 or state.step == total_steps:
                 elapsed = state.elapsed + time.perf_counter() - t0
-                save_checkpoint(state_dir, model, optimizer, dataclasses.replace(state, elapsed=elapsed), fingerprint)
+                rng = ranks_rng_state(distributed.gather_objects(rng_state())) if world.distributed else None
+                if main:
+                    save_checkpoint(state_dir, model, optimizer, dataclasses.replace(state, elapsed=elapsed),
+                                    fingerprint, rng)
+                distributed.barrier()  # no rank runs ahead of a checkpoint that may yet fail to be written
     finally:
         bar.close()
         undo_checkpointing()
         model.train(was_training)
+    del trained  # drops DDP's hooks on the LoRA parameters
     seconds = state.elapsed + time.perf_counter() - t0
 
     base = (provenance or {}).get("base")
     base_name = (base_model_name_or_path or (base or {}).get("path") or getattr(model.config, "name_or_path", "")
                  or "")
-    adapter_dir = save_adapter(model, out / ADAPTER_DIR, base_model_name_or_path=base_name, base=base)
-    curve = plot_loss_curve(state.history, out / CURVE_FILE)
+    adapter_dir, curve = out / ADAPTER_DIR, out / CURVE_FILE
+    if main:
+        adapter_dir = save_adapter(model, adapter_dir, base_model_name_or_path=base_name, base=base)
+        curve = plot_loss_curve(state.history, curve)
+    distributed.barrier()  # the adapter is on disk before any rank returns (``run`` evaluates it next)
     train_losses = [r["loss"] for r in state.history if "loss" in r]
     eval_losses = [r["eval_loss"] for r in state.history if "eval_loss" in r]
     return {"steps": state.step, "train_loss": train_losses[-1] if train_losses else None,

@@ -5,10 +5,12 @@
 - ``adapter.safetensors``: the LoRA tensors, PEFT keys (``base_model.model.<module>.lora_A.weight``), fp32.
 - ``optimizer.safetensors``: AdamW's state flattened per parameter index ``i`` (the order of
   ``get_adapter_params``): ``state.{i}.exp_avg``, ``state.{i}.exp_avg_sq``, ``state.{i}.step``.
-- ``rng.safetensors``: the torch CPU generator state (uint8) and one per CUDA device.
+- ``rng.safetensors``: the torch CPU generator state (uint8) and one per CUDA device; in a run of several
+  processes (torchrun), each rank's, rank r > 0 under ``rank{r}.``.
 - ``trainer_state.json``: the step (the scheduler's position), the data position (epoch, next micro-batch
   within it), tokens and seconds so far, the loss history, the optimizer's param groups and parameter names,
-  Python's ``random`` state, and the run's fingerprint (the settings that shape the trajectory).
+  Python's ``random`` state, and the run's fingerprint (the settings that shape the trajectory; with several
+  processes, their number as ``world_size``: the global batch and the data order depend on it).
 
 A checkpoint is written into a hidden temporary directory, every file and the directory fsynced, then renamed
 to its final name (a rename is atomic), and only then are the other ``step-*`` directories deleted: a crash at any
@@ -141,8 +143,25 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": groups, "state_extra": extra}
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch generator states: ``torch_cpu`` (uint8 [N]) and ``cuda.{i}`` per CUDA device."""
+    rng = {"torch_cpu": torch.get_rng_state()}  # uint8 [N]
+    if torch.cuda.is_available():
+        rng |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return rng
+
+
+def ranks_rng_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every rank's generator states in one file's tensors: rank 0's under their own names (as a one-process run
+    saves them), rank r's under ``rank{r}.``; each rank of a resumed run takes its own back (``load_checkpoint``)."""
+    merged = dict(states[0])
+    for r, state in enumerate(states[1:], start=1):
+        merged |= {f"rank{r}.{k}": v for k, v in state.items()}
+    return merged
+
+
 def save_checkpoint(root: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-                    fingerprint: dict[str, Any]) -> Path:
+                    fingerprint: dict[str, Any], rng: dict[str, torch.Tensor] | None = None) -> Path:
     """Write one complete checkpoint atomically, then delete every other ``step-*`` directory.
 
     Only a finite step reaches a checkpoint (``train_lora`` raises before saving otherwise), and the trainer state is
@@ -154,6 +173,8 @@ def save_checkpoint(root: str | os.PathLike, model: nn.Module, optimizer: torch.
         optimizer: AdamW over ``get_adapter_params(model)``, in that order.
         state: the run's position; saved as is.
         fingerprint: the settings a resume must match (see ``check_fingerprint``).
+        rng: the generator states to save (``ranks_rng_state`` of every rank's, in a run of several processes);
+            this process's (``rng_state()``) by default.
     Returns:
         The new checkpoint directory.
     """
@@ -166,9 +187,7 @@ def save_checkpoint(root: str | os.PathLike, model: nn.Module, optimizer: torch.
     # incomplete directory of this step, left by a damaged run that was resumed, is replaced.
     with staged_dir(final, overwrite=True) as tmp:
         opt_tensors, opt_rest = _optimizer_tensors(optimizer)
-        rng = {"torch_cpu": torch.get_rng_state()}  # uint8 [N]
-        if torch.cuda.is_available():
-            rng |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+        rng = rng_state() if rng is None else rng
         py_version, py_state, py_gauss = random.getstate()
         meta = {"format": FORMAT_VERSION, **asdict(state), "fingerprint": fingerprint,
                 "optimizer": {"param_names": list(get_adapter_params(model)), **opt_rest},
@@ -198,6 +217,22 @@ def read_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format") != FORMAT_VERSION:
         raise UsageError(f"{path} has format {meta.get('format')!r}, this version reads {FORMAT_VERSION}")
     return meta
+
+
+def check_world_size(checkpoint: str | os.PathLike, size: int) -> None:
+    """Refuse to resume with another number of processes than the checkpoint's run had (1 when unrecorded).
+
+    The global batch (``batch_size`` x processes x ``grad_accum``), the data position and each rank's generator
+    state all depend on it.
+
+    Raises:
+        UsageError: naming both process counts and how to launch the resume.
+    """
+    saved = read_state(checkpoint)["fingerprint"].get("world_size", 1)
+    if saved != size:
+        launch = f"torchrun --nproc-per-node {saved} gptqlora ..." if saved > 1 else "gptqlora ... without torchrun"
+        raise UsageError(f"cannot resume from {checkpoint}: it was written by {saved} process{'es' * (saved > 1)}, "
+                         f"this run has {size}; resume with the same count ({launch}), or start a new --out")
 
 
 def describe_setting(key: str, value: Any) -> str:
@@ -277,7 +312,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(checkpoint: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    fingerprint: dict[str, Any], may_change: ChangeRules | None = None
+                    fingerprint: dict[str, Any], may_change: ChangeRules | None = None, rank: int = 0
                     ) -> tuple[TrainState, dict[str, tuple[Any, Any]]]:
     """Restore the LoRA tensors, the optimizer, the RNG states and the run's position from a checkpoint.
 
@@ -289,6 +324,7 @@ def load_checkpoint(checkpoint: str | os.PathLike, model: nn.Module, optimizer: 
         optimizer: a fresh AdamW over ``get_adapter_params(model)``.
         fingerprint: this run's settings; they must equal the checkpoint's, but for ``may_change``.
         may_change: the settings that may differ, with their rules (see ``check_fingerprint``).
+        rank: this process's rank: it takes back the generator states saved for it (``ranks_rng_state``).
     Returns:
         (the run's position to continue from, the accepted differences ``{key: (checkpoint's, this run's)}``).
     Raises:
@@ -307,6 +343,12 @@ def load_checkpoint(checkpoint: str | os.PathLike, model: nn.Module, optimizer: 
         raise UsageError(f"{d}: the optimizer state was saved for other parameters or another order")
     flat = _read_tensors(d / OPTIMIZER_FILE)
     rng = _read_tensors(d / RNG_FILE)
+    if rank:
+        prefix = f"rank{rank}."
+        rng = {k[len(prefix):]: t for k, t in rng.items() if k.startswith(prefix)}
+        if "torch_cpu" not in rng:
+            raise UsageError(f"{d / RNG_FILE} holds no generator state for rank {rank}: it was written by a run of "
+                             "fewer processes; resume with that run's process count")
 
     with torch.no_grad():
         for key, p in params.items():

@@ -1,0 +1,68 @@
+"""Data-parallel pieces of the training loop (torchrun, ``gptqlora.distributed``): a rank's shard of a global
+micro-batch, DDP over the adapter alone, and the held-out loss scored in shards and reduced."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from gptqlora import distributed
+from gptqlora.data.gsm8k import IGNORE_INDEX, collate
+from gptqlora.eval.loss import answer_token_loss
+
+
+def has_labels(batch: dict[str, torch.Tensor]) -> bool:
+    """Whether a micro-batch holds a label token (``labels[:, 1:]``: position 0 is never predicted)."""
+    return bool((batch["labels"][:, 1:] != IGNORE_INDEX).any())
+
+
+def rank_shard(batch: dict[str, torch.Tensor], rank: int, size: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """This rank's rows of a global micro-batch (``distributed.shard_bounds``), cut to the longest of them as
+    ``collate`` would pad them; and whether they count.
+
+    A rank whose rows are none, or hold no label token (the short last micro-batch of an epoch), gets a stand-in
+    that does not count (the first labelled row, its loss weighted 0): DDP averages the gradients in every rank's
+    backward, so every rank must run one.
+    """
+    start, stop = distributed.shard_bounds(len(batch["input_ids"]), rank, size)
+    part = {k: v[start:stop] for k, v in batch.items()}  # [b, T] each
+    counts = start < stop and has_labels(part)
+    if not counts:
+        row = int((batch["labels"][:, 1:] != IGNORE_INDEX).any(1).nonzero()[0])
+        part = {k: v[row:row + 1] for k, v in batch.items()}  # [1, T]
+    width = int(part["attention_mask"].any(0).nonzero().max()) + 1  # columns that some row of the part uses
+    return {k: v[:, :width].contiguous() for k, v in part.items()}, counts
+
+
+def data_parallel(model: nn.Module) -> DistributedDataParallel:
+    """DDP over the adapter alone: the frozen base (its weights and packed buffers) is neither broadcast nor
+    averaged: every rank loaded the same one, and copying it would cost its whole size per rank."""
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    return DistributedDataParallel(model)  # buffers are all ignored above; label_nll moves the inputs
+
+
+def sharded_answer_loss(model: nn.Module, dataset: Dataset, batch_size: int, pad_id: int, device: torch.device,
+                        world: distributed.World) -> dict[str, float | int]:
+    """``answer_token_loss`` over the whole ``dataset``, each rank scoring its shard; the summed NLL and token counts
+    are gathered, so every rank gets the same token-weighted mean.
+
+    Raises:
+        ValueError: when no rank's shard holds a labelled token.
+    """
+    start, stop = distributed.shard_bounds(len(dataset), world.rank, world.size)
+    part = Subset(dataset, range(start, stop))
+    nll, tokens = 0.0, 0
+    if any(bool((part[i]["labels"][1:] != IGNORE_INDEX).any()) for i in range(len(part))):
+        loader = DataLoader(part, batch_size=batch_size, collate_fn=functools.partial(collate, pad_id=pad_id))
+        result = answer_token_loss(model, loader, device)
+        nll, tokens = result["loss"] * result["tokens"], result["tokens"]
+    parts = distributed.gather_objects((nll, tokens))
+    tokens = sum(t for _, t in parts)
+    if tokens == 0:
+        raise ValueError("no labelled tokens (labels != -100) in the held-out examples: check the label masking")
+    return {"loss": sum(n for n, _ in parts) / tokens, "tokens": tokens}
