@@ -207,11 +207,68 @@ class QuantConfig:
 @dataclass
 class DataConfig:
     data: str = opt(None, "GSM8K source: a directory with train.jsonl/test.jsonl or a hub dataset id "
-                          "(default $GSM8K_DIR when set, else openai/gsm8k).", factory=default_data_source)
+                          "(default $GSM8K_DIR when set, else openai/gsm8k). finetune also trains on a MetaMathQA or "
+                          "MathInstruct JSON/JSONL file, directory or hub id given here, recognised by its fields.",
+                    factory=default_data_source)
 
     def __post_init__(self) -> None:
         if not self.data:
             raise UsageError("empty --data: pass a directory holding train.jsonl/test.jsonl, or a hub dataset id")
+
+
+MIX_GSM8K = "gsm8k"  # the name a training mixture gives GSM8K train (from --data)
+
+
+def parse_mix(spec: str) -> tuple[tuple[str, float], ...]:
+    """The training-mixture grammar: ``SOURCE=WEIGHT[,SOURCE=WEIGHT...]``, e.g. ``gsm8k=1,metamath.jsonl=0.2``.
+
+    SOURCE is ``gsm8k`` (GSM8K train from ``--data``; write ``./gsm8k`` for a directory of that name) or anything
+    ``--data`` takes; WEIGHT is a multiple of that source's size (1: every row once, 0.2: a seeded fifth, 2: every
+    row twice), so a mixture reads as "GSM8K train plus a fifth of MetaMathQA". The last ``=`` splits a pair, so a
+    path may hold ``=`` but not ``,``.
+
+    Raises:
+        UsageError: an empty spec, a pair without ``=``, a weight that is not a positive finite number, a source
+            named twice.
+    """
+    pairs: list[tuple[str, float]] = []
+    for item in (s.strip() for s in spec.split(",")):
+        source, eq, weight = item.rpartition("=")
+        source = source.strip()
+        if not item or not eq or not source:
+            raise UsageError(f"train mix item {item!r} is not SOURCE=WEIGHT: write e.g. "
+                             f"--train-mix {MIX_GSM8K}=1,path/to/metamath.jsonl=0.2")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise UsageError(f"train mix weight {weight!r} of {source!r} is not a number: use e.g. 1 or 0.2") from None
+        if not 0 < w < float("inf"):
+            raise UsageError(f"train mix weight {w} of {source!r} must be a positive multiple of its size "
+                             "(1: all rows once, 0.2: a fifth); leave the source out to skip it")
+        if source in (s for s, _ in pairs):
+            raise UsageError(f"train mix names {source!r} twice: give each source once, with one weight")
+        pairs.append((source, w))
+    return tuple(pairs)
+
+
+@dataclass
+class TrainDataConfig:
+    train_mix: str | None = opt(None, "Train on a weighted mixture instead of --data alone: SOURCE=WEIGHT pairs "
+                                      "joined by commas, e.g. 'gsm8k=1,metamath.jsonl=0.2' (GSM8K train from --data, "
+                                      "plus a seeded fifth of MetaMathQA); a weight is a multiple of the source's "
+                                      "size. --data then names the GSM8K source only.")
+    program_of_thought: bool = opt(False, "Keep MathInstruct's program-of-thought rows (Python programs, which the "
+                                          "GSM8K scorer does not run) as training targets; by default they are "
+                                          "dropped.")
+
+    def __post_init__(self) -> None:
+        if self.train_mix is not None:
+            parse_mix(self.train_mix)
+
+    @property
+    def mix(self) -> tuple[tuple[str, float], ...]:
+        """The mixture as (source, weight) pairs; empty when none is given."""
+        return () if self.train_mix is None else parse_mix(self.train_mix)
 
 
 @dataclass
@@ -362,3 +419,33 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.test_limit < 0 or self.train_steps < 0:
             raise UsageError(f"test_limit ({self.test_limit}) and train_steps ({self.train_steps}) must be >= 0")
+
+
+@dataclass
+class VerifierTrainConfig:
+    epochs: float = opt(1.0, "Passes over the labelled samples (ignored when --max-steps is set).")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
+    batch_size: int = opt(8, "Labelled solutions per optimizer step.")
+    lr: float = opt(1e-4, "Peak learning rate (AdamW) of the verifier's LoRA and value head.")
+    warmup_steps: int = opt(10, "Linear warmup steps before cosine decay.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).")
+    max_length: int = opt(512, "Tokens of prompt + solution the verifier reads; beyond, the prompt's start is cut "
+                               "(the solution's end, where it is scored, stays).")
+    lm_loss_weight: float = opt(0.0, "Weight of the language-model loss on correct solutions added to the value "
+                                     "loss (0: value loss only).")
+    balance: bool = opt(True, "Weigh correct and incorrect samples by the inverse of their frequency, so a rare "
+                              "class counts as much as the common one.")
+    val_questions: int = opt(0, "Questions held out (all their samples) to report the verifier's AUC on questions "
+                                     "it never saw.")
+    bf16: bool | None = opt(None, "bf16 autocast (default: when the hardware supports it).")
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.max_length < 2:
+            raise UsageError(f"batch_size ({self.batch_size}) must be positive and max_length ({self.max_length}) "
+                             "at least 2")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise UsageError(f"max_steps={self.max_steps} must be positive")
+        if self.epochs <= 0 or not self.lr > 0:
+            raise UsageError(f"epochs ({self.epochs}) and lr ({self.lr}) must be positive")
+        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.lm_loss_weight < 0 or self.val_questions < 0:
+            raise UsageError("warmup_steps, max_grad_norm, lm_loss_weight and val_questions must be >= 0")

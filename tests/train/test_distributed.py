@@ -61,8 +61,9 @@ def runs(tmp_path_factory):
     make_tiny_llama().save_pretrained(model_dir)
     make_tiny_tokenizer(chat_template=False).save_pretrained(model_dir)
     data_dir.mkdir()
-    for split in ("train", "test"):
-        (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ENTRIES))
+    (data_dir / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ENTRIES))
+    # test.jsonl is only the contamination guard's reference here: a copy of train would leave nothing to train on
+    (data_dir / "test.jsonl").write_text(json.dumps({"question": "What is 1 + 1?", "answer": "#### 2"}) + "\n")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from gptqlora.commands import evaluate, finetune, merge, perplexity, quantize, run
+from gptqlora.commands import evaluate, finetune, merge, perplexity, quantize, run, sample, train_verifier
 from gptqlora.commands.common import quantize_loaded, weight_bytes
 
 
@@ -35,6 +35,10 @@ COMMANDS: dict[str, Command] = {
                      merge.MergeArgs, merge.merge),
     "run": Command("The whole job: quantize -> fine-tune -> evaluate, with one results table.",
                    run.RunArgs, run.run),
+    "sample": Command("K sampled solutions per GSM8K train question, each labelled correct or not (verifier data).",
+                      sample.SampleArgs, sample.sample),
+    "train-verifier": Command("Train a verifier (value head + its own LoRA over a quantized base) on labelled "
+                              "samples.", train_verifier.TrainVerifierArgs, train_verifier.train_verifier_command),
 }
 
 __all__ = ["COMMANDS", "Command", "quantize_loaded", "weight_bytes"]

@@ -26,7 +26,7 @@ from gptqlora import distributed
 from gptqlora.commands.common import (check_quantized_input, load_quantized_base, local_data_dir, quantize_loaded,
                                       split_train)
 from gptqlora.config import (CalibConfig, DataConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig, TrainConfig,
-                             group, overwrite_field, quantized_field, seed_field)
+                             TrainDataConfig, group, overwrite_field, quantized_field, seed_field)
 from gptqlora.errors import UsageError
 from gptqlora.files import OutputLock, check_output, clear_output
 
@@ -39,6 +39,7 @@ class FinetuneArgs:
     quant: QuantConfig = group(QuantConfig)
     calib: CalibConfig = group(CalibConfig)
     data: DataConfig = group(DataConfig)
+    train_data: TrainDataConfig = group(TrainDataConfig)
     prompt: PromptConfig = group(PromptConfig)
     lora: LoRAConfig = group(LoRAConfig)
     train: TrainConfig = group(TrainConfig)
@@ -123,7 +124,7 @@ def prepare_base(args, out: Path, model=None, tokenizer=None):
     if world.main:
         if model is None:
             model, tokenizer = load_model(mc.model, mc.dtype, device, mc.cache_dir)
-        report = quantize_loaded(model, tokenizer, args.quant, args.calib, args.data.data, args.seed,
+        report = quantize_loaded(model, tokenizer, args.quant, args.calib, gsm8k_source(args), args.seed,
                                  kernel=mc.kernel)
         save_quantized(model, tokenizer, base_dir, args.quant, extra=report | {"base_model": mc.model})
     if not world.distributed:
@@ -134,20 +135,25 @@ def prepare_base(args, out: Path, model=None, tokenizer=None):
     return (*load_quantized_base(base_dir, mc.dtype, device, mc.kernel), base_dir, report)
 
 
-def run_provenance(base_dir: Path, args) -> dict:
-    """What a training run is made from: its base (path and weights fingerprint), data source and seed."""
+def run_provenance(base_dir: Path, args, data_report: dict | None = None) -> dict:
+    """What a training run is made from: its base (path and weights fingerprint), data source and seed, and with
+    ``data_report`` (``load_training_data``) its sources, their weights and what the contamination guard dropped."""
     from gptqlora.provenance import base_record
 
-    return {"base": base_record(base_dir), "data": args.data.data, "seed": args.seed}
+    record = {"base": base_record(base_dir), "data": args.data.data, "seed": args.seed}
+    return record | ({"training_data": data_report} if data_report is not None else {})
 
 
 def train_on_base(model, tokenizer, base_dir: Path, train: list[dict], held: list[dict], args,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, data_report: dict | None = None) -> dict:
     """Seed, inject LoRA and train; writes the adapter, metrics and checkpoints under ``args.train.out``.
 
     Under torchrun every rank calls it (after ``prepare_base``) and trains its shard of each batch; rank 0 writes.
     ``overwrite``: replace an earlier start's metrics that no checkpoint continues (``run --resume`` only).
+    ``data_report``: where the examples came from (``load_training_data``), recorded in ``run_provenance.json``;
+    rank 0 prints it when training is done (a run refused on the way prints its one error line only).
     """
+    from gptqlora.data.corpora import describe_report
     from gptqlora.data.gsm8k import GSM8KCoTDataset
     from gptqlora.lora.layer import inject_lora_layers
     from gptqlora.train import seed_everything, train_lora
@@ -161,17 +167,50 @@ def train_on_base(model, tokenizer, base_dir: Path, train: list[dict], held: lis
     held_ds = GSM8KCoTDataset(held, tokenizer, style=style, max_length=tc.max_length) if held else None
     seed_everything(args.seed)  # LoRA init draws from the global RNG
     inject_lora_layers(model, lc.lora_targets, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, use_rslora=lc.rslora)
-    return train_lora(model, tokenizer, train_ds, held_ds, tc, seed=args.seed, base_model_name_or_path=str(base_dir),
-                      provenance=run_provenance(base_dir, args), overwrite=overwrite)
+    summary = train_lora(model, tokenizer, train_ds, held_ds, tc, seed=args.seed,
+                         base_model_name_or_path=str(base_dir), provenance=run_provenance(base_dir, args, data_report),
+                         overwrite=overwrite)
+    if data_report is not None and world.main:
+        print(describe_report(data_report), file=sys.stderr, flush=True)
+    return summary
+
+
+def train_data_config(args) -> TrainDataConfig:
+    """The command's training-data options (a command without the group trains on ``--data`` alone)."""
+    return getattr(args, "train_data", None) or TrainDataConfig()
+
+
+def gsm8k_source(args) -> str:
+    """The GSM8K directory or hub id of the run: the contamination reference and the calibration text (see
+    ``gptqlora.data.corpora.gsm8k_reference``)."""
+    from gptqlora.data.corpora import gsm8k_reference
+
+    return gsm8k_reference(args.data.data, bool(train_data_config(args).mix))
+
+
+def load_training_data(args) -> tuple[list[dict], list[dict], dict]:
+    """The training corpus (``--train-mix``, else ``--data``: GSM8K, MetaMathQA or MathInstruct), without GSM8K test
+    questions, checked for scorable answers, split into (training, held-out) examples, with the report of how it was
+    made (``gptqlora.data.corpora.describe_report`` prints it).
+
+    Raises:
+        UsageError: see ``gptqlora.data.corpora.gsm8k_reference`` and ``build_training_set``.
+    """
+    from gptqlora.data.corpora import build_training_set
+    from gptqlora.data.gsm8k import check_answers
+
+    td = train_data_config(args)
+    entries, report = build_training_set(td.mix or ((args.data.data, 1.0),), gsm8k_source(args),
+                                         td.program_of_thought, args.seed)
+    check_answers([e for e in entries if not e.get("program")], f"training data ({args.data.data})")
+    train, held = split_train(entries, args.train.eval_holdout, args.train.train_limit, args.seed)
+    return train, held, report
 
 
 def training_split(args) -> tuple[list[dict], list[dict]]:
-    """GSM8K train, checked for scorable answers, split into (training, held-out) examples."""
-    from gptqlora.data.gsm8k import check_answers, load_gsm8k
-
-    entries = load_gsm8k("train", args.data.data)
-    check_answers(entries, f"GSM8K train ({args.data.data})")
-    return split_train(entries, args.train.eval_holdout, args.train.train_limit, args.seed)
+    """The (training, held-out) examples of ``load_training_data``, without its report."""
+    train, held, _ = load_training_data(args)
+    return train, held
 
 
 def check_lora_targets(source: Path | None, targets: str) -> None:
@@ -219,19 +258,21 @@ def finetune(args: FinetuneArgs) -> dict | None:
     source = check_quantized_input(args.quantized) if args.quantized else check_model_source(args.model.model,
                                                                                               args.model.cache_dir)
     check_lora_targets(source, args.lora.lora_targets)
-    train, held = training_split(args)
+    train, held, data_report = load_training_data(args)
     world = join(resolve_device(args.model.device))
+    mixed = [local_data_dir(s) for s, _ in train_data_config(args).mix]
     try:
-        out = check_run_dir(args, [source, local_data_dir(args.data.data), args.calib.calib_text])
+        out = check_run_dir(args, [source, local_data_dir(args.data.data), *mixed, args.calib.calib_text])
         distributed.barrier()  # every rank has checked the output before rank 0 changes it
         with OutputLock(out) if world.main else nullcontext():
             if args.overwrite and world.main:
                 clear_output(out)
             distributed.barrier()
             model, tokenizer, base_dir, report = prepare_base(args, out)
-            summary = train_on_base(model, tokenizer, base_dir, train, held, args)
+            summary = train_on_base(model, tokenizer, base_dir, train, held, args, data_report=data_report)
     finally:
         distributed.shutdown()
     if not world.main:
         return None
-    return {"quantized_base": str(base_dir), "quantization": report, "training": summary}
+    return {"quantized_base": str(base_dir), "quantization": report, "training_data": data_report,
+            "training": summary}

@@ -152,6 +152,16 @@ def extract_answer(text: str) -> float | None:
     return _to_float(numbers[-1]) if numbers else None
 
 
+def parse_number(text: str) -> float | None:
+    """The value of a text that is one number and nothing else (``"18"``, ``"1,234"``, ``"$5"``, ``"-0.5"``).
+
+    Other corpora's final answers are rewritten as ``#### N`` only when the scorer will read back exactly this
+    number; ``"\\frac{1}{2}"`` or ``"(A)"`` give None.
+    """
+    m = _NUMBER.fullmatch(text.strip())
+    return None if m is None else _to_float(m.group())
+
+
 def answers_match(pred: float | None, gold: float) -> bool:
     """Whether a predicted answer equals the gold one, up to float noise (1e-6, relative beyond 1)."""
     return pred is not None and abs(pred - gold) <= 1e-6 * max(1.0, abs(gold))

@@ -1,0 +1,223 @@
+"""Labelled samples for training a verifier: K sampled solutions per GSM8K train question, each marked correct or not
+against the gold answer.
+
+The output directory holds (as ``gptqlora eval``'s does, and as resumable):
+
+- ``sample_config.json``: the settings that determine the samples (``gptqlora.eval.gsm8k_eval.eval_settings``, the
+  split included) and the provenance of the model that sampled; written when a fresh run starts;
+- ``samples.jsonl``: one record per question, ``{"index", "question", "gold", "samples", "sample_answers",
+  "sample_correct"}``, appended and fsynced per generation batch; a resume keeps the complete batches and answers
+  the rest, ending with the bytes an uninterrupted run writes (batch ``i``'s sampling seed is ``seed + i``);
+- ``summary.json``: counts, the fraction of correct samples and pass@K; its presence marks the samples complete.
+
+Only the train split is sampled (:func:`check_train_split`): these labels are training data, and test-split gold
+must never reach anything trained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from gptqlora.config import EvalConfig
+from gptqlora.data.gsm8k import answers_match, extract_answer, gold_answer, resolve_style
+from gptqlora.errors import InputNotFoundError, UsageError
+from gptqlora.eval.generate import generate_samples
+from gptqlora.eval.gsm8k_eval import build_eval_prompts, eval_settings, json_number, record_line, settings_diff
+from gptqlora.eval.scoring import summarize
+from gptqlora.files import append_durable, fsync_path, read_json_object, write_atomic
+
+SAMPLES, SAMPLE_CONFIG, SUMMARY = "samples.jsonl", "sample_config.json", "summary.json"
+TRAIN_SPLIT = "train"
+
+
+def check_train_split(split: str | None) -> None:
+    """Refuse anything but the train split for labelled samples.
+
+    Raises:
+        UsageError: for the test split (or an unnamed one): its gold answers would become training labels.
+    """
+    if split != TRAIN_SPLIT:
+        raise UsageError(f"labelled samples are training data, so only the train split may be sampled (got split "
+                         f"{split!r}): test-split gold must never reach training; sample --split train, and rerank "
+                         "test samples with `gptqlora eval --samples K --verifier DIR`")
+
+
+def label_samples(index: int, question: str, gold: float, samples: Sequence[str]) -> dict[str, Any]:
+    """One question's record: its samples, the answer extracted from each, and whether each equals ``gold``."""
+    answers = [extract_answer(t) for t in samples]
+    return {"index": index, "question": question, "gold": gold, "samples": list(samples),
+            "sample_answers": [json_number(a) for a in answers],
+            "sample_correct": [answers_match(a, gold) for a in answers]}
+
+
+def sample_summary(records: Sequence[dict], k: int) -> dict[str, Any]:
+    """Counts over labelled records: samples, correct samples, questions with every / no sample correct, pass@K
+    (any of the K correct) with its 95% interval."""
+    flags = [c for r in records for c in r["sample_correct"]]
+    pass_k = summarize([any(r["sample_correct"]) for r in records])
+    return {"n": len(records), "k": k, "samples": len(flags), "correct_samples": sum(flags),
+            "sample_accuracy": sum(flags) / len(flags) if flags else 0.0,
+            "questions_all_correct": sum(all(r["sample_correct"]) for r in records),
+            "questions_none_correct": sum(not any(r["sample_correct"]) for r in records),
+            "pass_at_k": {"k": k, "correct": pass_k["correct"], "accuracy": pass_k["accuracy"],
+                          "ci95": pass_k["ci95"]}}
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+
+def kept_records(data: bytes, entries: Sequence[dict], batch_size: int) -> tuple[list[dict], int]:
+    """The records of a samples.jsonl that a resumed run keeps (whole batches) and the byte length holding them.
+
+    Raises:
+        UsageError: a complete line that is not the record of the question at its position.
+    """
+    lines = data.split(b"\n")[:-1]  # what follows the last newline is a torn line, or b""
+    records = []
+    for i, raw in enumerate(lines):
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and i < len(entries) and record.get("index") == i
+                and record.get("question") == entries[i]["question"]):
+            raise UsageError(f"line {i + 1} of {SAMPLES} is not the record of question {i}: the file was changed by "
+                             "something other than `gptqlora sample`; run without --resume to start afresh")
+        records.append(record)
+    keep = len(records) if len(records) == len(entries) else len(records) - len(records) % batch_size
+    return records[:keep], sum(len(line) + 1 for line in lines[:keep])
+
+
+def prepare_output(out: Path, run_config: dict, entries: Sequence[dict], batch_size: int,
+                   resume: bool) -> list[dict]:
+    """Start afresh (an empty samples.jsonl, then sample_config.json) or continue: check the settings and cut
+    samples.jsonl back to its complete batches. Returns the records kept.
+
+    Raises:
+        UsageError: a resume with nothing to resume, other settings (each named with both values), or a file this
+            command did not write; nothing is changed then.
+    """
+    config_path, samples = out / SAMPLE_CONFIG, out / SAMPLES
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        for path in (config_path, out / SUMMARY):
+            path.unlink(missing_ok=True)
+        write_atomic(samples, "")
+        write_atomic(config_path, json.dumps(run_config, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+        return []
+    if not (config_path.is_file() and samples.is_file()):
+        raise UsageError(f"nothing to resume in {out}: it holds no {SAMPLE_CONFIG} and {SAMPLES}; run without "
+                         "--resume")
+    saved = read_json_object(config_path)
+    if diff := settings_diff(saved, run_config):
+        raise UsageError(f"cannot resume the sampling in {out}: it was run with other settings ({'; '.join(diff)}). "
+                         "Resume with the saved settings, or run without --resume")
+    data = samples.read_bytes()
+    records, keep = kept_records(data, entries, batch_size)
+    (out / SUMMARY).unlink(missing_ok=True)
+    if keep < len(data):
+        os.truncate(samples, keep)
+        fsync_path(samples)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+def sample_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: EvalConfig, out_dir: str | os.PathLike,
+                 *, style: str = "auto", exemplars: Sequence[dict] = (), seed: int = 0, split: str = TRAIN_SPLIT,
+                 resume: bool = False, provenance: dict | None = None,
+                 log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Sample ``config.samples`` solutions per question, label them, append them to ``out_dir`` batch by batch.
+
+    Args:
+        model, tokenizer: the generator (any causal LM: float, quantized, with an adapter).
+        entries: GSM8K train entries (already limited by the caller).
+        config: batch size, token budget, K (``samples`` >= 1), temperature and top-p.
+        out_dir: the output directory (see the module docstring); the caller checks and locks it.
+        style, exemplars: the generator's prompt, as ``gptqlora eval`` builds it.
+        seed: batch ``i`` (first question index) samples with seed ``seed + i``.
+        split: the entries' split: must be ``"train"``.
+        resume: continue the sampling in ``out_dir``.
+        provenance: what sampled (base, adapter, dtype); saved, and a resume must pass an equal one.
+        log: called with one line per question.
+    Returns:
+        :func:`sample_summary` plus ``settings``, ``provenance`` and ``resumed_from``.
+    Raises:
+        UsageError: the test split, no entries, K < 1, an entry without a gold answer, or a bad resume; all before
+            any generation.
+    """
+    check_train_split(split)
+    if not entries:
+        raise UsageError("no GSM8K entries to sample: check --limit")
+    if config.samples < 1:
+        raise UsageError(f"samples={config.samples}: give --samples K (K >= 1 solutions per question)")
+    golds = []
+    for i, e in enumerate(entries):
+        gold = gold_answer(e)
+        if not math.isfinite(gold):
+            raise UsageError(f"entry {i} cannot be labelled: its answer {e['answer'][-80:]!r} is out of range")
+        golds.append(gold)
+    style = resolve_style(style, tokenizer)
+    prompts = build_eval_prompts(entries, style, tokenizer, exemplars)
+    add_special = style == "plain" and bool(getattr(tokenizer, "add_bos_token", False))  # as eval and training do
+    k, batch = config.samples, config.eval_batch_size
+    settings = eval_settings(entries, config, style, exemplars, seed, split)
+    run_config = {"settings": settings, "provenance": json.loads(json.dumps(provenance, allow_nan=False))}
+    out = Path(out_dir)
+    records = prepare_output(out, run_config, entries, batch, resume)
+    resumed_from = len(records)
+    if resume:
+        log(f"resuming: {resumed_from} of {len(entries)} questions sampled in {out / SAMPLES}")
+    for start in range(resumed_from, len(entries), batch):
+        texts = generate_samples(model, tokenizer, prompts[start:start + batch], k=k, temperature=config.temperature,
+                                 top_p=config.top_p, seed=seed + start, max_new_tokens=config.max_new_tokens,
+                                 batch_size=batch, stop_after_answer_line=True, add_special_tokens=add_special)
+        new = [label_samples(start + j, entries[start + j]["question"], golds[start + j], per_q)
+               for j, per_q in enumerate(texts)]
+        append_durable(out / SAMPLES, [record_line(r) for r in new])  # on disk before anything else can fail
+        records += new
+        for r in new:
+            log(f"[{r['index']}] correct {sum(r['sample_correct'])}/{k}")
+    summary = {**sample_summary(records, k), "settings": settings, "provenance": run_config["provenance"],
+               "resumed_from": resumed_from}
+    write_atomic(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return summary
+
+
+def read_samples(samples_dir: str | os.PathLike) -> tuple[list[dict], dict[str, Any]]:
+    """The labelled records and the run config of a finished ``gptqlora sample`` directory, for training.
+
+    Raises:
+        InputNotFoundError: not a samples directory.
+        UsageError: samples not labelled as the train split (test gold must never be trained on), an unfinished
+            sampling (no summary.json), or records that are not labelled samples.
+    """
+    d = Path(samples_dir).expanduser()
+    if not (d / SAMPLE_CONFIG).is_file() or not (d / SAMPLES).is_file():
+        raise InputNotFoundError(f"{d} is not a samples directory (no {SAMPLE_CONFIG} and {SAMPLES}): write one with "
+                                 "`gptqlora sample --split train`")
+    run_config = read_json_object(d / SAMPLE_CONFIG)
+    split = (run_config.get("settings") or {}).get("split")
+    if split != TRAIN_SPLIT:
+        raise UsageError(f"{d} holds samples of the {split!r} split, labelled with its gold answers: a verifier "
+                         "trains only on train-split samples (test gold must never reach training)")
+    if not (d / SUMMARY).is_file():
+        raise UsageError(f"the sampling in {d} is unfinished (no {SUMMARY}): finish it with `gptqlora sample ... "
+                         "--resume`")
+    records = []
+    for lineno, line in enumerate((d / SAMPLES).read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise UsageError(f"{d / SAMPLES}:{lineno}: not valid JSON ({e})") from None
+        if not (isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("samples"), list)
+                and isinstance(r.get("sample_correct"), list) and len(r["samples"]) == len(r["sample_correct"])):
+            raise UsageError(f"{d / SAMPLES}:{lineno}: not a labelled record (question, samples, sample_correct)")
+        records.append(r)
+    return records, run_config
