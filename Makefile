@@ -17,8 +17,15 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Without a GPU: two processes (torchrun, gloo), each with half the cores; the evaluations split their batches and
+# training its steps (batch 1 per process = one process's default of 2). With a GPU: one process.
 demo: setup
-	$(VENV)/bin/gptqlora run --out $(OUT) --kernel dense
+	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	  $(VENV)/bin/gptqlora run --out $(OUT) --kernel dense; \
+	else \
+	  OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(( $$(nproc) > 2 ? $$(nproc) / 2 : 1 ))} $(PY) -m torch.distributed.run \
+	    --standalone --nproc-per-node 2 -m gptqlora.cli run --out $(OUT) --kernel dense --batch-size 1; \
+	fi
 
 test: setup
 	$(PY) -m pytest -q

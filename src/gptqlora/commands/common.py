@@ -134,7 +134,10 @@ def print_line(line: str) -> None:
 def evaluate_loaded(model, tokenizer, entries: list[dict], exemplars: list[dict], ec: EvalConfig, style: str,
                     seed: int, out_dir: str | Path | None, split: str = "test", resume: bool = False,
                     provenance: dict | None = None, log: Callable[[str], Any] | None = None) -> dict:
-    """Exact-match accuracy (and answer-token loss) of a loaded model on the given GSM8K entries."""
+    """Exact-match accuracy (and answer-token loss) of a loaded model on the given GSM8K entries.
+
+    Under torchrun every rank calls this with its own copy of the model: both the generation batches and the loss
+    batches are split across the ranks, rank 0 writes ``out_dir``, and every rank returns the same result."""
     from gptqlora.eval.gsm8k_eval import evaluate_gsm8k
     from gptqlora.eval.perplexity import gsm8k_answer_loss
 

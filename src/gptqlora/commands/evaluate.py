@@ -1,10 +1,18 @@
-"""``gptqlora eval``: exact-match GSM8K accuracy, greedy and self-consistency; resumable after a crash."""
+"""``gptqlora eval``: exact-match GSM8K accuracy, greedy and self-consistency; resumable after a crash.
+
+Data-parallel under torchrun (``torchrun --nproc-per-node N --no-python gptqlora eval ...``): each rank loads the
+model and answers its share of the generation batches; rank 0 alone checks, locks and writes the output, and only
+rank 0 prints the result.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptqlora import distributed
 from gptqlora.commands.common import (check_quantized_input, evaluate_loaded, fewshot, load_quantized_base,
                                       local_data_dir)
 from gptqlora.config import (DataConfig, EvalConfig, ModelConfig, PromptConfig, SplitConfig, adapter_field, group, opt,
@@ -41,13 +49,32 @@ class EvalArgs:
         return Path(self.adapter).expanduser().parent / "eval" if self.adapter else Path("eval_out")
 
 
+@contextmanager
+def main_writes(out: Path, overwrite: bool = False) -> Iterator[None]:
+    """Rank 0 holds ``out``'s writer lock (and empties ``out`` for ``--overwrite``) while the block runs; the other
+    ranks write nothing there themselves, and a refusal (another process holds the lock) is raised on every rank."""
+    lock = OutputLock(out)
+
+    def take() -> None:
+        lock.__enter__()
+        if overwrite:
+            clear_output(out)
+
+    distributed.from_main(take)
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)  # a no-op where it was not taken
+
+
 def load_scored_model(model_args: ModelConfig, quantized: str | None, adapter: str | None):
-    """The model to score (quantized base or float model, plus an optional adapter) and its provenance record."""
+    """The model to score (quantized base or float model, plus an optional adapter) and its provenance record; under
+    torchrun with CUDA each rank loads it onto its own GPU."""
     from gptqlora.lora.adapter import adapter_record, load_adapter
     from gptqlora.models import load_model, model_input_path, resolve_device
     from gptqlora.provenance import base_record
 
-    device = resolve_device(model_args.device)
+    device = distributed.rank_device(resolve_device(model_args.device))
     if quantized:
         model, tokenizer = load_quantized_base(quantized, model_args.dtype, device, model_args.kernel, inference=True)
         base = base_record(quantized)
@@ -64,10 +91,12 @@ def load_scored_model(model_args: ModelConfig, quantized: str | None, adapter: s
     return model, tokenizer, record
 
 
-def evaluate(args: EvalArgs) -> dict:
+def evaluate(args: EvalArgs) -> dict | None:
+    """Evaluate and return the summary (None on ranks other than 0, which print nothing)."""
+    from gptqlora.commands.finetune import join
     from gptqlora.data.gsm8k import load_gsm8k
     from gptqlora.lora.adapter import read_adapter_config
-    from gptqlora.models import check_model_source
+    from gptqlora.models import check_model_source, resolve_device
 
     source = check_quantized_input(args.quantized) if args.quantized else check_model_source(args.model.model,
                                                                                               args.model.cache_dir)
@@ -75,12 +104,16 @@ def evaluate(args: EvalArgs) -> dict:
         read_adapter_config(args.adapter)
     entries = load_gsm8k(args.split.split, args.data.data)[: args.split.limit]
     exemplars = fewshot(args.data.data, args.eval.shots, args.seed)
-    out = check_output(args.default_output_dir(), inputs=[source, args.adapter, local_data_dir(args.data.data)],
-                       overwrite=args.overwrite, resume=args.resume, what="--output-dir")
-    with OutputLock(out):
-        if args.overwrite:
-            clear_output(out)
-        model, tokenizer, record = load_scored_model(args.model, args.quantized, args.adapter)
-        summary = evaluate_loaded(model, tokenizer, entries, exemplars, args.eval, args.prompt.prompt_style,
-                                  args.seed, out, split=args.split.split, resume=args.resume, provenance=record)
-    return summary | {"output_dir": str(out)}
+    world = join(resolve_device(args.model.device))  # the group, and on a CPU each process's share of its cores
+    try:
+        out = distributed.from_main(check_output, args.default_output_dir(),
+                                    inputs=[source, args.adapter, local_data_dir(args.data.data)],
+                                    overwrite=args.overwrite, resume=args.resume, what="--output-dir")
+        with main_writes(out, args.overwrite):
+            model, tokenizer, record = load_scored_model(args.model, args.quantized, args.adapter)
+            summary = evaluate_loaded(model, tokenizer, entries, exemplars, args.eval, args.prompt.prompt_style,
+                                      args.seed, out, split=args.split.split, resume=args.resume,
+                                      provenance=record)
+    finally:
+        distributed.shutdown()
+    return summary | {"output_dir": str(out)} if world.main else None

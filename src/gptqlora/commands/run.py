@@ -7,6 +7,10 @@ decode with int4-aten), freed afterwards; quantizing and training keep their own
 Every stage can be resumed: ``--resume`` keeps finished evaluations (``rows.json``), continues an interrupted one
 from its last answered batch, reuses the run's quantized base and continues training from its last checkpoint;
 it refuses when any recorded setting differs from the one given now.
+
+Under torchrun (``torchrun --nproc-per-node N --no-python gptqlora run ...``) every rank takes part in each stage:
+the evaluations are data-parallel (``gptqlora eval``'s), quantizing and training are ``gptqlora finetune``'s (rank 0
+quantizes, DDP trains); rank 0 alone writes run_config.json, rows.json and results.*, while the others wait.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptqlora import distributed
 from gptqlora.commands.common import evaluate_loaded, fewshot, local_data_dir
-from gptqlora.commands.finetune import (check_lora_targets, check_resume_flags, prepare_base, train_on_base,
+from gptqlora.commands.finetune import (check_lora_targets, check_resume_flags, join, prepare_base, train_on_base,
                                         training_split)
 from gptqlora.config import (CalibConfig, DataConfig, EvalConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig,
                              RunConfig, TrainConfig, group, overwrite_field, seed_field)
 from gptqlora.errors import UsageError
-from gptqlora.files import OutputLock, check_output, clear_output, write_atomic
+from gptqlora.files import check_output, write_atomic
 
 # Settings a resumed run may change: the flags that say how to start, and those train_lora allows (with a warning).
 RESUMABLE_CHANGES = ("overwrite", "train.resume", "train.lr", "train.max_grad_norm")
@@ -85,71 +90,103 @@ def results_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run(args: RunArgs) -> dict:
-    from gptqlora.commands.evaluate import load_scored_model
+def check_output_dir(args: RunArgs, inputs: list, settings: dict) -> Path:
+    """The run's directory, checked (and on ``--resume`` its recorded settings compared) before any work.
+
+    Raises:
+        UsageError: see ``check_output`` and ``check_same_run``; a ``--resume`` with nothing to resume.
+    """
+    out = check_output(args.train.out, inputs=inputs, overwrite=args.overwrite, resume=args.train.resume)
+    if args.train.resume:
+        if not (out / "run_config.json").is_file():
+            raise UsageError(f"--resume: {out} holds no run_config.json of an earlier `gptqlora run`: run without "
+                             "--resume to start")
+        check_same_run(json.loads((out / "run_config.json").read_text()), settings, out)
+    return out
+
+
+def run(args: RunArgs) -> dict | None:
+    """The whole job; returns where the results are (None on ranks other than 0, which print nothing)."""
+    from gptqlora.commands.evaluate import main_writes
     from gptqlora.data.gsm8k import load_gsm8k
     from gptqlora.models import check_model_source, resolve_device
 
-    mc, tc, qc = args.model, args.train, args.quant
+    mc = args.model
     source = check_model_source(mc.model, mc.cache_dir)
     check_lora_targets(source, args.lora.lora_targets)
     train, held = training_split(args)
     test = load_gsm8k("test", args.data.data)[: args.run.test_limit or None]
     exemplars = fewshot(args.data.data, args.eval.shots, args.seed)
-    resolve_device(mc.device)  # an unknown or absent device fails here, before any work
-    out = check_output(tc.out, inputs=[source, local_data_dir(args.data.data), args.calib.calib_text],
-                       overwrite=args.overwrite, resume=tc.resume)
+    device = resolve_device(mc.device)  # an unknown or absent device fails here, before any work
     settings = flat_settings(args)
-    if tc.resume:
-        if not (out / "run_config.json").is_file():
-            raise UsageError(f"--resume: {out} holds no run_config.json of an earlier `gptqlora run`: run without "
-                             "--resume to start")
-        check_same_run(json.loads((out / "run_config.json").read_text()), settings, out)
+    world = join(device)  # the group, and on a CPU each process's share of its cores
+    try:
+        out = distributed.from_main(check_output_dir, args, [source, local_data_dir(args.data.data),
+                                                             args.calib.calib_text], settings)
+        with main_writes(out, args.overwrite):
+            result = run_in(args, out, settings, test, exemplars, train, held, world)
+    finally:
+        distributed.shutdown()
+    if not world.main:
+        return None
+    print("\n" + result["table"])
+    return {"results": str(out / "results.md"), "timings_s": result["timings_s"]}
 
-    with OutputLock(out):
-        if args.overwrite:
-            clear_output(out)
+
+def run_in(args: RunArgs, out: Path, settings: dict, test: list[dict], exemplars: list[dict], train: list[dict],
+           held: list[dict], world: distributed.World) -> dict:
+    """The stages, in ``out`` (checked, and locked by rank 0); every rank runs them, rank 0 writes the files."""
+    from gptqlora.commands.evaluate import load_scored_model
+
+    mc, tc, qc = args.model, args.train, args.quant
+    say = print if world.main else (lambda *a, **kw: None)
+
+    def read_rows() -> dict[str, dict]:
         out.mkdir(parents=True, exist_ok=True)
         if not tc.resume:
             write_atomic(out / "run_config.json", json.dumps(settings, indent=2) + "\n")
-        rows_path = out / "rows.json"
-        rows: dict[str, dict] = json.loads(rows_path.read_text()) if tc.resume and rows_path.is_file() else {}
-        timings: dict[str, float] = {}
+        return json.loads(rows_path.read_text()) if tc.resume and rows_path.is_file() else {}
 
-        def evaluate(name: str, quantized: Path | None = None, adapter: Path | None = None) -> None:
-            if name in rows:
-                print(f"\n== {name}: evaluated before, kept ==", flush=True)
-                return
-            eval_dir = out / "eval" / name.replace(" ", "_")
-            resume = tc.resume and (eval_dir / "eval_config.json").is_file()
-            start = time.perf_counter()
-            print(f"\n== evaluating {name}{' (resumed)' if resume else ''} ==", flush=True)
-            model, tokenizer, provenance = load_scored_model(mc, quantized and str(quantized), adapter and str(adapter))
-            rows[name] = evaluate_loaded(model, tokenizer, test, exemplars, args.eval, args.prompt.prompt_style,
-                                         args.seed, eval_dir, resume=resume, provenance=provenance)
-            timings[f"eval {name}"] = round(time.perf_counter() - start, 1)
+    rows_path = out / "rows.json"
+    rows: dict[str, dict] = distributed.from_main(read_rows)
+    timings: dict[str, float] = {}
+
+    def evaluate(name: str, quantized: Path | None = None, adapter: Path | None = None) -> None:
+        if name in rows:
+            say(f"\n== {name}: evaluated before, kept ==", flush=True)
+            return
+        eval_dir = out / "eval" / name.replace(" ", "_")
+        resume = distributed.from_main(lambda: tc.resume and (eval_dir / "eval_config.json").is_file())
+        start = time.perf_counter()
+        say(f"\n== evaluating {name}{' (resumed)' if resume else ''} ==", flush=True)
+        model, tokenizer, provenance = load_scored_model(mc, quantized and str(quantized), adapter and str(adapter))
+        rows[name] = evaluate_loaded(model, tokenizer, test, exemplars, args.eval, args.prompt.prompt_style,
+                                     args.seed, eval_dir, resume=resume, provenance=provenance)
+        timings[f"eval {name}"] = round(time.perf_counter() - start, 1)
+        if world.main:
             write_atomic(rows_path, json.dumps(rows, indent=2, default=str) + "\n")
 
-        if not args.run.skip_float_eval:
-            evaluate("float base")
-        model, tokenizer, base_dir, report = prepare_base(args, out)
-        if report is not None:
-            timings["quantize"] = report["seconds"]
-        evaluate(f"{qc.method} {qc.bits}-bit base", base_dir)
-        start = time.perf_counter()
-        resume_training = tc.resume and (out / "train_state").is_dir()
-        # A run killed before its first checkpoint restarts training; its partial metrics are its own to replace.
-        args.train = dataclasses.replace(tc, resume=resume_training)
-        training = train_on_base(model, tokenizer, base_dir, train, held, args,
-                                 overwrite=tc.resume and not resume_training)
-        timings["finetune"] = round(time.perf_counter() - start, 1)
-        del model  # the evaluation loads its own copy
-        evaluate(f"{qc.method} {qc.bits}-bit + LoRA", base_dir, out / "lora_adapter")
+    if not args.run.skip_float_eval:
+        evaluate("float base")
+    model, tokenizer, base_dir, report = prepare_base(args, out)
+    if report is not None:
+        timings["quantize"] = report["seconds"]
+    evaluate(f"{qc.method} {qc.bits}-bit base", base_dir)
+    start = time.perf_counter()
+    resume_training = distributed.from_main(lambda: tc.resume and (out / "train_state").is_dir())
+    # A run killed before its first checkpoint restarts training; its partial metrics are its own to replace.
+    args.train = dataclasses.replace(tc, resume=resume_training)
+    training = train_on_base(model, tokenizer, base_dir, train, held, args,
+                             overwrite=tc.resume and not resume_training)
+    timings["finetune"] = round(time.perf_counter() - start, 1)
+    del model  # the evaluation loads its own copy
+    evaluate(f"{qc.method} {qc.bits}-bit + LoRA", base_dir, out / "lora_adapter")
 
-        table = results_table(rows)
-        result = {"table": table, "rows": rows, "quantization": report, "training": training, "timings_s": timings,
-                  "command": "gptqlora " + " ".join(sys.argv[1:])}
+    table = results_table(rows)
+    result = {"table": table, "rows": rows, "quantization": report, "training": training, "timings_s": timings,
+              "command": "gptqlora " + " ".join(sys.argv[1:])}
+    if world.main:
         write_atomic(out / "results.json", json.dumps(result, indent=2, default=str))
         write_atomic(out / "results.md", table + "\n")
-    print("\n" + table)
-    return {"results": str(out / "results.md"), "timings_s": timings}
+    distributed.barrier()  # no rank leaves before the results are written
+    return result

@@ -11,6 +11,12 @@ question and writes into its output directory:
   loses at most the batch in flight; ``resume=True`` continues from the last complete batch (:func:`complete_records`)
   and ends with the same bytes an uninterrupted run writes;
 - ``summary.json``: accuracy over all records, the settings and the provenance, written atomically at the end.
+
+Under ``torchrun`` the generation batches (the same batches, in the same order, as one process makes) are dealt out
+round-robin to the ranks; each rank appends its batches to its own ``predictions.part-RANK.jsonl``, and rank 0
+alone writes the shared files: at the end it appends every rank's records in question order to predictions.jsonl,
+which then holds the bytes a one-process run writes. A resume, with any number of processes, first folds the whole
+batches of the part files that continue predictions.jsonl into it (:func:`fold_parts`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gptqlora import distributed
 from gptqlora.config import EvalConfig
 from gptqlora.data.gsm8k import answers_match, build_prompt, extract_answer, gold_answer, resolve_style
 from gptqlora.errors import UsageError
@@ -119,6 +126,12 @@ def _score_block(correct: Sequence[bool]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- records
 
 PREDICTIONS, SUMMARY, EVAL_CONFIG = "predictions.jsonl", "summary.json", "eval_config.json"
+PARTS = "predictions.part-*.jsonl"  # one per rank of a distributed run, folded into PREDICTIONS
+
+
+def part_path(out: Path, rank: int) -> Path:
+    """Where rank ``rank`` of a distributed evaluation appends its batches' records."""
+    return out / PARTS.replace("*", str(rank))
 
 
 def json_number(x: float | None) -> float | None:
@@ -251,24 +264,73 @@ def complete_records(data: bytes, entries: Sequence[dict], batch_size: int) -> t
     return records[:keep], sum(len(line) + 1 for line in lines[:keep])
 
 
-def start_fresh(out: Path, eval_config: dict) -> None:
-    """Begin an evaluation in ``out``: no summary, an empty predictions.jsonl, then ``eval_config.json``.
+def part_batches(data: bytes, entries: Sequence[dict], batch_size: int) -> dict[int, str]:
+    """The whole batches in a rank's part file: first question index -> the batch's lines, as written.
 
-    An earlier run's eval_config.json is deleted first, so a crash in between leaves nothing to resume rather than
-    this run's records under another run's settings.
+    A rank appends each of its batches whole, so a kill leaves at most one torn line and one partial batch at the
+    end; both are dropped, like any batch whose records are not exactly its questions in order.
+
+    Raises:
+        UsageError: a complete line that is not the record of the question it names (the file was not written by
+            this evaluation).
+    """
+    lines: dict[int, list[str]] = {}
+    for raw in data.split(b"\n")[:-1]:  # the part after the last newline is a torn line, or b""
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            record = None
+        index = record.get("index") if isinstance(record, dict) else None
+        if not (isinstance(index, int) and 0 <= index < len(entries)
+                and record.get("question") == entries[index]["question"]):
+            raise UsageError(f"a line of a {PARTS} file is not a record of this evaluation's questions: the file was "
+                             "changed by something other than this evaluation, so it cannot be resumed; run "
+                             "without --resume to start afresh")
+        lines.setdefault(index - index % batch_size, []).append(raw.decode("utf-8") + "\n")
+    return {start: "".join(batch) for start, batch in lines.items()
+            if len(batch) == min(batch_size, len(entries) - start)
+            and [json.loads(ln)["index"] for ln in batch] == list(range(start, start + len(batch)))}
+
+
+def fold_parts(answered: int, parts: Sequence[bytes], entries: Sequence[dict], batch_size: int) -> list[str]:
+    """The batches of the part files that continue the ``answered`` questions of predictions.jsonl, in order.
+
+    Only the run of whole batches that follows on directly is kept: a batch after a gap (one a killed rank never
+    finished) is answered again, so predictions.jsonl stays one record per question, in question order.
+
+    Returns:
+        The batches' lines, to append to predictions.jsonl.
+    """
+    found: dict[int, str] = {}
+    for data in parts:
+        found |= part_batches(data, entries, batch_size)
+    folded = []
+    while answered in found:
+        folded.append(found[answered])
+        answered += min(batch_size, len(entries) - answered)
+    return folded
+
+
+def start_fresh(out: Path, eval_config: dict) -> None:
+    """Begin an evaluation in ``out``: no summary and no part files, an empty predictions.jsonl, then
+    ``eval_config.json``.
+
+    An earlier run's eval_config.json (and its part files) are deleted first, so a crash in between leaves nothing
+    to resume rather than this run's records under another run's settings.
     """
     out.mkdir(parents=True, exist_ok=True)
-    for name in (EVAL_CONFIG, SUMMARY):
-        (out / name).unlink(missing_ok=True)
+    for path in [out / EVAL_CONFIG, out / SUMMARY, *sorted(out.glob(PARTS))]:
+        path.unlink(missing_ok=True)
     write_atomic(out / PREDICTIONS, "")
     write_atomic(out / EVAL_CONFIG, json.dumps(eval_config, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def resume_from(out: Path, eval_config: dict, entries: Sequence[dict], batch_size: int) -> tuple[list[dict], bool]:
-    """Continue an evaluation in ``out``: check its settings, cut predictions.jsonl back to its complete batches.
+    """Continue an evaluation in ``out``: check its settings, cut predictions.jsonl back to its complete batches
+    and append the part files' batches that continue them (:func:`fold_parts`); the part files are then deleted.
 
     Returns:
-        (the kept records, whether a torn line or an incomplete batch was cut off).
+        (the kept records, whether a torn line or an incomplete batch, or a batch after a gap, was cut off).
     Raises:
         UsageError: nothing to resume (no eval_config.json or predictions.jsonl), different settings (each one
             named with both values), or a predictions.jsonl this evaluation did not write. Nothing is changed then.
@@ -290,11 +352,20 @@ def resume_from(out: Path, eval_config: dict, entries: Sequence[dict], batch_siz
                          + "; ".join(diff) + "). Resume with the saved settings, or run without --resume")
     data = predictions.read_bytes()
     records, keep = complete_records(data, entries, batch_size)
+    parts = sorted(out.glob(PARTS))
+    part_data = [p.read_bytes() for p in parts]
+    folded = fold_parts(len(records), part_data, entries, batch_size)
     (out / SUMMARY).unlink(missing_ok=True)  # written again once every question is answered
     if keep < len(data):
         os.truncate(predictions, keep)
         fsync_path(predictions)
-    return records, keep < len(data)
+    if folded:  # appended before the parts go: a kill in between leaves them to fold again
+        append_durable(predictions, folded)
+        records += [json.loads(line) for batch in folded for line in batch.splitlines()]
+    for path in parts:
+        path.unlink()
+    dropped = sum(1 for d in part_data for line in d.split(b"\n")[:-1] if json.loads(line)["index"] >= len(records))
+    return records, keep < len(data) or dropped > 0 or any(d and not d.endswith(b"\n") for d in part_data)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -325,6 +396,10 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
     whose first question has index ``i`` is seeded with ``seed + i``, so results do not depend on what ran before,
     and a resumed run writes the same records as an uninterrupted one.
 
+    Under ``torchrun`` (after :func:`gptqlora.distributed.init`) every rank calls this with the same arguments:
+    rank ``r`` of ``W`` answers the ``r``-th, ``(r + W)``-th... of the batches one process would make, logs its own
+    questions' lines, and rank 0 writes the shared files, which end with the bytes of a one-process run.
+
     Args:
         model: a Hugging Face causal LM (float, quantized, with or without LoRA).
         tokenizer: its tokenizer.
@@ -344,8 +419,9 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
         ``{"n", "style", "shots", "greedy": {"correct", "accuracy", "ci95"}}``, plus
         ``"self_consistency": {"k", "temperature", "top_p", "correct", "accuracy", "ci95"}`` when sampling, then
         ``"settings"`` (see :func:`eval_settings`), ``"provenance"``, ``"resumed_from"`` (records kept from earlier
-        runs) and ``"seconds_this_run"``, ``"generated_tokens_this_run"``, ``"tokens_per_s_this_run"`` (this
-        run's generation only). Scores cover every record, kept and new.
+        runs), ``"kernels"``, ``"world_size"`` (processes that generated) and ``"seconds_this_run"``,
+        ``"generated_tokens_this_run"``, ``"tokens_per_s_this_run"`` (this run's generation only, all ranks).
+        Scores cover every record, kept and new. Every rank returns the same summary.
     Raises:
         UsageError: for no entries, an entry without a ``#### <number>`` answer or leaking exemplars; for a
             resume without ``out_dir``, with nothing to resume or with other settings; all before any generation.
@@ -365,21 +441,35 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
     provenance = json.loads(json.dumps(provenance, allow_nan=False))  # as eval_config.json will hold it
     eval_config = {"settings": settings, "provenance": provenance}
 
-    records: list[dict] = []
-    predictions = None if out_dir is None else Path(out_dir) / PREDICTIONS
-    if resume:
-        if out_dir is None:
-            raise UsageError("resume needs the output directory of the evaluation to continue (out_dir)")
-        records, cut = resume_from(Path(out_dir), eval_config, entries, batch)
-        log(f"resuming: {len(records)} of {len(entries)} questions answered in {predictions}"
-            + (" (an incomplete batch was cut off, to be answered again)" if cut else ""))
-    elif out_dir is not None:
-        start_fresh(Path(out_dir), eval_config)
-    resumed_from = len(records)
+    world = distributed.joined()
+    if world.distributed:
+        distributed.agree(eval_config, "the evaluation's settings and provenance")
+    out = None if out_dir is None else Path(out_dir)
+    if resume and out is None:
+        raise UsageError("resume needs the output directory of the evaluation to continue (out_dir)")
 
+    def prepare() -> tuple[list[dict], bool]:  # rank 0 alone, while the others wait
+        if resume:
+            return resume_from(out, eval_config, entries, batch)
+        if out is not None:
+            start_fresh(out, eval_config)
+        return [], False
+
+    records, cut = distributed.from_main(prepare)  # every rank learns where to go on from
+    resumed_from = len(records)
+    if resume and world.main:
+        log(f"resuming: {len(records)} of {len(entries)} questions answered in {out / PREDICTIONS}"
+            + (" (an incomplete batch was cut off, to be answered again)" if cut else ""))
+    # One process appends to predictions.jsonl; under torchrun each rank to its own part file, emptied now.
+    mine = None if out is None else out / PREDICTIONS if not world.distributed else part_path(out, world.rank)
+    if mine is not None and world.distributed:
+        write_atomic(mine, "")
+
+    new_records: list[dict] = []
     n_tokens = 0
     start_time = time.perf_counter()
-    for start in range(resumed_from, len(entries), batch):
+    # The batches one process makes, in its order, dealt out round-robin: so each is padded and seeded alike.
+    for start in list(range(resumed_from, len(entries), batch))[world.rank::world.size]:
         batch_prompts = prompts[start:start + batch]
         texts = generate(model, tokenizer, batch_prompts, **gen_kw)
         samples = (generate_samples(model, tokenizer, batch_prompts, k=k, temperature=config.temperature,
@@ -388,22 +478,36 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
         n_tokens += sum(len(ids) for ids in tokenizer(generated, add_special_tokens=False)["input_ids"])
         scored = [make_record(start + j, entries[start + j]["question"], golds[start + j], text,
                               samples[j] if samples is not None else None) for j, text in enumerate(texts)]
-        if predictions is not None:  # the batch is on disk before anything else can fail
-            append_durable(predictions, [record_line(r) for r, _ in scored])
+        if mine is not None:  # the batch is on disk before anything else can fail
+            append_durable(mine, [record_line(r) for r, _ in scored])
         for record, line in scored:
-            records.append(record)
+            new_records.append(record)
             log(line)
+
+    gathered = distributed.gather_objects((new_records, n_tokens))
+    if world.distributed:
+        new_records = sorted((r for rank_records, _ in gathered for r in rank_records), key=lambda r: r["index"])
+        n_tokens = sum(t for _, t in gathered)
+        if out is not None and world.main:  # then the parts may go: a kill in between leaves them to fold again
+            append_durable(out / PREDICTIONS, [record_line(r) for r in new_records])
+        distributed.barrier()
+        if mine is not None:
+            mine.unlink(missing_ok=True)
+        distributed.barrier()
     seconds = time.perf_counter() - start_time
 
-    summary = {"n": len(records), "style": style, "shots": len(exemplars), **score_records(records, config),
-               "settings": settings, "provenance": provenance, "resumed_from": resumed_from,
-               # quantized layers per backend that ran (tests may pass a stand-in for the model)
-               "kernels": (kernels_used(model) or None) if isinstance(model, nn.Module) else None,
-               "seconds_this_run": seconds, "generated_tokens_this_run": n_tokens,
-               "tokens_per_s_this_run": n_tokens / seconds if seconds > 0 else 0.0}
-    if out_dir is not None:
-        write_atomic(Path(out_dir) / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    return summary
+    summary = None
+    if world.main:
+        records += new_records
+        summary = {"n": len(records), "style": style, "shots": len(exemplars), **score_records(records, config),
+                   "settings": settings, "provenance": provenance, "resumed_from": resumed_from,
+                   # quantized layers per backend that ran (tests may pass a stand-in for the model)
+                   "kernels": (kernels_used(model) or None) if isinstance(model, nn.Module) else None,
+                   "world_size": world.size, "seconds_this_run": seconds, "generated_tokens_this_run": n_tokens,
+                   "tokens_per_s_this_run": n_tokens / seconds if seconds > 0 else 0.0}
+        if out is not None:
+            write_atomic(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return distributed.broadcast_object(summary)
 
 
 # ---------------------------------------------------------------------------------------------- checks
