@@ -78,6 +78,21 @@ def test_sample_train_verifier_score_end_to_end(tmp_path, quantized_dir, gsm8k_d
     per_question = score_samples(verifier, [r["question"] for r in records[:3]], [r["samples"] for r in records[:3]],
                                  batch_size=4)
     assert per_question[0] == pytest.approx(scores, abs=1e-6) and [len(s) for s in per_question] == [2, 2, 2]
+    # eval --samples K --verifier reranks: every record holds the verifier's scores, the summary its blocks.
+    e_dir = tmp_path / "eval"
+    assert cli.main(["eval", "--quantized", str(quantized_dir), "--data", str(gsm8k_dir), "--limit", "3",
+                     "--samples", "2", "--max-new-tokens", "4", "--batch-size", "2", "--verifier", str(v_dir),
+                     "--output-dir", str(e_dir), "--dtype", "float32"]) == 0
+    evaluated = [json.loads(line) for line in (e_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [len(r["verifier_scores"]) for r in evaluated] == [2, 2, 2]
+    summary = json.loads((e_dir / "summary.json").read_text())
+    for block in ("verifier_best_of_k", "verifier_weighted_vote", "pass_at_k"):
+        assert summary[block]["k"] == 2 and len(summary[block]["ci95"]) == 2, block
+    assert summary["provenance"]["verifier"] == verifier.record
+    with pytest.raises(SystemExit) as refused:  # options are checked as they are parsed
+        cli.main(["eval", "--quantized", str(quantized_dir), "--verifier", str(v_dir)])  # needs --samples
+    assert refused.value.code == 2
+    assert "add --samples K" in capsys.readouterr().err
     # Loaded onto another base, the verifier is refused.
     other = tmp_path / "other"
     other.mkdir()

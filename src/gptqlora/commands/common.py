@@ -133,7 +133,7 @@ def print_line(line: str) -> None:
 
 def evaluate_loaded(model, tokenizer, entries: list[dict], exemplars: list[dict], ec: EvalConfig, style: str,
                     seed: int, out_dir: str | Path | None, split: str = "test", resume: bool = False,
-                    provenance: dict | None = None, log: Callable[[str], Any] | None = None) -> dict:
+                    provenance: dict | None = None, log: Callable[[str], Any] | None = None, verifier=None) -> dict:
     """Exact-match accuracy (and answer-token loss) of a loaded model on the given GSM8K entries.
 
     Under torchrun every rank calls this with its own copy of the model: both the generation batches and the loss
@@ -142,7 +142,8 @@ def evaluate_loaded(model, tokenizer, entries: list[dict], exemplars: list[dict]
     from gptqlora.eval.perplexity import gsm8k_answer_loss
 
     summary = evaluate_gsm8k(model, tokenizer, entries, ec, style=style, exemplars=exemplars, out_dir=out_dir,
-                             log=log or print_line, seed=seed, split=split, resume=resume, provenance=provenance)
+                             log=log or print_line, seed=seed, split=split, resume=resume, provenance=provenance,
+                             verifier=verifier)
     loss = gsm8k_answer_loss(model, tokenizer, entries, style=style, batch_size=ec.eval_batch_size)
     return summary | {"answer_loss": loss["loss"], "answer_perplexity": loss["perplexity"]}
 

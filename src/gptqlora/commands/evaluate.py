@@ -17,6 +17,7 @@ from gptqlora.commands.common import (check_quantized_input, evaluate_loaded, fe
                                       local_data_dir)
 from gptqlora.config import (DataConfig, EvalConfig, ModelConfig, PromptConfig, SplitConfig, adapter_field, group, opt,
                              overwrite_field, quantized_field, seed_field)
+from gptqlora.errors import UsageError
 from gptqlora.files import OutputLock, check_output, clear_output
 
 BATCH_ALIASES = {"eval_batch_size": ("--batch-size", "--batch_size")}  # what users type for this command
@@ -34,6 +35,8 @@ class EvalArgs:
     adapter: str | None = adapter_field()
     output_dir: str | None = opt(None, "Where predictions.jsonl, eval_config.json and summary.json go (default: "
                                        "OUT/eval next to the adapter's directory, else ./eval_out).")
+    verifier: str | None = opt(None, "A verifier directory (gptqlora train-verifier) that reranks the --samples K "
+                                     "solutions: best-of-K and verifier-weighted vote, next to greedy and majority vote.")
     resume: bool = opt(False, "Continue an interrupted evaluation in --output-dir: questions already answered with "
                               "the same settings are kept, the rest are generated.")
     overwrite: bool = overwrite_field()
@@ -42,6 +45,8 @@ class EvalArgs:
         from gptqlora.commands.finetune import check_resume_flags
 
         check_resume_flags(self.resume, self.overwrite)
+        if self.verifier and not self.eval.samples:
+            raise UsageError("--verifier reranks sampled solutions: add --samples K")
 
     def default_output_dir(self) -> Path:
         if self.output_dir:
@@ -95,25 +100,34 @@ def evaluate(args: EvalArgs) -> dict | None:
     """Evaluate and return the summary (None on ranks other than 0, which print nothing)."""
     from gptqlora.commands.finetune import join
     from gptqlora.data.gsm8k import load_gsm8k
+    from gptqlora.eval.verifier import load_verifier
     from gptqlora.lora.adapter import read_adapter_config
     from gptqlora.models import check_model_source, resolve_device
+    from gptqlora.verifier.model import read_verifier_config
 
     source = check_quantized_input(args.quantized) if args.quantized else check_model_source(args.model.model,
                                                                                               args.model.cache_dir)
     if args.adapter:
         read_adapter_config(args.adapter)
+    if args.verifier:
+        read_verifier_config(args.verifier)
     entries = load_gsm8k(args.split.split, args.data.data)[: args.split.limit]
     exemplars = fewshot(args.data.data, args.eval.shots, args.seed)
     world = join(resolve_device(args.model.device))  # the group, and on a CPU each process's share of its cores
     try:
         out = distributed.from_main(check_output, args.default_output_dir(),
-                                    inputs=[source, args.adapter, local_data_dir(args.data.data)],
+                                    inputs=[source, args.adapter, args.verifier, local_data_dir(args.data.data)],
                                     overwrite=args.overwrite, resume=args.resume, what="--output-dir")
         with main_writes(out, args.overwrite):
             model, tokenizer, record = load_scored_model(args.model, args.quantized, args.adapter)
+            verifier = None
+            if args.verifier:  # loads its own copy of its base (no adapter swapping): memory for a second base
+                verifier = load_verifier(args.verifier, dtype=args.model.dtype, kernel=args.model.kernel,
+                                         device=distributed.rank_device(resolve_device(args.model.device)))
+                record["verifier"] = verifier.record  # a resume with another verifier is refused
             summary = evaluate_loaded(model, tokenizer, entries, exemplars, args.eval, args.prompt.prompt_style,
                                       args.seed, out, split=args.split.split, resume=args.resume,
-                                      provenance=record)
+                                      provenance=record, verifier=verifier)
     finally:
         distributed.shutdown()
     return summary | {"output_dir": str(out)} if world.main else None

@@ -40,6 +40,7 @@ from gptqlora.errors import UsageError
 from gptqlora.eval.generate import generate, generate_samples
 from gptqlora.eval.scoring import majority_vote, summarize
 from gptqlora.files import append_durable, fsync_path, write_atomic
+from gptqlora.eval.verifier import score_samples, verifier_fields, verifier_scores
 from gptqlora.quant.kernels import kernels_used
 from gptqlora.quant.linear import QuantizedLinear
 
@@ -387,8 +388,12 @@ def _golds(entries: Sequence[dict]) -> list[float]:
 def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: EvalConfig, *, style: str = "auto",
                    exemplars: Sequence[dict] = (), out_dir: str | os.PathLike | None = None,
                    log: Callable[[str], Any] = print, seed: int = 0, split: str | None = None,
-                   resume: bool = False, provenance: dict | None = None) -> dict[str, Any]:
+                   resume: bool = False, provenance: dict | None = None, verifier=None) -> dict[str, Any]:
     """Evaluate a causal LM on GSM8K entries: greedy accuracy, and self-consistency when ``config.samples > 0``.
+
+    With ``verifier`` (a ``gptqlora.eval.verifier.LoadedVerifier``) and samples, each question's samples are also
+    scored by the verifier and reranked (best-of-K and verifier-weighted vote, next to pass@K) in its record and in
+    the summary.
 
     Questions go in batches of ``config.eval_batch_size``; each batch is decoded greedily (stopping after a complete
     ``#### <number>`` line), then sampled ``config.samples`` times per question when asked; its records are appended
@@ -478,6 +483,10 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
         n_tokens += sum(len(ids) for ids in tokenizer(generated, add_special_tokens=False)["input_ids"])
         scored = [make_record(start + j, entries[start + j]["question"], golds[start + j], text,
                               samples[j] if samples is not None else None) for j, text in enumerate(texts)]
+        if verifier is not None and samples is not None:
+            scores = score_samples(verifier, [e["question"] for e in entries[start:start + batch]], samples, batch)
+            for j, (record, _) in enumerate(scored):
+                record |= verifier_fields(record["sample_answers"], scores[j], golds[start + j])
         if mine is not None:  # the batch is on disk before anything else can fail
             append_durable(mine, [record_line(r) for r, _ in scored])
         for record, line in scored:
@@ -500,6 +509,7 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
     if world.main:
         records += new_records
         summary = {"n": len(records), "style": style, "shots": len(exemplars), **score_records(records, config),
+                   **(verifier_scores(records, k, verifier.record) if verifier is not None else {}),
                    "settings": settings, "provenance": provenance, "resumed_from": resumed_from,
                    # quantized layers per backend that ran (tests may pass a stand-in for the model)
                    "kernels": (kernels_used(model) or None) if isinstance(model, nn.Module) else None,
