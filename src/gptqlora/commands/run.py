@@ -24,10 +24,10 @@ from pathlib import Path
 
 from gptqlora import distributed
 from gptqlora.commands.common import evaluate_loaded, fewshot, local_data_dir
-from gptqlora.commands.finetune import (check_lora_targets, check_resume_flags, join, prepare_base, train_on_base,
-                                        training_split)
+from gptqlora.commands.finetune import (check_lora_targets, check_resume_flags, join, load_training_data, prepare_base,
+                                        train_on_base)
 from gptqlora.config import (CalibConfig, DataConfig, EvalConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig,
-                             RunConfig, TrainConfig, group, overwrite_field, seed_field)
+                             RunConfig, TrainConfig, TrainDataConfig, group, overwrite_field, seed_field)
 from gptqlora.errors import UsageError
 from gptqlora.files import check_output, write_atomic
 
@@ -44,6 +44,7 @@ class RunArgs:
     prompt: PromptConfig = group(PromptConfig)
     lora: LoRAConfig = group(LoRAConfig)
     train: TrainConfig = group(TrainConfig)
+    train_data: TrainDataConfig = group(TrainDataConfig)
     eval: EvalConfig = group(EvalConfig)
     run: RunConfig = group(RunConfig)
     seed: int = seed_field()
@@ -114,7 +115,7 @@ def run(args: RunArgs) -> dict | None:
     mc = args.model
     source = check_model_source(mc.model, mc.cache_dir)
     check_lora_targets(source, args.lora.lora_targets)
-    train, held = training_split(args)
+    train, held, data_report = load_training_data(args)
     test = load_gsm8k("test", args.data.data)[: args.run.test_limit or None]
     exemplars = fewshot(args.data.data, args.eval.shots, args.seed)
     device = resolve_device(mc.device)  # an unknown or absent device fails here, before any work
@@ -124,7 +125,7 @@ def run(args: RunArgs) -> dict | None:
         out = distributed.from_main(check_output_dir, args, [source, local_data_dir(args.data.data),
                                                              args.calib.calib_text], settings)
         with main_writes(out, args.overwrite):
-            result = run_in(args, out, settings, test, exemplars, train, held, world)
+            result = run_in(args, out, settings, test, exemplars, train, held, world, data_report)
     finally:
         distributed.shutdown()
     if not world.main:
@@ -134,7 +135,7 @@ def run(args: RunArgs) -> dict | None:
 
 
 def run_in(args: RunArgs, out: Path, settings: dict, test: list[dict], exemplars: list[dict], train: list[dict],
-           held: list[dict], world: distributed.World) -> dict:
+           held: list[dict], world: distributed.World, data_report: dict | None = None) -> dict:
     """The stages, in ``out`` (checked, and locked by rank 0); every rank runs them, rank 0 writes the files."""
     from gptqlora.commands.evaluate import load_scored_model
 
@@ -177,7 +178,7 @@ def run_in(args: RunArgs, out: Path, settings: dict, test: list[dict], exemplars
     # A run killed before its first checkpoint restarts training; its partial metrics are its own to replace.
     args.train = dataclasses.replace(tc, resume=resume_training)
     training = train_on_base(model, tokenizer, base_dir, train, held, args,
-                             overwrite=tc.resume and not resume_training)
+                             overwrite=tc.resume and not resume_training, data_report=data_report)
     timings["finetune"] = round(time.perf_counter() - start, 1)
     del model  # the evaluation loads its own copy
     evaluate(f"{qc.method} {qc.bits}-bit + LoRA", base_dir, out / "lora_adapter")
