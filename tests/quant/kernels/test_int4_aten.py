@@ -21,6 +21,19 @@ def test_equals_exact_product_on_cpu(group_size, act_order, sym):
             check_forward_and_input_grad("int4-aten", layer, dtype, m=m, grad=False)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cpu_repack_in_row_slices_equals_one_piece(act_order, monkeypatch):
+    """The CPU repack converts output rows in slices (bounded temporaries): 1040 rows = 2 x 512 + 16 give the same
+    packed bytes as one conversion, and the layer still equals the exact product."""
+    layer = random_layer(n=1040, k=256, bits=4, group_size=64, act_order=act_order)
+    sliced = int4_aten.repack(layer.gptq_weight(), torch.bfloat16)
+    monkeypatch.setattr(int4_aten, "CPU_REPACK_ROWS", 1040)
+    whole = int4_aten.repack(layer.gptq_weight(), torch.bfloat16)
+    assert torch.equal(sliced.packed, whole.packed)
+    monkeypatch.undo()
+    check_forward_and_input_grad("int4-aten", layer, torch.bfloat16, m=3, grad=False)
+
+
 def test_float_zero_is_exact():
     """zero = (8 - z) * s: (q - 8) * s + zero == (q - z) * s, exactly in fp32 for every code."""
     layer = random_layer(n=32, k=128, bits=4, group_size=64)

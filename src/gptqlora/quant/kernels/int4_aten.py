@@ -56,22 +56,40 @@ def unsupported(facts: LayerFacts, device: torch.device) -> str | None:
     return None
 
 
+CPU_REPACK_ROWS = 512  # output rows converted at a time on the CPU (a multiple of 16)
+
+
+def _codes_nk(weight: GPTQWeight, perm: Tensor | None, lo: int, hi: int) -> Tensor:
+    """Codes int32 [hi - lo, K] of output rows lo..hi, K in group order."""
+    codes = unpack_qweight(weight.qweight[:, lo:hi].contiguous(), 4, weight.facts.in_features)  # [K, hi - lo]
+    if perm is not None:
+        codes = codes.index_select(0, perm)
+    return codes.T.contiguous()
+
+
 def repack(weight: GPTQWeight, dtype: torch.dtype) -> Int4State:
     f = weight.facts
-    codes = unpack_qweight(weight.qweight, 4, f.in_features)  # [K, N] int32
     perm = None
     if f.act_order:
         perm = torch.argsort(weight.g_idx.long(), stable=True)  # [K]; group r is now columns [r*g, (r+1)*g)
-        codes = codes.index_select(0, perm)
     s = weight.scales.float()  # [G, N]
     z = unpack_qzeros(weight.qzeros, 4, f.out_features).float()  # [G, N]
     scales_and_zeros = torch.stack([s, (8 - z) * s], dim=-1).to(dtype).contiguous()  # [G, N, 2]
-    codes_nk = codes.T.contiguous()  # [N, K]
-    if codes.device.type == "cuda":
+    n = f.out_features
+    if weight.qweight.device.type == "cuda":
+        codes_nk = _codes_nk(weight, perm, 0, n)
         pairs = (codes_nk[:, ::2] << 4 | codes_nk[:, 1::2]).to(torch.uint8)  # [N, K/2], even k high
         packed = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles(f.in_features))
     else:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_nk, 1)
+        # The CPU layout is row by row ([N, K/2] bytes), so rows are converted in slices: the int32 temporaries are
+        # K x 512, not K x N twice (360 MB for 7B's down_proj).
+        packed = None
+        for lo in range(0, n, CPU_REPACK_ROWS):
+            hi = min(lo + CPU_REPACK_ROWS, n)
+            part = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_codes_nk(weight, perm, lo, hi), 1)
+            if packed is None:
+                packed = part.new_empty((n, *part.shape[1:]))
+            packed[lo:hi] = part
     return Int4State(packed, scales_and_zeros, f.group_size, perm)
 
 
