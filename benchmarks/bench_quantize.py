@@ -1,11 +1,15 @@
-"""Quantization benchmark on the embedded SmolLM2-135M: float vs RTN vs GPTQ vs GPTQ act-order (vs gptqmodel).
+"""Quantization benchmark on the embedded SmolLM2-135M: float vs RTN vs GPTQ's column orders (vs gptqmodel).
 
 Each configuration runs in a fresh subprocess (clean peak memory and timing) on the same calibration windows
 (GSM8K train, ``--calib-samples`` x ``--calib-seqlen`` tokens) and is scored by teacher-forced perplexity of the
-first ``--ppl-limit`` GSM8K test solutions. With ``--gptqmodel-python`` (a Python whose environment has gptqmodel)
-the yardstick quantizes the same windows with gptqmodel, and our loader reads its checkpoint for scoring.
+first ``--ppl-limit`` GSM8K test solutions. Rows are ``<method>-<all|attn>`` (see METHODS: ``gptq`` is QuantConfig's
+defaults, ``gptq-plain`` the solver before issue 9). With ``--gptqmodel-python`` (a Python whose environment has
+gptqmodel) the yardstick quantizes the same windows with gptqmodel's defaults, and our loader reads its checkpoint.
+The row ``layer-7b-down`` measures the solver alone: peak RSS and time of solving and packing one Llama-2-7B
+down_proj (K = 11008).
 
-    python benchmarks/bench_quantize.py [--targets all attn] [--gptqmodel-python /path/to/venv/bin/python]
+    python benchmarks/bench_quantize.py [--configs float,gptq-all,...] [--damp-percent 0.05] [--calib-calculator]
+    python benchmarks/bench_quantize.py --configs layer-7b-down
 
 Prints a Markdown table, then the figures as one JSON object on the last line.
 """
@@ -22,11 +26,22 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_common_args, config_names, environment, finish, markdown_table, materialize,  # noqa: E402
-                    parse_args, peak_rss_mb, reset_peak_rss, run_child, setup_child)
+from common import (add_common_args, config_names, cpu_seconds, current_rss_mb, environment,  # noqa: E402
+                    finish, markdown_table, materialize, parse_args, peak_rss_mb, reset_peak_rss, run_child,
+                    setup_child)
 
-METHODS = {"rtn": dict(method="rtn"), "gptq": dict(method="gptq"), "gptq-act": dict(method="gptq", act_order=True)}
-NAMES = ["float"] + [f"{m}-{t}" for t in ("all", "attn") for m in METHODS] + ["gptqmodel-all"]
+# QuantConfig fields per method; "gptq" is QuantConfig's defaults. --damp-percent overrides every row's damping but
+# gptq-plain's, which is the solver as it was before issue 9 (columns in their natural order, damping 0.01).
+METHODS = {
+    "rtn": dict(method="rtn"),
+    "gptq": dict(method="gptq"),
+    "gptq-plain": dict(method="gptq", act_order=False, static_groups=False, group_aware=False, damp_percent=0.01),
+    "gptq-gar": dict(method="gptq", act_order=False, static_groups=False, group_aware=True),  # g_idx = k // g
+    "gptq-act": dict(method="gptq", act_order=True, static_groups=False),  # desc_act: g_idx permuted
+    "gptq-actstatic": dict(method="gptq", act_order=True, static_groups=True),  # act-order, grids up front
+}
+NAMES = ["float"] + [f"{m}-{t}" for t in ("all", "attn") for m in METHODS] + ["gptqmodel-all", "layer-7b-down"]
+DEFAULT_CONFIGS = ["float"] + [f"{m}-{t}" for t in ("all", "attn") for m in ("rtn", "gptq", "gptq-plain", "gptq-act")]
 
 GPTQMODEL_SCRIPT = r"""
 import json, os, sys, time
@@ -39,8 +54,9 @@ from gptqmodel import GPTQModel, QuantizeConfig
 model_dir, calib_file, out, group_size, dtype = sys.argv[1:6]
 ids = load_file(calib_file)["input_ids"]
 calibration = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
-config = QuantizeConfig(bits=4, group_size=int(group_size), sym=True, desc_act=False, damp_percent=0.01,
-                        act_group_aware=False)
+# gptqmodel 7.7's defaults, spelled out: group-aware reordering, damping 0.05.
+config = QuantizeConfig(bits=4, group_size=int(group_size), sym=True, desc_act=False, damp_percent=0.05,
+                        act_group_aware=True)
 model = GPTQModel.load(model_dir, config, device="cpu", dtype=getattr(torch, dtype))
 start = time.perf_counter()
 model.quantize(calibration, batch_size=1, tokenizer=AutoTokenizer.from_pretrained(model_dir))
@@ -64,6 +80,8 @@ def child(args: argparse.Namespace) -> dict:
 
     setup_child(args)
     name = args.one
+    if name == "layer-7b-down":
+        return layer_memory(args)
     calib = load_file(args.calib_file)["input_ids"]
     row: dict = {}
     if name == "gptqmodel-all":
@@ -85,8 +103,13 @@ def child(args: argparse.Namespace) -> dict:
         row["weight_bytes_before"] = weight_bytes(model)
         if name != "float":
             method, targets = name.rsplit("-", 1)
+            fields = METHODS[method]
+            if args.damp_percent is not None and method != "gptq-plain":
+                fields = fields | {"damp_percent": args.damp_percent}
             config = QuantConfig(bits=4, group_size=args.group_size, targets=targets, calib_dtype=args.calib_dtype,
-                                 **METHODS[method])
+                                 **fields)
+            row["solver"] = {k: getattr(config, k) for k in ("act_order", "group_aware", "static_groups",
+                                                               "damp_percent")}
             reset_peak_rss()
             start = time.perf_counter()
             quantize_model_weights(model, calib if config.method == "gptq" else None, config, progress=False)
@@ -99,14 +122,56 @@ def child(args: argparse.Namespace) -> dict:
     return row | {"perplexity": result["perplexity"], "answer_tokens": result["tokens"]}
 
 
+def layer_memory(args: argparse.Namespace) -> dict:
+    """Peak RSS of solving and packing one Llama-2-7B down_proj ([4096, 11008], K = 11008) with random weights.
+
+    The Hessian is a random positive definite matrix (rank 64 plus the identity, cheap to build); W and H exist before
+    the measured window, which covers ``gptq_solve`` and then ``pack_qweight``/``pack_qzeros``, each from a reset peak.
+    """
+    import torch
+
+    from gptqlora.config import QuantConfig
+    from gptqlora.quant.gptq import gptq_solve
+    from gptqlora.quant.pack import pack_qweight, pack_qzeros
+
+    n, k = 4096, 11008
+    g = torch.Generator().manual_seed(args.seed)
+    W = torch.randn(n, k, generator=g) * 0.02  # [N, K]
+    B = torch.randn(k, 64, generator=g)
+    H = B @ B.T  # [K, K]
+    H.diagonal().add_(1.0)
+    del B
+    config = QuantConfig(group_size=128, **({} if args.damp_percent is None else {"damp_percent": args.damp_percent}))
+    reset_peak_rss()
+    rss_before = current_rss_mb()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    res = gptq_solve(W, H, bits=4, group_size=128, act_order=config.act_order, static_groups=config.static_groups,
+                     group_aware=config.group_aware, damp_percent=config.damp_percent)
+    solve_s, solve_cpu_s = time.perf_counter() - start, cpu_seconds() - cpu_start
+    peak_solve = peak_rss_mb()
+    codes, zeros = res.codes, res.zeros
+    del res
+    reset_peak_rss()
+    rss_pack = current_rss_mb()
+    pack_qweight(codes, 4), pack_qzeros(zeros, 4)
+    return {"rss_before_solve_mb": rss_before, "peak_rss_mb_solve": peak_solve,
+            "solve_extra_mb": peak_solve - rss_before,
+            "solve_s": solve_s, "solve_cpu_s": solve_cpu_s, "pack_extra_mb": peak_rss_mb() - rss_pack,
+            "hessian_mb": k * k * 4 / 2**20, "weight_mb": n * k * 4 / 2**20}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser, NAMES)
-    parser.set_defaults(configs=",".join(NAMES[:-1]))
+    parser.set_defaults(configs=",".join(DEFAULT_CONFIGS))
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--calib-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--calib-calculator", action="store_true",
+                        help="keep GSM8K's <<48/2=24>> calculator annotations in the calibration text")
+    parser.add_argument("--damp-percent", type=float, default=None,
+                        help="damping for every GPTQ row but gptq-plain (default: QuantConfig's)")
     parser.add_argument("--ppl-limit", type=int, default=200, help="GSM8K test solutions scored")
     parser.add_argument("--gptqmodel-python", default=None,
                         help="Python of an environment with gptqmodel; adds the gptqmodel-all row")
@@ -129,7 +194,8 @@ def main() -> int:
     if args.gptqmodel_python and "gptqmodel-all" not in names:
         names.append("gptqmodel-all")
     _, tokenizer = load_model(args.model)
-    calib = calibration_tokens(tokenizer, args.calib_samples, args.calib_seqlen, source=args.data, seed=args.seed)
+    calib = calibration_tokens(tokenizer, args.calib_samples, args.calib_seqlen, source=args.data, seed=args.seed,
+                               keep_calculator=args.calib_calculator)
     with tempfile.TemporaryDirectory() as workdir:
         calib_file = str(Path(workdir) / "calib.safetensors")
         save_file({"input_ids": calib.contiguous()}, calib_file)
@@ -148,8 +214,11 @@ def main() -> int:
                                 ("gap_closed_vs_rtn", "RTN gap closed", ".1%"), ("quantize_s", "quantize s", ".1f"),
                                 ("peak_rss_mb_quantize", "peak RSS MiB (quantize)", ".0f"),
                                 ("weight_bytes_before", "block weight bytes before", ""),
-                                ("weight_bytes_after", "after", "")]))
+                                ("weight_bytes_after", "after", ""), ("solve_s", "7B down_proj solve s", ".1f"),
+                                ("solve_extra_mb", "its peak RSS over W and H, MiB", ".0f"),
+                                ("pack_extra_mb", "packing's, MiB", ".0f")]))
     return finish(rows, {"benchmark": "quantize", "calib": [args.calib_samples, args.calib_seqlen],
+                         "calib_calculator": args.calib_calculator, "damp_percent": args.damp_percent,
                          "group_size": args.group_size, "calib_dtype": args.calib_dtype, "ppl_limit": args.ppl_limit,
                          "environment": environment(), "rows": rows})
 

@@ -218,6 +218,19 @@ def extrapolate(rows: dict, args: argparse.Namespace, gflops: float) -> dict:
     return out
 
 
+def _without_workdir(argv: list[str]) -> list[str]:
+    """The arguments less ``--workdir DIR`` / ``--workdir=DIR`` (the children get the directory actually used)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--workdir":
+            skip = True
+        elif not a.startswith("--workdir="):
+            out.append(a)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser, NAMES)
@@ -245,7 +258,7 @@ def main() -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-quantize-scale-"))
     try:
         write_source(workdir, args, blocks)
-        argv = [a for a in sys.argv[1:] if not a.startswith("--workdir")] + ["--workdir", str(workdir)]
+        argv = _without_workdir(sys.argv[1:]) + ["--workdir", str(workdir)]
         rows = {name: common.run_child(__file__, name, argv) for name in names}
     finally:
         if args.workdir is None:

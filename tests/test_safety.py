@@ -208,8 +208,55 @@ def test_kill_during_the_write_leaves_no_partial_output_and_the_rerun_succeeds(t
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not out.exists()  # nothing under the output's name
-    assert cli.main(argv) == 0
+    if command == "quantize":  # streamed: the killed run's finished blocks are kept beside the output
+        assert (tmp_path / ".out.quantizing" / "state.json").is_file()
+    assert cli.main(argv) == 0  # without --resume: the dead run's work directory is no reason to refuse
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["out"])  # the killed run's partial is gone
+
+
+KILL_AFTER_BLOCK = """
+import os, signal, sys
+from gptqlora.quant.stream import WorkDir
+real = WorkDir.commit
+def commit(self, unit, *args, **kwargs):
+    real(self, unit, *args, **kwargs)
+    if unit == 2:  # the embeddings and blocks 0 and 1 are on disk
+        os.kill(os.getpid(), signal.SIGKILL)
+WorkDir.commit = commit
+from gptqlora import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _report(out: Path) -> dict:
+    config = json.loads((out / "quantize_config.json").read_text())
+    return config.pop("gptqlora"), config
+
+
+def test_quantize_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, gsm8k_dir):
+    source = tmp_path / "float4"
+    make_tiny_llama(num_layers=4).save_pretrained(source)
+    make_tiny_tokenizer().save_pretrained(source)
+    argv = ["quantize", "--model", str(source), "--data", str(gsm8k_dir), "--method", "gptq", "--act-order",
+            "--group-size", "32", "--calib-samples", "4", "--calib-seqlen", "16", "--max-shard-size", "40KB"]
+    assert cli.main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "out"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_BLOCK, *argv, "--out", str(out)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not out.exists()  # never a partial output
+    assert json.loads((tmp_path / ".out.quantizing" / "state.json").read_text())["units_done"] == 3
+    assert cli.main(argv + ["--out", str(out), "--resume"]) == 0
+    (report, config), (whole_report, whole_config) = _report(out), _report(tmp_path / "whole")
+    assert report.pop("resumed_blocks") == 2 and whole_report.pop("resumed_blocks") == 0
+    for r in (report, whole_report):
+        r.pop("seconds")
+    assert (report, config) == (whole_report, whole_config)
+    for p in (tmp_path / "whole").iterdir():
+        if p.name != "quantize_config.json":
+            assert p.read_bytes() == (out / p.name).read_bytes(), p.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float4", "out", "whole"]  # no work dir, lock or partial
 
 
 # ---------------------------------------------------------------------------------------------- 3. same seed

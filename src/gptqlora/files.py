@@ -292,3 +292,39 @@ def is_disk_error(e: OSError) -> bool:
     """An OSError the environment caused (full, read-only or forbidden location), not a bug."""
     return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
                        errno.EISDIR)
+
+
+class DirectoryOwner:
+    """Marks a work directory kept across runs (``.NAME.quantizing``) as in use: an exclusive ``flock`` on its
+    ``owner.lock``, stamped with the owner's pid.
+
+    The kernel drops the lock when its process dies (even by SIGKILL), so a directory whose lock can be taken was left
+    by a run that is over: its content may be continued or removed. One whose lock is held belongs to a live process.
+    """
+
+    FILE = "owner.lock"
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / self.FILE
+        self.holder: str | None = None  # the live owner's pid, after a failed ``acquire``
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock (creating the file); False when a live process holds it (its pid is then ``holder``)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: the directory is removed with it, or kept for a later run to take)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -55,3 +55,9 @@ def test_bad_arguments(tiny_tokenizer, tmp_path):
         calibration_tokens(tiny_tokenizer, 2, 8, text_file=str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="positive"):
         calibration_tokens(tiny_tokenizer, 0, 8, text_file=str(tmp_path / "missing.txt"))
+
+
+def test_calculator_annotations_kept_only_on_request(tiny_tokenizer, gsm8k_dir):
+    kept = calibration_tokens(tiny_tokenizer, n_samples=16, seqlen=256, source=str(gsm8k_dir), seed=0,
+                              keep_calculator=True)
+    assert "<<" in tiny_tokenizer.decode(kept.flatten(), skip_special_tokens=True)

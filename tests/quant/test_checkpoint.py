@@ -31,7 +31,8 @@ def saved_attention_only(tmp_path):
 
 
 @pytest.mark.parametrize("config", [QuantConfig(targets="all", group_size=32),
-                                    QuantConfig(targets="attn", group_size=32, act_order=True, sym=False),
+                                    QuantConfig(targets="attn", group_size=32, act_order=True, static_groups=False,
+                                                sym=False),
                                     QuantConfig(targets="all", bits=3, group_size=-1)])
 def test_save_load_bit_identical_with_identical_logits(tmp_path, config):
     model, ids = quantized_tiny(config)
@@ -122,7 +123,7 @@ def test_quantize_config_disagreeing_with_config_json_names_both_files(tmp_path)
 
 
 def test_sharded_directory_saves_and_loads_bit_identical(tmp_path):
-    config = QuantConfig(targets="all", group_size=32, act_order=True)
+    config = QuantConfig(targets="all", group_size=32, act_order=True, static_groups=False)
     model, ids = quantized_tiny(config)
     out = save_quantized(model, make_tiny_tokenizer(), tmp_path / "q", config, max_shard_size="30KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())

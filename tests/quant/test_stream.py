@@ -19,6 +19,7 @@ from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
 
 from gptqlora.config import QuantConfig  # noqa: E402
 from gptqlora.errors import OutputExistsError, UsageError  # noqa: E402
+from gptqlora.files import DirectoryOwner  # noqa: E402
 from gptqlora.quant import stream  # noqa: E402
 from gptqlora.quant.checkpoint import (load_quantized, quantize_streamed, save_quantized,  # noqa: E402
                                        work_dir)
@@ -74,7 +75,7 @@ def assert_same_files(a: Path, b: Path) -> None:
 
 CASES = {
     "gptq-all": QuantConfig(targets="all", group_size=32),
-    "gptq-attn-act-asym": QuantConfig(targets="attn", group_size=32, act_order=True, sym=False),
+    "gptq-attn-act-asym": QuantConfig(targets="attn", group_size=32, act_order=True, static_groups=False, sym=False),
     "gptq-all-act-static-3bit": QuantConfig(targets="all", bits=3, group_size=32, act_order=True, static_groups=True),
     "gptq-one-pass": QuantConfig(targets="q_proj,down_proj", group_size=32, true_sequential=False),
     "rtn-all": QuantConfig(method="rtn", targets="all", group_size=32),
@@ -97,7 +98,7 @@ def test_streamed_equals_in_memory_bit_for_bit(tmp_path, case):
 
 @pytest.mark.parametrize("tied,dtype", [(False, torch.float32), (True, torch.bfloat16)])
 def test_single_file_source_untied_head_and_bf16(tmp_path, tied, dtype):
-    config = QuantConfig(targets="all", group_size=32, act_order=True, calib_dtype="float32")
+    config = QuantConfig(targets="all", group_size=32, act_order=True, static_groups=False, calib_dtype="float32")
     source = write_source(tmp_path / "src", tied=tied)
     reference = in_memory(source, tmp_path / "mem", config, dtype=dtype)
     streamed(source, tmp_path / "out", config, dtype=dtype)
@@ -143,15 +144,22 @@ def interrupt_after(k):
 
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path, method):
-    config = QuantConfig(method=method, targets="all", group_size=32, act_order=method == "gptq")
+    config = QuantConfig(method=method, targets="all", group_size=32, act_order=method == "gptq",
+                         static_groups=False)
     source = write_source(tmp_path / "src", layers=4, shard="60KB")
     streamed(source, tmp_path / "whole", config, max_shard_size="60KB")
     out = tmp_path / "out"
     with pytest.raises(Interrupt):
         streamed(source, out, config, max_shard_size="60KB", on_block=interrupt_after(1))
     assert not out.exists() and work_dir(out).is_dir()
-    with pytest.raises(OutputExistsError, match="--resume"):  # never silently thrown away
-        streamed(source, out, config, max_shard_size="60KB")
+    owner = DirectoryOwner(work_dir(out))  # as a run still going would hold it
+    assert owner.acquire()
+    try:
+        for resume in (False, True):  # a live run's work is neither removed nor continued
+            with pytest.raises(UsageError, match=f"still running \\(pid {os.getpid()}\\)"):
+                streamed(source, out, config, max_shard_size="60KB", resume=resume)
+    finally:
+        owner.release()
     seen = []
     report = streamed(source, out, config, max_shard_size="60KB", resume=True, on_block=lambda i, _: seen.append(i))
     assert seen == [2, 3] and report["resumed_blocks"] == 2
@@ -196,7 +204,7 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path, change, fie
     kw = {"chunk_size": change["chunk_size"]} if "chunk_size" in change else {}
     with pytest.raises(UsageError, match=f"cannot resume .* other {field}"):
         streamed(source, tmp_path / "out", other, resume=True, **kw)
-    report = streamed(source, tmp_path / "out", other, overwrite=True, **kw)  # starts again
+    report = streamed(source, tmp_path / "out", other, **kw)  # without resume: the finished blocks are discarded
     assert report["resumed_blocks"] == 0 and not work_dir(tmp_path / "out").exists()
 
 
@@ -295,3 +303,62 @@ def test_parse_size(text, size):
 def test_parse_size_refuses_nonsense(text):
     with pytest.raises(UsageError, match="max shard size"):
         parse_size(text)
+
+
+# ---------------------------------------------------------------------------------------------- through the CLI
+
+STREAM_ONLY = ("seconds", "blocks", "resumed_blocks", "shards")  # the streamed report's own record of the run
+
+
+def assert_same_cli_outputs(a: Path, b: Path) -> None:
+    """Every file byte for byte, and quantize_config.json's report equal but for timings and streaming facts."""
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for p in a.iterdir():
+        if p.name == "quantize_config.json":
+            ours, theirs = json.loads(p.read_text()), json.loads((b / p.name).read_text())
+            ours["gptqlora"], theirs["gptqlora"] = ({k: v for k, v in r["gptqlora"].items() if k not in STREAM_ONLY}
+                                                    for r in (ours, theirs))
+            assert ours == theirs
+        else:
+            assert p.read_bytes() == (b / p.name).read_bytes(), p.name
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_cli_quantize_streams_and_equals_the_in_memory_path(tmp_path, gsm8k_dir, monkeypatch, method):
+    from gptqlora import cli
+    from gptqlora.commands import quantize as command
+
+    source = write_source(tmp_path / "src", shard="60KB")
+    argv = ["quantize", "--model", str(source), "--data", str(gsm8k_dir), "--method", method, "--group-size", "32",
+            "--act-order", "--calib-samples", "4", "--calib-seqlen", "16", "--max-shard-size", "40KB"]
+    loads = []
+    real = stream.SafetensorsSource.load
+    monkeypatch.setattr(stream.SafetensorsSource, "load",
+                        lambda self, names, convert=None: _spy_load(real, loads, self, names, convert))
+    assert cli.main(argv + ["--out", str(tmp_path / "streamed")]) == 0
+    assert len(loads) == 1 + 3  # the outside tensors, then each of the 3 blocks alone: streamed
+    monkeypatch.setattr(command, "streamable_source", lambda *a: None)  # as for a hub model with .bin weights
+    assert cli.main(argv + ["--out", str(tmp_path / "in_memory")]) == 0
+    assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
+    assert_same_cli_outputs(tmp_path / "in_memory", tmp_path / "streamed")
+    report = json.loads((tmp_path / "streamed" / "quantize_config.json").read_text())["gptqlora"]
+    assert report["base_model"] == str(source) and report["weight_bytes_after"] < report["weight_bytes_before"]
+    assert (report["calibration"] is None) == (method == "rtn")
+
+
+def _spy_load(real, loads, self, names, convert):
+    names = list(names)
+    loads.append(names)
+    return real(self, names, convert)
+
+
+def test_cli_max_shard_size_is_checked_before_any_work(tmp_path, gsm8k_dir, capsys, monkeypatch):
+    from gptqlora import cli
+    from gptqlora.commands import quantize as command
+
+    monkeypatch.setattr(command, "streamable_source", lambda *a: pytest.fail("started work"))
+    with pytest.raises(SystemExit) as exit_:  # a bad flag value, like argparse's own refusals
+        cli.main(["quantize", "--model", str(write_source(tmp_path / "src")), "--data", str(gsm8k_dir),
+                  "--out", str(tmp_path / "q"), "--max-shard-size", "five"])
+    assert exit_.value.code == 2 and "max shard size 'five' is not a size" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

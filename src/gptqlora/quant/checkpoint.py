@@ -330,8 +330,9 @@ def quantize_streamed(source: str | os.PathLike, out_dir: str | os.PathLike, con
     bit for bit (same device and dtype).
 
     Finished blocks are kept in ``work_dir(out_dir)``, which survives a crash; with ``resume`` a rerun with the same
-    inputs and settings continues after the last finished block. When all blocks are done the directory is staged and
-    renamed into place as ``save_quantized`` does, and the work directory is deleted.
+    inputs and settings continues after the last finished block, without it a rerun discards them and starts again
+    (``stream.WorkDir.open``). When all blocks are done the directory is staged and renamed into place as
+    ``save_quantized`` does, and the work directory is deleted: a killed run never leaves a partial ``out_dir``.
 
     Args:
         source: a Hugging Face model directory (config.json + model.safetensors, or shards and their index).
@@ -341,7 +342,7 @@ def quantize_streamed(source: str | os.PathLike, out_dir: str | os.PathLike, con
         device: where each block is calibrated and quantized.
         max_shard_size: bytes (or "5GB") per output file; blocks are never split across files.
         resume: continue an interrupted run on the same output (refused if its inputs or settings differ).
-        overwrite: replace an existing output, and discard an interrupted run's work unless ``resume``.
+        overwrite: replace an existing output.
         extra: recorded under "gptqlora" in quantize_config.json, with this function's report.
         chunk_size: calibration sequences per forward chunk.
         name_or_path: recorded as config.json's ``_name_or_path`` (default: as the source's config says).
@@ -350,9 +351,8 @@ def quantize_streamed(source: str | os.PathLike, out_dir: str | os.PathLike, con
         A report: method, bits, group_size, targets, seconds (this run), gptq_loss_total, layer_losses (all blocks,
         resumed ones included), blocks, resumed_blocks, shards.
     Raises:
-        OutputExistsError: ``out_dir`` is not empty, or an interrupted run's work exists, without ``overwrite`` or
-            ``resume`` (see the message).
-        UsageError: a source that is not a float checkpoint of a LLaMA-family model, missing calibration for GPTQ,
+        OutputExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
+        UsageError: the work directory belongs to a run still going (another process), a source that is not a float checkpoint of a LLaMA-family model, missing calibration for GPTQ,
             a resume over work made differently, a block whose forward the driver does not reproduce.
     """
     from transformers import AutoConfig
@@ -384,64 +384,67 @@ def quantize_streamed(source: str | os.PathLike, out_dir: str | os.PathLike, con
         "max_shard_size": parse_size(max_shard_size),
         "calibration": None if config.method == "rtn" else hashlib.sha256(
             calibration.to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()}))
-    work = WorkDir.open(work_dir(out), layout, fingerprint, resume=resume, overwrite=overwrite)
-    resumed = work.units_done
+    work = WorkDir.open(work_dir(out), layout, fingerprint, resume=resume)
+    try:
+        resumed = work.units_done
 
-    def read(names: Sequence[str], to: torch.device) -> dict[str, Tensor]:
-        """Source tensors, checked against the config and converted to the model's dtype on ``to``."""
+        def read(names: Sequence[str], to: torch.device) -> dict[str, Tensor]:
+            """Source tensors, checked against the config and converted to the model's dtype on ``to``."""
 
-        def convert(n: str, t: Tensor) -> Tensor:
-            if t.shape != float_state[n].shape:
-                raise UsageError(f"{weights.path}: {n} has shape {tuple(t.shape)} but config.json implies "
-                                 f"{tuple(float_state[n].shape)}")
-            return t.to(device=to, dtype=float_state[n].dtype)
+            def convert(n: str, t: Tensor) -> Tensor:
+                if t.shape != float_state[n].shape:
+                    raise UsageError(f"{weights.path}: {n} has shape {tuple(t.shape)} but config.json implies "
+                                     f"{tuple(float_state[n].shape)}")
+                return t.to(device=to, dtype=float_state[n].dtype)
 
-        return weights.load(names, convert)
+            return weights.load(names, convert)
 
-    xs = None
-    if resumed == 0:  # embeddings, final norm, head: read alone, written at once, freed
-        outside = read(units[0], torch.device("cpu"))
-        if config.method == "gptq":
-            xs = _embed(outside["model.embed_tokens.weight"], calibration, chunk_size, dtype)
-        work.commit(0, outside, {}, xs)
-        del outside
-    elif config.method == "gptq" and resumed <= len(layers):
-        xs = work.activations()
-        if xs is None:
-            raise UsageError(f"cannot resume from {work.path}: the calibration inputs of block {resumed - 1} are "
-                             "missing; rerun with overwrite (--overwrite) to start again")
-    rope, mask = (None, None) if xs is None else position_inputs(model.model.rotary_emb.to(device), model.config,
-                                                                 xs[0].to(device))
+        xs = None
+        if resumed == 0:  # embeddings, final norm, head: read alone, written at once, freed
+            outside = read(units[0], torch.device("cpu"))
+            if config.method == "gptq":
+                xs = _embed(outside["model.embed_tokens.weight"], calibration, chunk_size, dtype)
+            work.commit(0, outside, {}, xs)
+            del outside
+        elif config.method == "gptq" and resumed <= len(layers):
+            xs = work.activations()
+            if xs is None:
+                raise UsageError(f"cannot resume from {work.path}: the calibration inputs of block {resumed - 1} are "
+                                 "missing; rerun without resume (--resume) to start again")
+        rope, mask = (None, None) if xs is None else position_inputs(model.model.rotary_emb.to(device), model.config,
+                                                                     xs[0].to(device))
 
-    def load_block(i: int) -> nn.Module:
-        prefix = f"model.layers.{i}."
-        tensors = read([prefix + k for k in layers[i].state_dict()], device)
-        layers[i].load_state_dict({k.removeprefix(prefix): t for k, t in tensors.items()}, assign=True)
-        return layers[i]
+        def load_block(i: int) -> nn.Module:
+            prefix = f"model.layers.{i}."
+            tensors = read([prefix + k for k in layers[i].state_dict()], device)
+            layers[i].load_state_dict({k.removeprefix(prefix): t for k, t in tensors.items()}, assign=True)
+            return layers[i]
 
-    def sink(i: int, block: nn.Module, block_losses: dict[str, float], next_xs: list[Tensor] | None) -> None:
-        prefix = f"model.layers.{i}."
-        tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-        last = i == len(layers) - 1
-        work.commit(1 + i, tensors, {prefix + k: v for k, v in block_losses.items()}, None if last else next_xs)
-        block.to("meta")  # frees the block
-        if on_block is not None:
-            on_block(i, block_losses)
+        def sink(i: int, block: nn.Module, block_losses: dict[str, float], next_xs: list[Tensor] | None) -> None:
+            prefix = f"model.layers.{i}."
+            tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+            last = i == len(layers) - 1
+            work.commit(1 + i, tensors, {prefix + k: v for k, v in block_losses.items()}, None if last else next_xs)
+            block.to("meta")  # frees the block
+            if on_block is not None:
+                on_block(i, block_losses)
 
-    quantize_blocks(len(layers), load_block, xs, rope, mask, config, start=max(resumed - 1, 0), on_block=sink,
-                    progress=progress)
-    del xs
-    losses = work.losses
-    report = {"method": config.method, "bits": config.bits, "group_size": config.group_size,
-              "targets": list(config.target_names), "seconds": round(time.perf_counter() - begin, 2),
-              "gptq_loss_total": round(sum(losses.values()), 4), "blocks": len(layers),
-              "resumed_blocks": max(resumed - 1, 0), "shards": len(layout.files),
-              "layer_losses": {k: round(v, 6) for k, v in losses.items()}}
-    with staged_dir(out, overwrite=overwrite) as tmp:
-        for file in layout.output_files():
-            _link_or_copy(work.path / file, tmp / file)
-        _write_configs(tmp, model.config, config, dtype, (extra or {}) | report)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    work.remove()
+        quantize_blocks(len(layers), load_block, xs, rope, mask, config, start=max(resumed - 1, 0), on_block=sink,
+                        progress=progress)
+        del xs
+        losses = work.losses
+        report = {"method": config.method, "bits": config.bits, "group_size": config.group_size,
+                  "targets": list(config.target_names), "seconds": round(time.perf_counter() - begin, 2),
+                  "gptq_loss_total": round(sum(losses.values()), 4), "blocks": len(layers),
+                  "resumed_blocks": max(resumed - 1, 0), "shards": len(layout.files),
+                  "layer_losses": {k: round(v, 6) for k, v in losses.items()}}
+        with staged_dir(out, overwrite=overwrite) as tmp:
+            for file in layout.output_files():
+                _link_or_copy(work.path / file, tmp / file)
+            _write_configs(tmp, model.config, config, dtype, (extra or {}) | report)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        work.remove()
+    finally:
+        work.close()  # a run stopped by an error leaves its work for --resume
     return report

@@ -13,8 +13,11 @@ Memory: blocks come from a source and go to a sink (``quantize_blocks``). For a 
 layers (``quantize_model_weights``); for a checkpoint larger than memory,
 ``gptqlora.quant.checkpoint.quantize_streamed`` loads each block from safetensors when its turn comes and writes it
 out when done. Calibration activations stay where they are given (the CPU, when streaming) and go to the block's
-device one chunk at a time; each Hessian is accumulated chunk by chunk, so a block holds its input, one
-residual-stream-sized list and one Hessian, never every stage's input.
+device one chunk at a time; each Hessian is accumulated chunk by chunk and scaled in place, so a block holds its
+input, one residual-stream-sized list and one Hessian, never every stage's input. The dequantized ('dense') weights
+that quantized linears keep for the block's remaining passes are freed as soon as no pass needs them (attention's once
+the residual stream is formed, gate/up's while down_proj is solved), and a single linear's weight goes to the solver
+without a copy.
 
 The stage-by-stage computation is LLaMA's block written out by hand: ``check_staged_forward`` compares it with the
 block's own forward on the first chunk of every block and refuses a block that computes something else.
@@ -85,7 +88,8 @@ def quantize_linears(block: nn.Module, names: Sequence[str], H: Tensor | None, c
         GPTQ loss per name (the stacked solve's loss is split in proportion to rows).
     """
     linears = [_get(block, n) for n in names]
-    W = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [sum N, K]
+    # [sum N, K]; one linear's weight is taken as it is: a copy would hold down_proj's weights twice
+    W = linears[0].weight.detach() if len(linears) == 1 else torch.cat([lin.weight.detach() for lin in linears])
     kept = [(lin.out_features, lin.bias, lin.weight.device) for lin in linears]
     for name in names:  # the float weights are in W now: free them before the solve and the packing need memory
         _set(block, name, _Quantizing())
@@ -95,7 +99,8 @@ def quantize_linears(block: nn.Module, names: Sequence[str], H: Tensor | None, c
     else:
         result = gptq_solve(W, H.to(W.device), bits=config.bits, group_size=config.group_size, sym=config.sym,
                             act_order=config.act_order, static_groups=config.static_groups,
-                            damp_percent=config.damp_percent, block_size=config.block_size)
+                            group_aware=config.group_aware, damp_percent=config.damp_percent,
+                            block_size=config.block_size)
     del W
     losses, start = {}, 0
     for name, (out_features, bias, device) in zip(names, kept):
@@ -185,7 +190,11 @@ def check_staged_forward(block: nn.Module, x: Tensor, rope: Rope, mask: Tensor |
 
 
 def _hessian(inputs: Iterable[Tensor], device: torch.device, product_dtype: torch.dtype) -> Tensor:
-    """H from inputs produced one chunk at a time (each chunk is dropped once added)."""
+    """H from inputs produced one chunk at a time (each chunk is dropped once added).
+
+    The sum is scaled in place into H (the same values as ``HessianAccumulator.hessian``): a second [K, K] float32
+    matrix (462 MiB for Llama-2-7B's down_proj) would otherwise live next to the sum.
+    """
     acc: HessianAccumulator | None = None
     for x in inputs:
         if acc is None:
@@ -193,7 +202,19 @@ def _hessian(inputs: Iterable[Tensor], device: torch.device, product_dtype: torc
         acc.add(x)
     if acc is None:
         raise ValueError("no calibration chunks")
-    return acc.hessian()
+    if acc.n_tokens == 0:
+        return acc.hessian()  # raises, naming the problem
+    return acc.sum.mul_(2.0 / acc.n_tokens)
+
+
+def _drop_dense(block: nn.Module, names: Iterable[str]) -> None:
+    """Free the dequantized weights the 'dense' kernel keeps for these (quantized) linears; a later pass that needs
+    one makes it again, with the same values."""
+    for name in names:
+        layer = _get(block, name)
+        if isinstance(layer, QuantizedLinear):
+            layer.set_kernel("auto")
+            layer.set_kernel("dense")
 
 
 @torch.no_grad()
@@ -216,10 +237,12 @@ def quantize_block(block: nn.Module, xs: Sequence[Tensor], rope: Rope, mask: Ten
     attn, mlp = block.self_attn, block.mlp
     losses: dict[str, float] = {}
 
-    def solve(stage: int, inputs: Iterable[Tensor]) -> None:
+    def solve(stage: int, inputs: Iterable[Tensor], then_drop: Sequence[str] = ()) -> None:
+        """Accumulate the stage's Hessian from ``inputs``, free the dense weights ``then_drop``, solve."""
         names = [n for n in STAGES[stage] if n in targets]
         if names:  # a stage without targets is not even run
             H = _hessian(inputs, device, product_dtype) if config.method == "gptq" else None
+            _drop_dense(block, then_drop)
             losses.update(quantize_linears(block, names, H, config))
 
     def norm2(h: Tensor) -> Tensor:
@@ -232,8 +255,11 @@ def quantize_block(block: nn.Module, xs: Sequence[Tensor], rope: Rope, mask: Ten
     for j, x in enumerate(xs):
         hs.append((x.to(device) + attn.o_proj(o_in[j].to(device))).to(x.device))
         o_in[j] = None  # type: ignore[call-overload]  # freed as the residual stream replaces it
+    _drop_dense(block, STAGES[0] + STAGES[1])  # attention is done with
     solve(2, (norm2(h) for h in hs))
-    solve(3, (_mlp_input(mlp, norm2(h)) for h in hs))
+    # down_proj's Hessian [I, I] is the block's largest: gate/up's dense weights do not wait beside its solve (the
+    # output pass below makes them again).
+    solve(3, (_mlp_input(mlp, norm2(h)) for h in hs), then_drop=STAGES[2])
     outs = []
     for j, h in enumerate(hs):
         outs.append((h.to(device) + mlp.down_proj(_mlp_input(mlp, norm2(h)))).to(h.device))

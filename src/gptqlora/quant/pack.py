@@ -22,28 +22,30 @@ def _check(rows: int, bits: int) -> None:
                          f"a multiple of {32 // math.gcd(32, bits)}")
 
 
-def _to_int32(words: Tensor) -> Tensor:
-    # int64 values in [0, 2^32) -> the int32 with the same bits (two's complement).
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
 def pack_rows(codes: Tensor, bits: int) -> Tensor:
-    """Pack codes [R, C] (integers in [0, 2^bits)) into int32 [R*bits/32, C]."""
+    """Pack codes [R, C] (integers in [0, 2^bits)) into int32 [R*bits/32, C].
+
+    Works in int32 throughout (a code shifted into bit 31 gives the negative int32 with those bits), one code slot
+    of every word at a time: the temporaries are word-sized [R*bits/32, C], never an int64 copy of all codes, which
+    for 7B's down_proj would be 360 MB twice over.
+    """
     rows, cols = codes.shape
     _check(rows, bits)
-    q = codes.to(torch.int64)
     if 32 % bits == 0:
         per_word = 32 // bits
-        shifts = torch.arange(per_word, device=q.device, dtype=torch.int64) * bits  # [per_word]
-        words = (q.view(rows // per_word, per_word, cols) << shifts[None, :, None]).sum(dim=1)
-        return _to_int32(words)
-    # General bit stream: scatter each bit plane to its word and shift.
-    words = torch.zeros(rows * bits // 32, cols, dtype=torch.int64, device=q.device)
+        slots = codes.reshape(rows // per_word, per_word, cols)  # [W, per_word, C]: code per_word*w + j
+        words = slots[:, 0].to(torch.int32, memory_format=torch.contiguous_format)  # [W, C]
+        for j in range(1, per_word):
+            words |= slots[:, j].to(torch.int32) << (bits * j)
+        return words
+    # General bit stream: scatter each bit plane to its word and shift (adding disjoint bits is OR).
+    q = codes.to(torch.int32)
+    words = torch.zeros(rows * bits // 32, cols, dtype=torch.int32, device=q.device)
     for j in range(bits):
         pos = torch.arange(rows, device=q.device) * bits + j  # stream position of bit j of each code
-        plane = ((q >> j) & 1) << (pos % 32)[:, None]  # [R, C]
+        plane = ((q >> j) & 1) << (pos % 32).to(torch.int32)[:, None]  # [R, C]
         words.index_add_(0, pos // 32, plane)
-    return _to_int32(words)
+    return words
 
 
 def unpack_rows(packed: Tensor, bits: int, rows: int) -> Tensor:
@@ -75,7 +77,7 @@ def unpack_qweight(qweight: Tensor, bits: int, in_features: int) -> Tensor:
 
 def pack_qzeros(zeros: Tensor, bits: int) -> Tensor:
     """Zero points [G, N] (integer-valued, in [1, 2^bits]) -> qzeros int32 [G, N*bits/32], storing ``zero - 1`` (v1)."""
-    stored = zeros.to(torch.int64) - 1
+    stored = zeros.to(torch.int32) - 1
     if (stored < 0).any() or (stored > (1 << bits) - 1).any():
         raise ValueError("zero points must lie in [1, 2^bits] to be stored in the GPTQ v1 format")
     return pack_rows(stored.T, bits).T.contiguous()

@@ -34,8 +34,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from gptqlora.errors import InputNotFoundError, OutputExistsError, UsageError
-from gptqlora.files import fsync_path, read_json_object, write_atomic
+from gptqlora.errors import InputNotFoundError, UsageError
+from gptqlora.files import DirectoryOwner, fsync_path, read_json_object, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -303,51 +303,82 @@ class WorkDir:
     Holds the output shards with the units written so far, ``state.json`` (what produced them, how many units are
     done, their GPTQ losses, the file holding the next block's calibration inputs) and that activations file. The
     state file is replaced atomically after a unit's bytes and the activations are on disk: it is the commit point.
+    The running process holds the directory's ``owner.lock`` (``gptqlora.files.DirectoryOwner``): a work directory
+    whose lock is free was left by a run that is over (killed, or stopped by an error).
     """
 
     STATE = "state.json"
 
-    def __init__(self, path: Path, layout: ShardLayout, state: dict) -> None:
-        self.path, self.layout, self.state = path, layout, state
+    def __init__(self, path: Path, layout: ShardLayout, state: dict, owner: DirectoryOwner) -> None:
+        self.path, self.layout, self.state, self.owner = path, layout, state, owner
 
     @classmethod
-    def open(cls, path: str | os.PathLike, layout: ShardLayout, fingerprint: dict, resume: bool,
-             overwrite: bool) -> WorkDir:
+    def open(cls, path: str | os.PathLike, layout: ShardLayout, fingerprint: dict, resume: bool) -> WorkDir:
         """Start a work directory, or continue the one at ``path`` when ``resume`` and it was made the same way.
 
+        A directory left by a run that is over is continued with ``resume`` and removed without it (a fresh start:
+        the finished blocks are discarded, as the user did not ask to keep them). The caller must ``close`` the
+        returned work directory (or ``remove`` it) when done.
+
         Raises:
-            OutputExistsError: an interrupted run's work is there and neither ``resume`` nor ``overwrite`` is given.
-            UsageError: ``resume`` over work made from other inputs or settings (the differing fields are named),
-                or over a damaged work directory.
+            UsageError: the directory belongs to a live process (its pid is named); ``resume`` over work made from
+                other inputs or settings (the differing fields are named), or over a damaged work directory.
         """
         path = Path(path)
         state_file = path / cls.STATE
-        if path.exists() and resume and state_file.is_file():
-            state = read_json_object(state_file)
-            old = state.get("fingerprint", {})
-            differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-            if differ:
-                raise UsageError(f"cannot resume from {path}: it was made with other {', '.join(differ)} "
-                                 f"({', '.join(f'{k}={old.get(k)!r}' for k in differ[:3])}); rerun with the same "
-                                 "settings, or with overwrite (--overwrite) to start again")
-            if not layout.matches(path):
-                raise UsageError(f"cannot resume from {path}: its shard files are missing or damaged; rerun with "
-                                 "overwrite (--overwrite) to start again")
-            work = cls(path, layout, state)
-            work._remove_stale_activations()
-            log.info("resuming from %s: %d of %d units already written", path, work.units_done, len(layout.units))
-            return work
         if path.exists():
-            if not (resume or overwrite):
-                done = cls._units_done_in(state_file)
-                raise OutputExistsError(f"{path} holds an interrupted quantization to the same output ({done} of "
-                                        f"{len(layout.units)} parts written): pass resume (--resume) to continue it, "
-                                        "or overwrite (--overwrite) to start again")
+            owner = cls._take(path)
+            if resume and state_file.is_file():
+                try:
+                    return cls._continue(path, layout, fingerprint, owner)
+                except BaseException:
+                    owner.release()
+                    raise
+            log.warning("removing %s, left by a run that is over (%s of %d parts written)%s", path,
+                        cls._units_done_in(state_file), len(layout.units),
+                        "" if resume else "; pass --resume to continue such a run instead")
             shutil.rmtree(path)
-        path.mkdir(parents=True)
-        layout.create(path)
-        work = cls(path, layout, {"fingerprint": fingerprint, "units_done": 0, "losses": {}, "activations": None})
-        work._save_state()
+            owner.release()
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:  # another run created it since: its lock names it when it holds it
+            cls._take(path).release()
+            raise UsageError(f"{path} appeared while this run started: another quantization to the same output is "
+                             "starting; run one at a time") from None
+        owner = cls._take(path)
+        try:
+            layout.create(path)
+            work = cls(path, layout, {"fingerprint": fingerprint, "units_done": 0, "losses": {}, "activations": None},
+                       owner)
+            work._save_state()
+        except BaseException:
+            owner.release()
+            raise
+        return work
+
+    @staticmethod
+    def _take(path: Path) -> DirectoryOwner:
+        owner = DirectoryOwner(path)
+        if not owner.acquire():
+            raise UsageError(f"{path} belongs to a quantization still running (pid {owner.holder}): wait for it to "
+                             "finish, or choose another output")
+        return owner
+
+    @classmethod
+    def _continue(cls, path: Path, layout: ShardLayout, fingerprint: dict, owner: DirectoryOwner) -> WorkDir:
+        state = read_json_object(path / cls.STATE)
+        old = state.get("fingerprint", {})
+        differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if differ:
+            raise UsageError(f"cannot resume from {path}: it was made with other {', '.join(differ)} "
+                             f"({', '.join(f'{k}={old.get(k)!r}' for k in differ[:3])}); rerun with the same "
+                             "settings, or without resume (--resume) to start again")
+        if not layout.matches(path):
+            raise UsageError(f"cannot resume from {path}: its shard files are missing or damaged; rerun without "
+                             "resume (--resume) to start again")
+        work = cls(path, layout, state, owner)
+        work._remove_stale_activations()
+        log.info("resuming from %s: %d of %d units already written", path, work.units_done, len(layout.units))
         return work
 
     @staticmethod
@@ -400,8 +431,13 @@ class WorkDir:
             with safe_open(self.path / name, framework="pt") as f:
                 return [f.get_tensor(k) for k in sorted(f.keys())]
         except (SafetensorError, OSError) as e:
-            raise UsageError(f"cannot resume from {self.path}: {name} is unreadable ({e}); rerun with overwrite "
-                             "(--overwrite) to start again") from None
+            raise UsageError(f"cannot resume from {self.path}: {name} is unreadable ({e}); rerun without resume "
+                             "(--resume) to start again") from None
+
+    def close(self) -> None:
+        """Let the directory go (kept for a later run: see ``open``)."""
+        self.owner.release()
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        self.owner.release()
