@@ -33,6 +33,8 @@ class HessianAccumulator:
         self.n_tokens = 0
         self.product_dtype = product_dtype
 
+    ROWS = 1024  # rows of H per bf16 product: temporaries of ROWS x K, not K x K twice (693 MiB at K = 11008)
+
     def add(self, x: Tensor) -> None:
         """Add a batch of inputs [..., K] (every token counts; calibration windows carry no padding)."""
         x = x.reshape(-1, x.shape[-1]).to(self.sum.device, self.product_dtype)  # [T, K]
@@ -40,7 +42,8 @@ class HessianAccumulator:
             if self.product_dtype == torch.float32:
                 self.sum.addmm_(x.T, x)
             else:
-                self.sum += (x.T @ x).float()
+                for lo in range(0, x.shape[1], self.ROWS):
+                    self.sum[lo:lo + self.ROWS] += (x[:, lo:lo + self.ROWS].T @ x).float()
         self.n_tokens += x.shape[0]
 
     def hessian(self) -> Tensor:
