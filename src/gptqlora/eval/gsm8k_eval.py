@@ -232,8 +232,10 @@ def settings_diff(saved: dict, current: dict) -> list[str]:
             for k in sorted(a.keys() | b.keys()) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
 
 
-def complete_records(data: bytes, entries: Sequence[dict], batch_size: int) -> tuple[list[dict], int]:
-    """The records of a predictions.jsonl that a resumed run keeps, and the file length that holds exactly them.
+def complete_records(data: bytes, entries: Sequence[dict], batch_size: int, name: str = PREDICTIONS,
+                     writer: str = "this evaluation") -> tuple[list[dict], int]:
+    """The records of a per-question JSONL (``name``: predictions.jsonl, or ``gptqlora sample``'s samples.jsonl) that
+    a resumed run keeps, and the file length that holds exactly them.
 
     A kill mid-append leaves a prefix of the file: an unterminated last line is dropped, and so is a batch whose
     records are not all there, since a batch is regenerated whole (its sampling seed is ``seed + first index``).
@@ -257,9 +259,9 @@ def complete_records(data: bytes, entries: Sequence[dict], batch_size: int) -> t
             record = None
         if not (isinstance(record, dict) and i < len(entries) and record.get("index") == i
                 and record.get("question") == entries[i]["question"]):
-            raise UsageError(f"line {i + 1} of {PREDICTIONS} is not the record of question {i}: the file was "
-                             "changed by something other than this evaluation, so it cannot be resumed; run "
-                             "without --resume to start afresh")
+            raise UsageError(f"line {i + 1} of {name} is not the record of question {i}: the file was changed by "
+                             f"something other than {writer}, so it cannot be resumed; run without --resume to "
+                             "start afresh")
         records.append(record)
     keep = len(records) if len(records) == len(entries) else len(records) - len(records) % batch_size
     return records[:keep], sum(len(line) + 1 for line in lines[:keep])

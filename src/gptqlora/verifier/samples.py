@@ -29,7 +29,8 @@ from gptqlora.config import EvalConfig
 from gptqlora.data.gsm8k import answers_match, extract_answer, gold_answer, resolve_style
 from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.eval.generate import generate_samples
-from gptqlora.eval.gsm8k_eval import build_eval_prompts, eval_settings, json_number, record_line, settings_diff
+from gptqlora.eval.gsm8k_eval import (build_eval_prompts, complete_records, eval_settings, json_number, record_line,
+                                      settings_diff)
 from gptqlora.eval.scoring import summarize
 from gptqlora.files import append_durable, fsync_path, read_json_object, write_atomic
 
@@ -72,28 +73,6 @@ def sample_summary(records: Sequence[dict], k: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- resuming
 
-def kept_records(data: bytes, entries: Sequence[dict], batch_size: int) -> tuple[list[dict], int]:
-    """The records of a samples.jsonl that a resumed run keeps (whole batches) and the byte length holding them.
-
-    Raises:
-        UsageError: a complete line that is not the record of the question at its position.
-    """
-    lines = data.split(b"\n")[:-1]  # what follows the last newline is a torn line, or b""
-    records = []
-    for i, raw in enumerate(lines):
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            record = None
-        if not (isinstance(record, dict) and i < len(entries) and record.get("index") == i
-                and record.get("question") == entries[i]["question"]):
-            raise UsageError(f"line {i + 1} of {SAMPLES} is not the record of question {i}: the file was changed by "
-                             "something other than `gptqlora sample`; run without --resume to start afresh")
-        records.append(record)
-    keep = len(records) if len(records) == len(entries) else len(records) - len(records) % batch_size
-    return records[:keep], sum(len(line) + 1 for line in lines[:keep])
-
-
 def prepare_output(out: Path, run_config: dict, entries: Sequence[dict], batch_size: int,
                    resume: bool) -> list[dict]:
     """Start afresh (an empty samples.jsonl, then sample_config.json) or continue: check the settings and cut
@@ -119,7 +98,7 @@ def prepare_output(out: Path, run_config: dict, entries: Sequence[dict], batch_s
         raise UsageError(f"cannot resume the sampling in {out}: it was run with other settings ({'; '.join(diff)}). "
                          "Resume with the saved settings, or run without --resume")
     data = samples.read_bytes()
-    records, keep = kept_records(data, entries, batch_size)
+    records, keep = complete_records(data, entries, batch_size, SAMPLES, "`gptqlora sample`")
     (out / SUMMARY).unlink(missing_ok=True)
     if keep < len(data):
         os.truncate(samples, keep)
