@@ -7,7 +7,6 @@ exemplars); the solution, ending in ``#### N``, is the training target.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -73,17 +72,9 @@ def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise InputNotFoundError(f"{path} not found: pass --data DIR holding train.jsonl/test.jsonl "
                                 "(or set $GSM8K_DIR), or a hub dataset id such as openai/gsm8k")
-    entries = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            entries.append(_entry(row, f"{path}:{lineno}"))
-    return entries
+    from gptqlora.data.corpora import read_rows  # corpora builds on this module: import at call time
+
+    return [_entry(row, where) for row, where in read_rows(path)]
 
 
 def _load_hub(dataset_id: str, split: str) -> list[dict]:
