@@ -134,7 +134,7 @@ class SharedInput:
         """``member``'s ``A(keep * x)`` [..., r] and the dropout gain (1 / (1 - p) if dropped, else 1)."""
         i = next((j for j, m in enumerate(self.members) if m is member), None)
         if i is None:  # a shallow copy of the layer (nn.DataParallel's replicas) still points at the original group
-            raise RuntimeError(f"this LoRA layer is not a member of its SharedInput (a shallow copy?): call "
+            raise RuntimeError("this LoRA layer is not a member of its SharedInput (a shallow copy?): call "
                                f"gptqlora.lora.layer.share_inputs(model) on the model that holds it")
         same_round = (i in self._waiting and self._training == member.training and self._x is not None
                       and self._x() is x)
