@@ -135,7 +135,7 @@ class SharedInput:
         i = next((j for j, m in enumerate(self.members) if m is member), None)
         if i is None:  # a shallow copy of the layer (nn.DataParallel's replicas) still points at the original group
             raise RuntimeError("this LoRA layer is not a member of its SharedInput (a shallow copy?): call "
-                               f"gptqlora.lora.layer.share_inputs(model) on the model that holds it")
+                               "gptqlora.lora.layer.share_inputs(model) on the model that holds it")
         same_round = (i in self._waiting and self._training == member.training and self._x is not None
                       and self._x() is x)
         if not same_round:
