@@ -188,9 +188,9 @@ class QuantConfig:
                                       "each stage calibrated on the outputs of the quantized previous ones.")
     targets: str = opt("attn", "Linears to quantize: 'attn' (q/k/v/o), 'mlp', 'all', or a comma list "
                                "such as 'q_proj,v_proj'.")
-    calib_dtype: str = opt("auto", "Precision of the calibration forward passes and Hessian products: 'bfloat16' "
-                                   "(the Hessian is still summed in float32), 'float32', or 'auto' (bfloat16 where "
-                                   "the hardware runs it natively, as reference GPTQ runs fp16 on GPUs).",
+    calib_dtype: str = opt("auto", "Precision of the calibration forward passes: 'bfloat16', 'float32', or 'auto' "
+                                   "(bfloat16 where the hardware runs it natively, as reference GPTQ runs fp16 on "
+                                   "GPUs). Hessian products are float32 either way.",
                            choices=("auto", "float32", "bfloat16"))
 
     def __post_init__(self) -> None:
@@ -425,10 +425,18 @@ class RunConfig:
     train_steps: int = opt(300, "Optimizer steps `gptqlora run` trains for (0 = follow --epochs); --max-steps "
                                 "overrides it.")
     skip_float_eval: bool = opt(False, "Leave the float base out of the final table (saves one evaluation).")
+    verifier_questions: int = opt(0, "The verifier stage, after fine-tuning (0 = none): sample --verifier-samples "
+                                     "solutions for this many GSM8K train questions with base + adapter, train a "
+                                     "verifier on them (train-verifier's defaults) and rerank as many samples per "
+                                     "test question: one more row (greedy, vote, verifier, pass@K).")
+    verifier_samples: int = opt(8, "Samples per question of the verifier stage (training and reranking).")
 
     def __post_init__(self) -> None:
         if self.test_limit < 0 or self.train_steps < 0:
             raise UsageError(f"test_limit ({self.test_limit}) and train_steps ({self.train_steps}) must be >= 0")
+        if self.verifier_questions < 0 or self.verifier_samples < 1:
+            raise UsageError(f"verifier_questions ({self.verifier_questions}) must be >= 0 and verifier_samples "
+                             f"({self.verifier_samples}) >= 1")
 
 
 @dataclass

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from gptqlora.config import QuantConfig
 from gptqlora.errors import UsageError
-from gptqlora.quant.gptq import HessianAccumulator, gptq_solve
+from gptqlora.quant.gptq import HessianAccumulator, HessianSource, gptq_solve, handover
 from gptqlora.quant.grid import QuantResult, rtn_quantize
 from gptqlora.quant.linear import QuantizedLinear
 
@@ -77,13 +77,14 @@ def _set(block: nn.Module, name: str, module: nn.Module) -> None:
     setattr(block.get_submodule(parent), child, module)
 
 
-def quantize_linears(block: nn.Module, names: Sequence[str], H: Tensor | None, config: QuantConfig
+def quantize_linears(block: nn.Module, names: Sequence[str], H: HessianSource | None, config: QuantConfig
                      ) -> dict[str, float]:
     """Quantize linears of ``block`` that share one input (and so one Hessian) and swap in QuantizedLinear layers.
 
     Args:
         names: block-relative names, e.g. ("self_attn.k_proj", "self_attn.v_proj").
-        H: their Hessian [K, K]; None for round-to-nearest.
+        H: their Hessian [K, K], or a function handing it over to the solver (``gptq.handover``); None for
+            round-to-nearest.
     Returns:
         GPTQ loss per name (the stacked solve's loss is split in proportion to rows).
     """
@@ -97,11 +98,14 @@ def quantize_linears(block: nn.Module, names: Sequence[str], H: Tensor | None, c
     if config.method == "rtn" or H is None:
         result = rtn_quantize(W, config.bits, config.group_size, config.sym)
     else:
-        result = gptq_solve(W, H.to(W.device), bits=config.bits, group_size=config.group_size, sym=config.sym,
+        result = gptq_solve(W, H, bits=config.bits, group_size=config.group_size, sym=config.sym,
                             act_order=config.act_order, static_groups=config.static_groups,
                             group_aware=config.group_aware, damp_percent=config.damp_percent,
                             block_size=config.block_size)
     del W
+    if result.damp is not None and result.damp > config.damp_percent:
+        log.warning("%s: the damped Hessian did not factor; GPTQ used damping %g instead of %g (calibrate on more or "
+                    "more varied samples)", ", ".join(names), result.damp, config.damp_percent)
     losses, start = {}, 0
     for name, (out_features, bias, device) in zip(names, kept):
         rows = slice(start, start + out_features)
@@ -189,7 +193,7 @@ def check_staged_forward(block: nn.Module, x: Tensor, rope: Rope, mask: Tensor |
     return diff
 
 
-def _hessian(inputs: Iterable[Tensor], device: torch.device, product_dtype: torch.dtype) -> Tensor:
+def _hessian(inputs: Iterable[Tensor], device: torch.device) -> Tensor:
     """H from inputs produced one chunk at a time (each chunk is dropped once added).
 
     The sum is scaled in place into H (the same values as ``HessianAccumulator.hessian``): a second [K, K] float32
@@ -198,7 +202,7 @@ def _hessian(inputs: Iterable[Tensor], device: torch.device, product_dtype: torc
     acc: HessianAccumulator | None = None
     for x in inputs:
         if acc is None:
-            acc = HessianAccumulator(x.shape[-1], device, product_dtype)
+            acc = HessianAccumulator(x.shape[-1], device)
         acc.add(x)
     if acc is None:
         raise ValueError("no calibration chunks")
@@ -233,33 +237,38 @@ def quantize_block(block: nn.Module, xs: Sequence[Tensor], rope: Rope, mask: Ten
         (outputs in the same chunks, on the same device as ``xs``; GPTQ loss per linear).
     """
     device = _block_device(block)
-    product_dtype = calib_dtype(config, device)
     attn, mlp = block.self_attn, block.mlp
     losses: dict[str, float] = {}
 
-    def solve(stage: int, inputs: Iterable[Tensor], then_drop: Sequence[str] = ()) -> None:
-        """Accumulate the stage's Hessian from ``inputs``, free the dense weights ``then_drop``, solve."""
+    def solve(stage: int, inputs: Callable[[], Iterable[Tensor]], then_drop: Sequence[str] = ()) -> None:
+        """Accumulate the stage's Hessian from ``inputs()``, free the dense weights ``then_drop``, solve.
+
+        The Hessian is handed over to the solver, which factors it in its own memory (down_proj's is the block's
+        largest buffer); a retry with more damping, which needs it again, recomputes it from ``inputs()``.
+        """
         names = [n for n in STAGES[stage] if n in targets]
         if names:  # a stage without targets is not even run
-            H = _hessian(inputs, device, product_dtype) if config.method == "gptq" else None
+            H = None
+            if config.method == "gptq":
+                H = handover(_hessian(inputs(), device), lambda: _hessian(inputs(), device))
             _drop_dense(block, then_drop)
             losses.update(quantize_linears(block, names, H, config))
 
     def norm2(h: Tensor) -> Tensor:
         return block.post_attention_layernorm(h.to(device))
 
-    solve(0, (block.input_layernorm(x.to(device)) for x in xs))
+    solve(0, lambda: (block.input_layernorm(x.to(device)) for x in xs))
     o_in = [_attention_input(attn, block.input_layernorm(x.to(device)), rope, mask).to(x.device) for x in xs]
-    solve(1, (a.to(device) for a in o_in))
+    solve(1, lambda: (a.to(device) for a in o_in))
     hs = []
     for j, x in enumerate(xs):
         hs.append((x.to(device) + attn.o_proj(o_in[j].to(device))).to(x.device))
         o_in[j] = None  # type: ignore[call-overload]  # freed as the residual stream replaces it
     _drop_dense(block, STAGES[0] + STAGES[1])  # attention is done with
-    solve(2, (norm2(h) for h in hs))
+    solve(2, lambda: (norm2(h) for h in hs))
     # down_proj's Hessian [I, I] is the block's largest: gate/up's dense weights do not wait beside its solve (the
     # output pass below makes them again).
-    solve(3, (_mlp_input(mlp, norm2(h)) for h in hs), then_drop=STAGES[2])
+    solve(3, lambda: (_mlp_input(mlp, norm2(h)) for h in hs), then_drop=STAGES[2])
     outs = []
     for j, h in enumerate(hs):
         outs.append((h.to(device) + mlp.down_proj(_mlp_input(mlp, norm2(h)))).to(h.device))
@@ -450,14 +459,13 @@ def _one_pass_block(block: nn.Module, xs: Sequence[Tensor], rope: Rope, mask: Te
     for stage in STAGES:
         names = [n for n in stage if n in targets]
         if names:  # linears of one stage see the same input: hook the first, share its Hessian
-            accs[names[0]] = HessianAccumulator(_get(block, names[0]).in_features, device,
-                                                calib_dtype(config, device))
+            accs[names[0]] = HessianAccumulator(_get(block, names[0]).in_features, device)
     _block_forward(block, xs, rope, mask, hooks=accs)
     losses: dict[str, float] = {}
     for stage in STAGES:
         names = [n for n in stage if n in targets]
         if names:
-            losses |= quantize_linears(block, names, accs[names[0]].hessian(), config)
+            losses |= quantize_linears(block, names, accs.pop(names[0]).hessian(), config)  # sum freed
     return losses
 
 

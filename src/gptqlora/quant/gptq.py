@@ -7,11 +7,14 @@ paper: W, H, Hinv, Q, Err1, Losses.
 Column orders (:func:`column_order`): natural; act-order (desc_act, whose dynamic groups make g_idx a permutation);
 group-aware (groups by importance, columns within each group by importance: g_idx stays k // group_size).
 
-Memory: besides the caller's W and H, the solver holds one float32 copy of W and two K x K buffers (H, damped in
-place, then its inverse; the Cholesky factors), where a plain implementation holds five to seven K x K temporaries.
+Memory: besides the caller's W, the solver holds one float32 copy of W and one K x K buffer: a copy of the caller's H,
+or the caller's own H when it is handed over (:func:`handover`). Permutation, damping, both Cholesky factorisations and
+the inverse happen in that buffer; a plain implementation holds five to seven K x K temporaries.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -22,28 +25,20 @@ from gptqlora.quant.grid import QuantResult, compute_qparams, group_index, num_g
 class HessianAccumulator:
     """H = (2/n) * sum over tokens of x x^T, summed in float32 from the inputs a layer sees.
 
-    With ``product_dtype=torch.bfloat16`` each batch's x^T x is computed by a bf16 matmul (fp32 accumulation inside,
-    rounded once per batch) and added to the float32 sum: ~3.5x faster on CPUs with native bf16, with a relative
-    error per entry far below the 1% damping GPTQ adds anyway.
+    The products are float32 whatever the inputs' dtype, as in reference GPTQ: bf16 inputs are exact in float32, and
+    a bf16 product, rounded to 8 bits of mantissa, can leave H indefinite (two nearly collinear outlier channels are
+    enough), so that the Cholesky factorisation fails at the asked damping and the layer is solved with ten times more.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu",
-                 product_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.n_tokens = 0
-        self.product_dtype = product_dtype
-
-    ROWS = 1024  # rows of H per bf16 product: temporaries of ROWS x K, not K x K twice (693 MiB at K = 11008)
 
     def add(self, x: Tensor) -> None:
         """Add a batch of inputs [..., K] (every token counts; calibration windows carry no padding)."""
-        x = x.reshape(-1, x.shape[-1]).to(self.sum.device, self.product_dtype)  # [T, K]
+        x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)  # [T, K]
         with torch.autocast(x.device.type, enabled=False):
-            if self.product_dtype == torch.float32:
-                self.sum.addmm_(x.T, x)
-            else:
-                for lo in range(0, x.shape[1], self.ROWS):
-                    self.sum[lo:lo + self.ROWS] += (x[:, lo:lo + self.ROWS].T @ x).float()
+            self.sum.addmm_(x.T, x)
         self.n_tokens += x.shape[0]
 
     def hessian(self) -> Tensor:
@@ -85,49 +80,89 @@ def column_order(d: Tensor, group_size: int, act_order: bool, group_aware: bool)
     return torch.cat([within[gi] for gi in torch.argsort(importance, descending=True).tolist()])
 
 
-def _prepared_hessian(H: Tensor, perm: Tensor | None, dead: Tensor) -> Tensor:
-    """A float32 copy of H, permuted to processing order, with dead inputs' diagonal pinned to 1.
+HessianSource = Tensor | Callable[[], Tensor]
 
-    One K x K copy is made (the gather is the copy), so the caller's H is never written.
-    """
-    H = H.detach().to(torch.float32)
-    H = H[perm[:, None], perm] if perm is not None else H.clone()
+
+def _permute_columns_(X: Tensor, perm: Tensor, rows: int = 512) -> None:
+    """X[:, perm] written into X itself, ``rows`` rows at a time (temporaries of rows x K, not a copy of X)."""
+    for r in range(0, X.shape[0], rows):
+        X[r:r + rows] = X[r:r + rows][:, perm]
+
+
+def _symmetrize_from_lower_(H: Tensor, cols: int = 512) -> None:
+    """Copy H's lower triangle onto its upper one, in place, ``cols`` columns at a time: H is then exactly symmetric,
+    so its row-major storage is also the column-major matrix LAPACK factors in place."""
+    n = H.shape[0]
+    for c0 in range(0, n, cols):
+        c1 = min(c0 + cols, n)
+        H[c0:c1, c1:] = H[c1:, c0:c1].T
+        block = H[c0:c1, c0:c1]
+        block.copy_(block.tril() + block.tril(-1).T)
+
+
+def _prepare_hessian_(H: Tensor, perm: Tensor | None, dead: Tensor) -> Tensor:
+    """H, owned by the solver, put in processing order in place: permuted (pure data movement), dead inputs'
+    diagonal pinned to 1, and the upper triangle made a copy of the lower (the triangle the Cholesky reads)."""
+    if perm is not None:
+        _permute_columns_(H, perm)  # H[:, perm]
+        _permute_columns_(H.mT, perm)  # then its rows: the transposed view's columns
     diag = H.diagonal()
     diag[dead if perm is None else dead[perm]] = 1
+    _symmetrize_from_lower_(H)
     return H
 
 
-def _inverse_cholesky_upper(make_H, damp_percent: float, max_tries: int = 6) -> Tensor:
+def _inverse_cholesky_upper(make_H: Callable[[], Tensor], damp_percent: float, max_tries: int = 6
+                            ) -> tuple[Tensor, float]:
     """Upper Cholesky factor U of (H + damp I)^-1 (U^T U = the inverse), raising the damping tenfold on failure.
 
-    Memory: two K x K buffers in all (7B's down_proj: K = 11008, 485 MB each). ``make_H()`` gives a fresh H that this
-    function owns; it is damped in place, factored into the second buffer, inverted back into the first and factored
-    again into the second. The buffers are column-major, the layout LAPACK works in, so torch makes no temporary
-    copies. A failed attempt asks ``make_H`` for a fresh copy (the failure is rare; the inverse overwrote H).
+    Memory: one K x K buffer, H's own (7B's down_proj: K = 11008, 462 MiB). ``make_H()`` gives a prepared H (see
+    ``_prepare_hessian_``) that this function owns; it is damped, then factored, inverted and factored again in
+    place, LAPACK writing into the column-major view of H's storage (exactly symmetric, so that view is H). A failed
+    attempt asks ``make_H`` for a fresh H: the failure is rare, and the factorisation overwrote H.
+    Returns:
+        (U, a column-major view of the buffer ``make_H`` gave; the damping used).
     """
     H = make_H()
-    n = H.shape[0]
     mean_diag = torch.mean(torch.diag(H))
-    out = torch.empty(n, n, dtype=H.dtype, device=H.device).mT  # column-major
     info = torch.empty((), dtype=torch.int32, device=H.device)
     damp = damp_percent
     for attempt in range(max_tries):
         if attempt:
             H = make_H()
         H.diagonal().add_(damp * mean_diag)
-        torch.linalg.cholesky_ex(H, out=(out, info))  # L: H = L L^T
+        A = H.mT  # column-major; H is exactly symmetric, so A is H
+        torch.linalg.cholesky_ex(A, out=(A, info))  # L: H = L L^T
         if info == 0:
-            Hinv = H.mT  # column-major view of H's buffer, which is no longer needed
-            torch.cholesky_inverse(out, out=Hinv)
-            torch.linalg.cholesky_ex(Hinv, upper=True, out=(out, info))
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
             if info == 0:
-                return out
+                return A, damp
         damp *= 10
     raise RuntimeError(f"the Hessian is not positive definite even with damping {damp / 10:g} x mean(diag(H)): "
                        "calibrate on more or more varied samples")
 
 
-def gptq_solve(W: Tensor, H: Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, act_order: bool = False,
+def _hessian_maker(H: HessianSource, device: torch.device) -> Callable[[], Tensor]:
+    """A function giving a float32 Hessian the solver owns: a copy of a Tensor (the caller's is never written), or
+    what a caller's function gives (each call a fresh one the solver may overwrite)."""
+    if isinstance(H, Tensor):
+        return lambda: H.detach().to(device=device, dtype=torch.float32, copy=True)
+    return lambda: H().detach().to(device=device, dtype=torch.float32)
+
+
+def handover(first: Tensor, remake: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """A Hessian given to the solver to own: ``gptq_solve(W, handover(make(), make))``.
+
+    The solver then works in ``first``'s memory instead of a copy: pass it straight from the call that made it, so
+    that the caller keeps no reference. ``remake()`` makes it again (the same values), only for the rare retry with
+    more damping.
+    """
+    held = [first]
+    return lambda: held.pop() if held else remake()
+
+
+def gptq_solve(W: Tensor, H: HessianSource, bits: int = 4, group_size: int = 128, sym: bool = True, act_order: bool = False,
                static_groups: bool = False, group_aware: bool = False, damp_percent: float = 0.01,
                block_size: int = 128) -> QuantResult:
     """Quantize one weight matrix with GPTQ.
@@ -136,7 +171,9 @@ def gptq_solve(W: Tensor, H: Tensor, bits: int = 4, group_size: int = 128, sym: 
 
     Args:
         W: weight [N, K] (out, in); not modified.
-        H: Hessian [K, K] of the layer inputs (see :class:`HessianAccumulator`); not modified.
+        H: Hessian [K, K] of the layer inputs (see :class:`HessianAccumulator`), not modified: the solver works on
+            one copy. Or a function giving a fresh Hessian on each call, which the solver owns and overwrites,
+            holding no copy (see :func:`handover`); it is called again only to retry with more damping.
         bits, group_size, sym: the grid (group_size -1 = one group per row; a ragged last group is allowed).
         act_order: quantize columns by descending diag(H); codes, g_idx and groups come back in original column order.
         static_groups: compute every group's scale and zero from the original W before any update.
@@ -151,7 +188,9 @@ def gptq_solve(W: Tensor, H: Tensor, bits: int = 4, group_size: int = 128, sym: 
     n_groups = num_groups(n_cols, group_size)
 
     # Inputs that never fire carry no information: pin their Hessian diagonal and drop the weights.
-    d = torch.diag(H).to(torch.float32)  # [K]
+    make_H = _hessian_maker(H, W.device)
+    H = make_H()  # ours: overwritten by the factorisation
+    d = torch.diag(H).clone()  # [K]
     dead = d == 0
     d[dead] = 1
     perm = column_order(d, g, act_order, group_aware)
@@ -178,7 +217,11 @@ def gptq_solve(W: Tensor, H: Tensor, bits: int = 4, group_size: int = 128, sym: 
             cols = (g_of_pos == gi).nonzero().squeeze(1)  # positions of original columns gi*g .. gi*g+g-1
             scales[gi], zeros[gi] = compute_qparams(W[:, cols], bits, sym)
 
-    Hinv = _inverse_cholesky_upper(lambda: _prepared_hessian(H, perm if permuted else None, dead), damp_percent)
+    prepared = [_prepare_hessian_(H, perm if permuted else None, dead)]
+    del H  # the list holds the only reference: the factor reuses its memory
+    Hinv, damp = _inverse_cholesky_upper(
+        lambda: prepared.pop() if prepared else _prepare_hessian_(make_H(), perm if permuted else None, dead),
+        damp_percent)
     codes = torch.empty(n_rows, n_cols, dtype=torch.uint8, device=W.device)
     Losses = torch.zeros(n_rows, dtype=torch.float32, device=W.device)
 
@@ -224,4 +267,4 @@ def gptq_solve(W: Tensor, H: Tensor, bits: int = 4, group_size: int = 128, sym: 
         g_idx = group_index(n_cols, group_size).to(codes.device)
     else:
         g_idx = (inv // g).to(torch.int32)  # column k was quantized at position inv[k]
-    return QuantResult(codes, scales, zeros, g_idx, float(Losses.sum()))
+    return QuantResult(codes, scales, zeros, g_idx, float(Losses.sum()), damp)

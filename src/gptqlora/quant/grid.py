@@ -22,6 +22,8 @@ class QuantResult:
 
     codes: uint8 [N, K]; scales, zeros: float32 [G, N] (zeros integer-valued); g_idx: int32 [K] (group of column k);
     loss: GPTQ's sum of (w - q)^2 / Hinv_kk^2 / 2 (0 for RTN, which does not compute it).
+    damp: the damping GPTQ used, as a fraction of mean(diag(H)): the one asked for, or more when the Hessian needed
+    it to factor (None for RTN).
     """
 
     codes: Tensor
@@ -29,6 +31,7 @@ class QuantResult:
     zeros: Tensor
     g_idx: Tensor
     loss: float = 0.0
+    damp: float | None = None
 
     def dequantize(self) -> Tensor:
         """The weight [N, K] in float32."""
