@@ -153,3 +153,31 @@ def test_damaged_shards_are_reported(tmp_path):
     shard.unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         load_quantized(out)
+
+
+@pytest.mark.parametrize("order", [dict(), dict(act_order=False), dict(static_groups=False),
+                                   dict(act_order=False, group_aware=True)])
+def test_quantization_block_reads_back_the_config_that_wrote_it(order):
+    # The solver's order survives the round trip, while desc_act tells loaders only whether g_idx is permuted.
+    from gptqlora.quant.checkpoint import gptq_config_dict, quant_config_from_dict
+
+    config = QuantConfig(bits=4, group_size=64, targets="all", **order)
+    block = gptq_config_dict(config)
+    back = quant_config_from_dict(json.loads(json.dumps(block)))
+    assert (back.act_order, back.static_groups, back.group_aware) == (config.act_order, config.static_groups,
+                                                                      config.group_aware)
+    assert block["desc_act"] == (config.act_order and not config.static_groups)
+
+
+def test_another_tools_static_groups_block_reads_as_act_order():
+    # gptqmodel writes desc_act true with static groups (g_idx then stays k // g); it has no "act_order" key.
+    from gptqlora.quant.checkpoint import quant_config_from_dict
+
+    block = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "static_groups": True,
+             "sym": True, "checkpoint_format": "gptq"}
+    back = quant_config_from_dict(block)
+    assert back.act_order and back.static_groups
+    assert not quant_config_from_dict(block | {"desc_act": False}).act_order
+    # gptqmodel's default block: group-aware, which it turns off under desc_act
+    assert quant_config_from_dict(block | {"desc_act": False, "act_group_aware": True}).group_aware
+    assert not quant_config_from_dict(block | {"act_group_aware": True}).group_aware

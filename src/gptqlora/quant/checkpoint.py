@@ -47,7 +47,12 @@ def gptq_config_dict(config: QuantConfig) -> dict:
         "quant_method": "gptq",
         "bits": config.bits,
         "group_size": config.group_size,
+        # desc_act tells loaders that g_idx is a permutation: not with static groups, whose g_idx stays k // g so
+        # that every kernel's fast path applies. The solver's column order itself is "act_order" (ours; loaders
+        # ignore keys they do not know).
         "desc_act": config.act_order and not config.static_groups,
+        "act_order": config.act_order,
+        "act_group_aware": config.group_aware,  # gptqmodel's name for group-aware reordering
         "sym": config.sym,
         "true_sequential": config.true_sequential,
         "damp_percent": config.damp_percent,
@@ -90,9 +95,10 @@ def quant_config_from_dict(block: dict, where: str = "quantization_config") -> Q
         targets = ",".join(n for stage in block["modules_in_block_to_quantize"] for n in stage)
     else:
         targets = "all"
+    act_order = bool(block.get("act_order", block.get("desc_act", False)))
     try:
         return QuantConfig(bits=block["bits"], group_size=block["group_size"], sym=bool(block.get("sym", True)),
-                           act_order=bool(block.get("desc_act", False)),
+                           act_order=act_order, group_aware=bool(block.get("act_group_aware", False)) and not act_order,
                            static_groups=bool(block.get("static_groups", False)),
                            damp_percent=float(block.get("damp_percent", 0.01)),
                            true_sequential=bool(block.get("true_sequential", True)), targets=targets)
