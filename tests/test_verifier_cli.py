@@ -183,3 +183,33 @@ def test_resumed_sampling_equals_an_uninterrupted_one(tmp_path, quantized_dir, g
     assert (part / SAMPLES).read_bytes() == (whole / SAMPLES).read_bytes()
     with pytest.raises(Exception, match=re.escape("settings.seed: saved 3, now 4")):
         sample_gsm8k(model, tok, entries, config, part, style="plain", seed=4, resume=True)
+
+
+def test_run_with_a_verifier_stage_adds_the_reranked_row_and_resumes(tmp_path, gsm8k_dir, scripted_samples, capsys):
+    # gptqlora run --verifier-questions N: sample -> train-verifier -> eval --verifier, one more row in the table.
+    make_tiny_llama().save_pretrained(tmp_path / "tiny")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(tmp_path / "tiny"), "--data", str(gsm8k_dir), "--out", str(out), "--test-limit", "2",
+            "--train-steps", "1", "--train-limit", "4", "--eval-holdout", "0", "--skip-float-eval",
+            "--verifier-questions", "4", "--verifier-samples", "2", "--method", "rtn", "--group-size", "32",
+            "--max-new-tokens", "4", "--eval-batch-size", "2", "--no-bf16", "--max-length", "64",
+            "--dtype", "float32"]
+    assert cli.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    row = results["rows"]["rtn 4-bit + LoRA + verifier"]
+    assert row["n"] == 2
+    for key in ("self_consistency", "verifier_best_of_k", "verifier_weighted_vote", "pass_at_k"):
+        assert row[key]["k"] == 2 and 0 <= row[key]["accuracy"] <= 1, key
+    assert row["provenance"]["verifier"]["path"] == str((out / "verifier" / "model").resolve())
+    samples = [json.loads(line) for line in (out / "verifier" / "samples" / SAMPLES).read_text().splitlines()]
+    assert len(samples) == 4 and all(r["sample_correct"] == [True, False] for r in samples)
+    config = json.loads((out / "verifier" / "model" / "verifier_config.json").read_text())
+    assert config["base"] == base_record(out / "quantized_base")
+    table = (out / "results.md").read_text()
+    assert "rtn 4-bit + LoRA + verifier: verifier best-of 2 |" in table and "+ verifier: pass@2 |" in table
+    # Resuming the finished run keeps the samples, the verifier and every row.
+    before = {p: p.read_bytes() for p in (out / "verifier").rglob("*") if p.is_file()}
+    assert cli.main(argv + ["--resume"]) == 0
+    assert {p: p.read_bytes() for p in (out / "verifier").rglob("*") if p.is_file()} == before
+    assert (out / "results.md").read_text() == table

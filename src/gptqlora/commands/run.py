@@ -1,5 +1,10 @@
 """``gptqlora run``: the whole job (evaluate float -> quantize -> evaluate -> fine-tune -> evaluate), one table.
 
+With ``--verifier-questions N`` a verifier stage follows (off by default): ``gptqlora sample`` of K solutions for N
+train questions with base + adapter (``verifier/samples``), ``gptqlora train-verifier`` on them (``verifier/model``)
+and an evaluation of K samples per test question reranked by it: one more row with greedy, majority vote, verifier
+best-of-K, verifier-weighted vote and pass@K. That stage runs in one process (sampling is not data-parallel yet).
+
 Each evaluation scores what ``gptqlora eval`` would: a copy loaded from disk (the float model, the run's quantized
 base, base + the run's adapter) in the inference dtype (bf16 on a CPU that runs it natively, where the 4-bit layers
 decode with int4-aten), freed afterwards; quantizing and training keep their own dtype.
@@ -81,13 +86,27 @@ def check_same_run(recorded: dict, now: dict, where: Path) -> None:
                          "with the run's settings, or start a new --out")
 
 
+# Selections an evaluation may report besides greedy: summary key -> how the table names it.
+SELECTIONS = {"self_consistency": "majority vote", "verifier_best_of_k": "verifier best-of", "verifier_weighted_vote":
+              "verifier-weighted vote", "pass_at_k": "pass@"}
+
+
 def results_table(rows: dict[str, dict]) -> str:
-    """A Markdown table: one row per model, accuracy with its 95% interval and answer-token loss."""
+    """A Markdown table: one row per model (and per selection of its samples, when it sampled), accuracy with its 95%
+    interval and answer-token loss."""
     lines = ["| model | exact match | 95% CI | answer-token loss | questions |", "|---|---|---|---|---|"]
+
+    def line(name: str, block: dict, r: dict) -> str:
+        return (f"| {name} | {100 * block['accuracy']:.1f}% ({block['correct']}/{r['n']}) | "
+                f"{100 * block['ci95'][0]:.1f}-{100 * block['ci95'][1]:.1f}% | {r['answer_loss']:.4f} | {r['n']} |")
+
     for name, r in rows.items():
-        g = r["greedy"]
-        lines.append(f"| {name} | {100 * g['accuracy']:.1f}% ({g['correct']}/{r['n']}) | "
-                     f"{100 * g['ci95'][0]:.1f}-{100 * g['ci95'][1]:.1f}% | {r['answer_loss']:.4f} | {r['n']} |")
+        lines.append(line(name, r["greedy"], r))
+        for key, label in SELECTIONS.items():
+            block = r.get(key)
+            if isinstance(block, dict) and "accuracy" in block:
+                k = block.get("k") or r.get("samples") or ""
+                lines.append(line(f"{name}: {label}{'' if label.endswith('@') else ' '}{k}", block, r))
     return "\n".join(lines)
 
 
@@ -121,6 +140,10 @@ def run(args: RunArgs) -> dict | None:
     device = resolve_device(mc.device)  # an unknown or absent device fails here, before any work
     settings = flat_settings(args)
     world = join(device)  # the group, and on a CPU each process's share of its cores
+    if args.run.verifier_questions and world.distributed:
+        distributed.shutdown()
+        raise UsageError("the verifier stage (--verifier-questions) runs in one process: run `gptqlora run` without "
+                         "torchrun, or run sample, train-verifier and eval --verifier after it")
     try:
         out = distributed.from_main(check_output_dir, args, [source, local_data_dir(args.data.data),
                                                              args.calib.calib_text], settings)
@@ -138,6 +161,8 @@ def run_in(args: RunArgs, out: Path, settings: dict, test: list[dict], exemplars
            held: list[dict], world: distributed.World, data_report: dict | None = None) -> dict:
     """The stages, in ``out`` (checked, and locked by rank 0); every rank runs them, rank 0 writes the files."""
     from gptqlora.commands.evaluate import load_scored_model
+    from gptqlora.eval.verifier import load_verifier
+    from gptqlora.models import resolve_device
 
     mc, tc, qc = args.model, args.train, args.quant
     say = print if world.main else (lambda *a, **kw: None)
@@ -152,7 +177,8 @@ def run_in(args: RunArgs, out: Path, settings: dict, test: list[dict], exemplars
     rows: dict[str, dict] = distributed.from_main(read_rows)
     timings: dict[str, float] = {}
 
-    def evaluate(name: str, quantized: Path | None = None, adapter: Path | None = None) -> None:
+    def evaluate(name: str, quantized: Path | None = None, adapter: Path | None = None,
+                 verifier_dir: Path | None = None) -> None:
         if name in rows:
             say(f"\n== {name}: evaluated before, kept ==", flush=True)
             return
@@ -161,8 +187,14 @@ def run_in(args: RunArgs, out: Path, settings: dict, test: list[dict], exemplars
         start = time.perf_counter()
         say(f"\n== evaluating {name}{' (resumed)' if resume else ''} ==", flush=True)
         model, tokenizer, provenance = load_scored_model(mc, quantized and str(quantized), adapter and str(adapter))
-        rows[name] = evaluate_loaded(model, tokenizer, test, exemplars, args.eval, args.prompt.prompt_style,
-                                     args.seed, eval_dir, resume=resume, provenance=provenance)
+        ec, verifier = args.eval, None
+        if verifier_dir is not None:  # K samples per question, reranked
+            ec = dataclasses.replace(args.eval, samples=args.run.verifier_samples)
+            verifier = load_verifier(verifier_dir, dtype=mc.dtype, kernel=mc.kernel,
+                                     device=distributed.rank_device(resolve_device(mc.device)))
+            provenance["verifier"] = verifier.record
+        rows[name] = evaluate_loaded(model, tokenizer, test, exemplars, ec, args.prompt.prompt_style,
+                                     args.seed, eval_dir, resume=resume, provenance=provenance, verifier=verifier)
         timings[f"eval {name}"] = round(time.perf_counter() - start, 1)
         if world.main:
             write_atomic(rows_path, json.dumps(rows, indent=2, default=str) + "\n")
@@ -182,6 +214,11 @@ def run_in(args: RunArgs, out: Path, settings: dict, test: list[dict], exemplars
     timings["finetune"] = round(time.perf_counter() - start, 1)
     del model  # the evaluation loads its own copy
     evaluate(f"{qc.method} {qc.bits}-bit + LoRA", base_dir, out / "lora_adapter")
+    if args.run.verifier_questions:
+        start = time.perf_counter()
+        verifier_dir = train_run_verifier(args, out, base_dir, out / "lora_adapter", say)
+        timings["verifier: sample and train"] = round(time.perf_counter() - start, 1)
+        evaluate(f"{qc.method} {qc.bits}-bit + LoRA + verifier", base_dir, out / "lora_adapter", verifier_dir)
 
     table = results_table(rows)
     result = {"table": table, "rows": rows, "quantization": report, "training": training, "timings_s": timings,
@@ -191,3 +228,35 @@ def run_in(args: RunArgs, out: Path, settings: dict, test: list[dict], exemplars
         write_atomic(out / "results.md", table + "\n")
     distributed.barrier()  # no rank leaves before the results are written
     return result
+
+
+def train_run_verifier(args: RunArgs, out: Path, base_dir: Path, adapter: Path, say) -> Path:
+    """The verifier stage's first two steps, each as its command runs it, in ``out/verifier``: labelled samples of
+    the train split (``samples``; an interrupted sampling is resumed, a finished one kept), then the verifier
+    trained on them with train-verifier's defaults (``model``; kept when already written). Returns its directory."""
+    from gptqlora.commands.sample import SampleArgs, sample
+    from gptqlora.commands.train_verifier import TrainVerifierArgs, train_verifier_command
+    from gptqlora.verifier.model import CONFIG_FILE as VERIFIER_CONFIG
+    from gptqlora.verifier.samples import SAMPLE_CONFIG, SUMMARY
+
+    rc = args.run
+    samples_dir, model_dir = out / "verifier" / "samples", out / "verifier" / "model"
+    if (samples_dir / SUMMARY).is_file():
+        say("\n== verifier samples: written before, kept ==", flush=True)
+    else:
+        resume = (samples_dir / SAMPLE_CONFIG).is_file()
+        say(f"\n== sampling {rc.verifier_samples} solutions for {rc.verifier_questions} train questions"
+            f"{' (resumed)' if resume else ''} ==", flush=True)
+        sample(SampleArgs(model=args.model, data=args.data, prompt=args.prompt,
+                          eval=dataclasses.replace(args.eval, samples=rc.verifier_samples), split="train",
+                          limit=rc.verifier_questions, seed=args.seed, quantized=str(base_dir), adapter=str(adapter),
+                          out=str(samples_dir), resume=resume))
+    if (model_dir / VERIFIER_CONFIG).is_file():
+        say("\n== verifier: trained before, kept ==", flush=True)
+    else:
+        say("\n== training the verifier ==", flush=True)
+        train_verifier_command(TrainVerifierArgs(
+            model=dataclasses.replace(args.model, model=ModelConfig().model),  # it trains over the quantized base
+            data=args.data, prompt=args.prompt, lora=args.lora, seed=args.seed, quantized=str(base_dir),
+            samples_dir=str(samples_dir), out=str(model_dir), overwrite=model_dir.exists()))
+    return model_dir
