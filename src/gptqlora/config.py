@@ -293,11 +293,21 @@ class CalibConfig:
     calib_samples: int = opt(128, "Number of calibration sequences.")
     calib_seqlen: int = opt(512, "Tokens per calibration sequence.")
     calib_text: str | None = opt(None, "A UTF-8 text file to calibrate on instead of GSM8K train.")
+    calib_data: str | None = opt(None, "A corpus to calibrate on instead of GSM8K train: MetaMathQA, MathInstruct "
+                                       "or GSM8K as a JSON/JSONL file, a directory or a hub id, recognised by its "
+                                       "fields as finetune's --data is (questions equal to a GSM8K test question "
+                                       "are left out).")
 
     def __post_init__(self) -> None:
         if self.calib_samples <= 0 or self.calib_seqlen <= 0:
             raise UsageError(f"calib_samples={self.calib_samples} and calib_seqlen={self.calib_seqlen} must be "
                              "positive")
+        if self.calib_text is not None and self.calib_data is not None:
+            raise UsageError("--calib-text and --calib-data are two calibration sources: give one")
+        if self.calib_data is not None and self.calib_data.startswith((".", "/", "~")) and not os.path.exists(
+                os.path.expanduser(self.calib_data)):
+            raise InputNotFoundError(f"calibration data {self.calib_data!r} does not exist: give a JSON/JSONL file, "
+                                     "a directory or a hub dataset id")
         if self.calib_text is not None and not os.path.isfile(self.calib_text):
             raise InputNotFoundError(f"calibration text file {self.calib_text!r} does not exist: give a path to a "
                                      "UTF-8 text file, or leave --calib-text out to calibrate on GSM8K train")

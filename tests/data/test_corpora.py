@@ -322,3 +322,34 @@ def test_finetune_refuses_bad_training_data_before_loading_a_model(gsm8k, tmp_pa
     assert f"{bad}:2: missing or non-string 'response'" in capsys.readouterr().err
     assert cli.main(tiny_finetune(model_dir, tmp_path / "b", "--data", str(bad), "--train-mix", "gsm8k=1")) == 2
     assert "--data names only the GSM8K source" in capsys.readouterr().err
+
+
+def test_calibration_reads_a_corpus_without_its_test_questions(gsm8k, tmp_path):
+    from gptqlora.config import CalibConfig
+    from gptqlora.data.calibration import calibration_for
+
+    mm = write_jsonl(tmp_path / "mm.jsonl", METAMATH)
+    tokenizer = make_tiny_tokenizer()
+    calib = CalibConfig(calib_samples=64, calib_seqlen=32, calib_data=str(mm))
+    tokens, described = calibration_for(calib, tokenizer, str(gsm8k), seed=0)
+    assert tokens.shape == (64, 32)
+    assert described == {"source": str(mm), "formats": ["metamath"], "dropped_test_questions": 2, "samples": 64,
+                         "seqlen": 32}
+    text = " ".join(tokenizer.decode(row, skip_special_tokens=True) for row in tokens)  # 64 windows cover the stream
+    assert "apples" in text and "Mia runs" in text and "####" in text  # questions and mapped solutions
+    assert "ducks" not in text and "hen lays" not in text and "Ann reads" not in text  # no test, no GSM8K train
+    assert torch.equal(tokens, calibration_for(calib, tokenizer, str(gsm8k), seed=0)[0])
+
+
+def test_cli_quantize_calibrates_on_a_corpus_and_records_it(gsm8k, tmp_path):
+    mm = write_jsonl(tmp_path / "mm.jsonl", METAMATH)
+    make_tiny_llama().save_pretrained(tmp_path / "tiny")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    argv = ["quantize", "--model", str(tmp_path / "tiny"), "--data", str(gsm8k), "--out", str(tmp_path / "q"),
+            "--group-size", "32", "--calib-samples", "4", "--calib-seqlen", "32", "--calib-data", str(mm)]
+    assert cli.main(argv) == 0
+    recorded = json.loads((tmp_path / "q" / "quantize_config.json").read_text())["gptqlora"]["calibration"]
+    assert recorded["source"] == str(mm) and recorded["dropped_test_questions"] == 2
+    with pytest.raises(SystemExit) as exit_:  # refused while parsing, before any work
+        cli.main(argv[:-2] + ["--calib-data", str(mm), "--calib-text", str(mm), "--out", str(tmp_path / "q2")])
+    assert exit_.value.code == 2 and not (tmp_path / "q2").exists()

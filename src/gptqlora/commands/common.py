@@ -32,6 +32,11 @@ def local_data_dir(source: str) -> Path | None:
     return path if path.exists() else None
 
 
+def calib_inputs(calib: CalibConfig) -> list[Path | str | None]:
+    """The calibration options' local inputs (a command never writes over them)."""
+    return [calib.calib_text, calib.calib_data and local_data_dir(calib.calib_data)]
+
+
 def check_group_size(model: nn.Module, qc: QuantConfig) -> None:
     """Refuse a group size that does not divide the input size of every linear it would quantize.
 
@@ -53,7 +58,7 @@ def quantize_loaded(model: nn.Module, tokenizer, qc: QuantConfig, calib: CalibCo
                     progress: bool = True, kernel: str = "auto") -> dict:
     """Quantize an already loaded float model in place, its layers then running ``kernel``; returns a report
     (time, losses, bytes)."""
-    from gptqlora.data.calibration import calibration_tokens
+    from gptqlora.data.calibration import calibration_for
     from gptqlora.quant.driver import quantize_model_weights
     from gptqlora.quant.kernels import set_kernel
 
@@ -61,10 +66,9 @@ def quantize_loaded(model: nn.Module, tokenizer, qc: QuantConfig, calib: CalibCo
         raise UsageError("the model is already quantized: pass a float model to quantize")
     check_group_size(model, qc)
     before = weight_bytes(model)
-    tokens = None
+    tokens = described = None
     if qc.method == "gptq":
-        tokens = calibration_tokens(tokenizer, calib.calib_samples, calib.calib_seqlen, source=data,
-                                    text_file=calib.calib_text, seed=seed)
+        tokens, described = calibration_for(calib, tokenizer, data, seed)
     start = time.perf_counter()
     losses = quantize_model_weights(model, tokens, qc, progress=progress)
     seconds = time.perf_counter() - start
@@ -72,8 +76,7 @@ def quantize_loaded(model: nn.Module, tokenizer, qc: QuantConfig, calib: CalibCo
     return {"method": qc.method, "bits": qc.bits, "group_size": qc.group_size, "targets": list(qc.target_names),
             "seconds": round(seconds, 2), "gptq_loss_total": round(sum(losses.values()), 4),
             "weight_bytes_before": before, "weight_bytes_after": weight_bytes(model),
-            "calibration": None if tokens is None else {"source": calib.calib_text or data,
-                                                        "samples": calib.calib_samples, "seqlen": calib.calib_seqlen},
+            "calibration": described,
             "layer_losses": {k: round(v, 6) for k, v in losses.items()}}
 
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from gptqlora import distributed
-from gptqlora.commands.common import (check_quantized_input, load_quantized_base, local_data_dir, quantize_loaded,
-                                      split_train)
+from gptqlora.commands.common import (calib_inputs, check_quantized_input, load_quantized_base, local_data_dir,
+                                      quantize_loaded, split_train)
 from gptqlora.config import (CalibConfig, DataConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig, TrainConfig,
                              TrainDataConfig, group, overwrite_field, quantized_field, seed_field)
 from gptqlora.errors import UsageError
@@ -262,7 +262,7 @@ def finetune(args: FinetuneArgs) -> dict | None:
     world = join(resolve_device(args.model.device))
     mixed = [local_data_dir(s) for s, _ in train_data_config(args).mix]
     try:
-        out = check_run_dir(args, [source, local_data_dir(args.data.data), *mixed, args.calib.calib_text])
+        out = check_run_dir(args, [source, local_data_dir(args.data.data), *mixed, *calib_inputs(args.calib)])
         distributed.barrier()  # every rank has checked the output before rank 0 changes it
         with OutputLock(out) if world.main else nullcontext():
             if args.overwrite and world.main:

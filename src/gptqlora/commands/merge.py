@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from gptqlora.commands.common import check_quantized_input, local_data_dir
+from gptqlora.commands.common import calib_inputs, check_quantized_input, local_data_dir
 from gptqlora.config import (CalibConfig, DataConfig, PromptConfig, adapter_field, group, opt, overwrite_field,
                              quantized_field, seed_field)
 from gptqlora.errors import UsageError
@@ -36,7 +36,7 @@ class MergeArgs:
 
 
 def merge(args: MergeArgs) -> dict:
-    from gptqlora.data.calibration import calibration_tokens
+    from gptqlora.data.calibration import calibration_for
     from gptqlora.data.gsm8k import load_gsm8k
     from gptqlora.eval.perplexity import gsm8k_answer_loss
     from gptqlora.lora.adapter import adapter_record, load_adapter, read_adapter_config
@@ -47,18 +47,17 @@ def merge(args: MergeArgs) -> dict:
     source = check_quantized_input(args.quantized)
     read_adapter_config(args.adapter)
     test = load_gsm8k("test", args.data.data)[: args.ppl_limit]
-    if args.calib.calib_text is None:
+    if args.calib.calib_text is None and args.calib.calib_data is None:
         load_gsm8k("train", args.data.data)
-    out = check_output(args.out, inputs=[source, args.adapter, local_data_dir(args.data.data), args.calib.calib_text],
-                       overwrite=args.overwrite)
+    out = check_output(args.out, inputs=[source, args.adapter, local_data_dir(args.data.data),
+                                         *calib_inputs(args.calib)], overwrite=args.overwrite)
     with OutputLock(out):
         model, tokenizer, qconfig = load_quantized(source)
         base = base_record(source)
         load_adapter(model, args.adapter, base=base)
         style = args.prompt.prompt_style
         before = gsm8k_answer_loss(model, tokenizer, test, style=style)
-        calib = calibration_tokens(tokenizer, args.calib.calib_samples, args.calib.calib_seqlen,
-                                   source=args.data.data, text_file=args.calib.calib_text, seed=args.seed)
+        calib, _ = calibration_for(args.calib, tokenizer, args.data.data, args.seed)
         start = time.perf_counter()
         losses = merge_into_quantized(model, calib, qconfig)
         seconds = time.perf_counter() - start

@@ -12,7 +12,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptqlora.commands.common import check_group_size, local_data_dir, quantize_loaded, weight_bytes
+from gptqlora.commands.common import (calib_inputs, check_group_size, local_data_dir, quantize_loaded,
+                                      weight_bytes)
 from gptqlora.config import CalibConfig, DataConfig, ModelConfig, QuantConfig, group, opt, overwrite_field, seed_field
 from gptqlora.files import OutputLock, check_output
 from gptqlora.quant.stream import DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, SINGLE_FILE, parse_size
@@ -79,9 +80,9 @@ def quantize(args: QuantizeArgs) -> dict:
     mc = args.model
     source = check_model_source(mc.model, mc.cache_dir)
     if args.quant.method == "gptq" and args.calib.calib_text is None:
-        load_gsm8k("train", args.data.data)  # the calibration source is readable before any model loads
+        load_gsm8k("train" if args.calib.calib_data is None else "test", args.data.data)  # readable before any work
     device = resolve_device(mc.device)
-    out = check_output(args.out, inputs=[source, local_data_dir(args.data.data), args.calib.calib_text],
+    out = check_output(args.out, inputs=[source, local_data_dir(args.data.data), *calib_inputs(args.calib)],
                        overwrite=args.overwrite)
     with OutputLock(out):
         weights = streamable_source(mc.model, source, mc.cache_dir)
@@ -97,15 +98,11 @@ def quantize(args: QuantizeArgs) -> dict:
 
 def _calibration(args: QuantizeArgs, tokenizer):
     """Calibration token ids [samples, seqlen] for GPTQ (None for RTN) and their description for the report."""
-    from gptqlora.data.calibration import calibration_tokens
+    from gptqlora.data.calibration import calibration_for
 
-    calib = args.calib
     if args.quant.method != "gptq":
         return None, None
-    tokens = calibration_tokens(tokenizer, calib.calib_samples, calib.calib_seqlen, source=args.data.data,
-                                text_file=calib.calib_text, seed=args.seed)
-    return tokens, {"source": calib.calib_text or args.data.data, "samples": calib.calib_samples,
-                    "seqlen": calib.calib_seqlen}
+    return calibration_for(args.calib, tokenizer, args.data.data, args.seed)
 
 
 def _quantize_streamed(args: QuantizeArgs, weights: Path, device: str, out: Path) -> dict:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptqlora import distributed
-from gptqlora.commands.common import evaluate_loaded, fewshot, local_data_dir
+from gptqlora.commands.common import calib_inputs, evaluate_loaded, fewshot, local_data_dir
 from gptqlora.commands.finetune import (check_lora_targets, check_resume_flags, join, load_training_data, prepare_base,
                                         train_on_base)
 from gptqlora.config import (CalibConfig, DataConfig, EvalConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig,
@@ -146,7 +146,7 @@ def run(args: RunArgs) -> dict | None:
                          "torchrun, or run sample, train-verifier and eval --verifier after it")
     try:
         out = distributed.from_main(check_output_dir, args, [source, local_data_dir(args.data.data),
-                                                             args.calib.calib_text], settings)
+                                                             *calib_inputs(args.calib)], settings)
         with main_writes(out, args.overwrite):
             result = run_in(args, out, settings, test, exemplars, train, held, world, data_report)
     finally:

@@ -10,20 +10,45 @@ seed).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from gptqlora.data.gsm8k import load_gsm8k, strip_calculator
+
+if TYPE_CHECKING:
+    from gptqlora.config import CalibConfig
 
 # Texts tokenized per call while building the GSM8K stream: large enough for fast batch tokenization,
 # small enough not to tokenize far past what the windows need.
 _CHUNK = 512
 
 
+def calibration_for(calib: CalibConfig, tokenizer, data: str, seed: int) -> tuple[torch.LongTensor, dict]:
+    """The windows a command's calibration options ask for, and their description for its report.
+
+    Args:
+        calib: samples, seqlen and the source: ``calib_text``, ``calib_data`` (a corpus read as finetune reads
+            --data, less any GSM8K test question), or GSM8K train from ``data``.
+        data: the GSM8K directory or hub id (the default source, and the test questions kept out of a corpus).
+    """
+    entries, described = None, {"source": calib.calib_text or calib.calib_data or data}
+    if calib.calib_data is not None:
+        from gptqlora.data.corpora import drop_contaminated, load_corpus
+
+        corpus = load_corpus(calib.calib_data)
+        entries, dropped = drop_contaminated(corpus.entries, [e["question"] for e in load_gsm8k("test", data)])
+        described |= {"formats": list(corpus.formats), "dropped_test_questions": dropped}
+    tokens = calibration_tokens(tokenizer, calib.calib_samples, calib.calib_seqlen, source=data,
+                                text_file=calib.calib_text, entries=entries, seed=seed)
+    return tokens, described | {"samples": calib.calib_samples, "seqlen": calib.calib_seqlen}
+
+
 def calibration_tokens(tokenizer, n_samples: int, seqlen: int, source: str | None = None,
-                       text_file: str | None = None, seed: int = 0, keep_calculator: bool = False
-                       ) -> torch.LongTensor:
+                       text_file: str | None = None, seed: int = 0, keep_calculator: bool = False,
+                       entries: Sequence[dict] | None = None) -> torch.LongTensor:
     """Draw calibration sequences.
 
     Args:
@@ -33,6 +58,8 @@ def calibration_tokens(tokenizer, n_samples: int, seqlen: int, source: str | Non
         source: GSM8K source (directory or hub id, see ``load_gsm8k``); None for the default.
         text_file: a UTF-8 text file to calibrate on instead of GSM8K train.
         seed: seeds both the choice of GSM8K problems and the window offsets.
+        entries: GSM8K-shaped entries (``question``, ``answer``) to calibrate on instead of GSM8K train, such as a
+            corpus read by ``gptqlora.data.corpora.load_corpus``.
         keep_calculator: keep GSM8K's ``<<48/2=24>>`` calculator annotations in the solutions (by default they are
             stripped, as in the texts the adapter is fine-tuned and evaluated on).
     Returns:
@@ -53,10 +80,10 @@ def calibration_tokens(tokenizer, n_samples: int, seqlen: int, source: str | Non
         stream = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False, verbose=False)["input_ids"]
         origin = f"calibration text file {text_file!r}"
     else:
-        # 2x the tokens the windows cover, so they rarely overlap; the rest of GSM8K train is never tokenized.
-        stream = _gsm8k_stream(tokenizer, load_gsm8k("train", source), 2 * n_samples * seqlen + seqlen + 1, g,
-                               keep_calculator)
-        origin = "GSM8K train"
+        # 2x the tokens the windows cover, so they rarely overlap; the rest of the texts is never tokenized.
+        texts = load_gsm8k("train", source) if entries is None else list(entries)
+        stream = _gsm8k_stream(tokenizer, texts, 2 * n_samples * seqlen + seqlen + 1, g, keep_calculator)
+        origin = "GSM8K train" if entries is None else "the calibration corpus"
     if len(stream) < seqlen + 1:
         raise ValueError(f"{origin} gives only {len(stream)} tokens, fewer than calib_seqlen + 1 = {seqlen + 1}: "
                          "use a smaller --calib-seqlen or a longer --calib-text")
