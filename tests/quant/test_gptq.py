@@ -141,6 +141,19 @@ def test_bf16_inputs_give_the_float32_hessian_of_their_values():
                                check_dtype=False)
 
 
+def test_the_lower_triangle_summed_in_row_blocks_is_the_whole_hessian(monkeypatch):
+    monkeypatch.setattr(HessianAccumulator, "ROWS", 48)  # 128 = 48 + 48 + 32: three blocks, a ragged last one
+    X = torch.randn(2048, 128, dtype=torch.float64) @ torch.randn(128, 128, dtype=torch.float64)
+    acc = HessianAccumulator(128)
+    for chunk in X.split(512):
+        acc.add(chunk)
+    H = acc.hessian()
+    torch.testing.assert_close(H.double(), 2 / 2048 * X.T @ X, rtol=1e-5, atol=1e-3)
+    assert torch.equal(H, H.T)  # exactly symmetric: the solver's in-place factorisation relies on it
+    finished = acc.finish()
+    assert torch.equal(finished, H) and acc.sum is None
+
+
 @pytest.mark.parametrize("seed", [0, 2])
 def test_collinear_outlier_channels_factor_at_the_asked_damping(seed):
     # Three nearly collinear outlier channels in bf16 calibration inputs: products rounded to bf16 leave H indefinite

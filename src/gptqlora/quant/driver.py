@@ -194,11 +194,7 @@ def check_staged_forward(block: nn.Module, x: Tensor, rope: Rope, mask: Tensor |
 
 
 def _hessian(inputs: Iterable[Tensor], device: torch.device) -> Tensor:
-    """H from inputs produced one chunk at a time (each chunk is dropped once added).
-
-    The sum is scaled in place into H (the same values as ``HessianAccumulator.hessian``): a second [K, K] float32
-    matrix (462 MiB for Llama-2-7B's down_proj) would otherwise live next to the sum.
-    """
+    """H from inputs produced one chunk at a time (each chunk is dropped once added), in the accumulator's memory."""
     acc: HessianAccumulator | None = None
     for x in inputs:
         if acc is None:
@@ -206,9 +202,7 @@ def _hessian(inputs: Iterable[Tensor], device: torch.device) -> Tensor:
         acc.add(x)
     if acc is None:
         raise ValueError("no calibration chunks")
-    if acc.n_tokens == 0:
-        return acc.hessian()  # raises, naming the problem
-    return acc.sum.mul_(2.0 / acc.n_tokens)
+    return acc.finish()
 
 
 def _drop_dense(block: nn.Module, names: Iterable[str]) -> None:
@@ -465,7 +459,7 @@ def _one_pass_block(block: nn.Module, xs: Sequence[Tensor], rope: Rope, mask: Te
     for stage in STAGES:
         names = [n for n in stage if n in targets]
         if names:
-            losses |= quantize_linears(block, names, accs.pop(names[0]).hessian(), config)  # sum freed
+            losses |= quantize_linears(block, names, accs.pop(names[0]).finish(), config)
     return losses
 
 
