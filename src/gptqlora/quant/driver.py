@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from gptqlora.config import QuantConfig
 from gptqlora.errors import UsageError
+from gptqlora.hardware import release_free_heap
 from gptqlora.quant.gptq import HessianAccumulator, HessianSource, gptq_solve, handover
 from gptqlora.quant.grid import QuantResult, rtn_quantize
 from gptqlora.quant.linear import QuantizedLinear
@@ -115,6 +116,8 @@ def quantize_linears(block: nn.Module, names: Sequence[str], H: HessianSource | 
         _set(block, name, q)
         losses[name] = result.loss * out_features / result.codes.shape[0]
         start += out_features
+    del result
+    release_free_heap()  # the solve's and packing's freed temporaries, before the next stage allocates its own
     return losses
 
 
@@ -405,6 +408,7 @@ def quantize_blocks(n_blocks: int, load_block: Callable[[int], nn.Module], xs: l
         if on_block is not None:
             on_block(i, block, block_losses, xs)
         del block
+        release_free_heap()  # glibc keeps a block's freed temporaries resident otherwise: the peak grew with depth
     return losses
 
 
