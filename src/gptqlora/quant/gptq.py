@@ -47,20 +47,21 @@ class HessianAccumulator:
                 self.sum[lo:hi, :hi].addmm_(x[:, lo:hi].T, x[:, :hi])  # rows lo:hi up to the diagonal
         self.n_tokens += x.shape[0]
 
-    def _check(self) -> None:
+    def _complete(self) -> None:
+        """Refuse an empty sum; copy the summed lower triangle onto the upper one."""
         if self.n_tokens == 0:
             raise RuntimeError("no calibration inputs reached this layer: the Hessian is empty")
         _symmetrize_from_lower_(self.sum)
 
     def hessian(self) -> Tensor:
         """H, a new tensor (the accumulator can go on adding)."""
-        self._check()
+        self._complete()
         return self.sum * (2.0 / self.n_tokens)
 
     def finish(self) -> Tensor:
         """H in the accumulator's own memory, which it gives up: a second [K, K] matrix (462 MiB for Llama-2-7B's
         down_proj) never lives next to the sum."""
-        self._check()
+        self._complete()
         H, self.sum = self.sum.mul_(2.0 / self.n_tokens), None
         return H
 
