@@ -105,8 +105,8 @@ def results_table(rows: dict[str, dict]) -> str:
         for key, label in SELECTIONS.items():
             block = r.get(key)
             if isinstance(block, dict) and "accuracy" in block:
-                k = block.get("k") or r.get("samples") or ""
-                lines.append(line(f"{name}: {label}{'' if label.endswith('@') else ' '}{k}", block, r))
+                gap = "" if label.endswith("@") else " "
+                lines.append(line(f"{name}: {label}{gap}{block['k']}", block, r))
     return "\n".join(lines)
 
 
