@@ -33,7 +33,9 @@ def label_nll_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 
     return total, int(tgt.numel())
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: an FSDP2-sharded model (training's held-out loss) gathers its parameters into buffers
+# it keeps, and buffers first made in inference mode refuse the training forwards that come after.
+@torch.no_grad()
 def answer_token_loss(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                       device: torch.device | str | None = None) -> dict[str, float | int]:
     """Token-weighted mean NLL of the label tokens over a dataset, and its perplexity.
