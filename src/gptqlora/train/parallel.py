@@ -8,7 +8,7 @@ import functools
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from gptqlora import distributed
 from gptqlora.data.gsm8k import IGNORE_INDEX, collate
@@ -26,7 +26,7 @@ def rank_shard(batch: dict[str, torch.Tensor], rank: int, size: int) -> tuple[di
 
     A rank whose rows are none, or hold no label token (the short last micro-batch of an epoch), gets a stand-in
     that does not count (the first labelled row, its loss weighted 0): DDP averages the gradients in every rank's
-    backward, so every rank must run one.
+    backward, and FSDP gathers the parameters in every forward, so every rank must run one.
     """
     start, stop = distributed.shard_bounds(len(batch["input_ids"]), rank, size)
     part = {k: v[start:stop] for k, v in batch.items()}  # [b, T] each
@@ -48,19 +48,26 @@ def data_parallel(model: nn.Module) -> DistributedDataParallel:
 
 def sharded_answer_loss(model: nn.Module, dataset: Dataset, batch_size: int, pad_id: int, device: torch.device,
                         world: distributed.World) -> dict[str, float | int]:
-    """``answer_token_loss`` over the whole ``dataset``, each rank scoring its shard; the summed NLL and token counts
-    are gathered, so every rank gets the same token-weighted mean.
+    """``answer_token_loss`` over the whole ``dataset``, read as training reads its data: in global batches of
+    ``batch_size x processes``, each rank scoring its rows (``rank_shard``); the summed NLL and token counts are
+    gathered, so every rank gets the same token-weighted mean.
+
+    Every rank runs one forward per global batch that holds a label token, a rank without rows (or labels) in it a
+    stand-in that does not count: an FSDP-sharded model gathers its parameters in every forward, from every rank.
 
     Raises:
-        ValueError: when no rank's shard holds a labelled token.
+        ValueError: when no example holds a labelled token.
     """
-    start, stop = distributed.shard_bounds(len(dataset), world.rank, world.size)
-    part = Subset(dataset, range(start, stop))
+    loader = DataLoader(dataset, batch_size=batch_size * world.size,
+                        collate_fn=functools.partial(collate, pad_id=pad_id))
     nll, tokens = 0.0, 0
-    if any(bool((part[i]["labels"][1:] != IGNORE_INDEX).any()) for i in range(len(part))):
-        loader = DataLoader(part, batch_size=batch_size, collate_fn=functools.partial(collate, pad_id=pad_id))
-        result = answer_token_loss(model, loader, device)
-        nll, tokens = result["loss"] * result["tokens"], result["tokens"]
+    for batch in loader:
+        if not has_labels(batch):  # the same on every rank: no rank runs this batch
+            continue
+        part, counts = rank_shard(batch, world.rank, world.size)
+        result = answer_token_loss(model, [part], device)
+        if counts:
+            nll, tokens = nll + result["loss"] * result["tokens"], tokens + result["tokens"]
     parts = distributed.gather_objects((nll, tokens))
     tokens = sum(t for _, t in parts)
     if tokens == 0:
