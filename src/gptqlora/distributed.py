@@ -187,6 +187,24 @@ def from_main(fn, *args, **kwargs) -> Any:
     return result
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a sharded ``DTensor`` (FSDP's parameters, their gradients and optimizer states) gathered from
+    every rank, which is a collective (every rank must call it, in the same order); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor  # here: its 0.4 s import would slow every command's start
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` cut as ``like`` is: when ``like`` is a ``DTensor``, this rank's part of ``full`` as a DTensor on
+    ``like``'s mesh and placements (every rank holds ``full``, so nothing is sent); else ``full`` as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
 def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     """The rows ``[start, stop)`` of ``n`` that rank ``rank`` of ``size`` takes: contiguous, in rank order, sizes
     differing by one at most, so the ranks' shards put back together are the ``n`` rows in their order."""

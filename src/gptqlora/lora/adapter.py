@@ -65,7 +65,8 @@ def _target_modules(model: nn.Module, adapted: list[str]) -> list[str] | str:
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str,
-                 lora_config_extra: dict[str, Any] | None = None, *, base: dict[str, Any] | None = None) -> Path:
+                 lora_config_extra: dict[str, Any] | None = None, *, base: dict[str, Any] | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model's LoRA weights and config as a PEFT adapter directory, and the base it was trained on.
 
     Every file is serialized first. A new directory is staged beside ``out_dir`` and renamed into place whole
@@ -80,6 +81,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
         lora_config_extra: extra or overriding ``adapter_config.json`` fields (e.g. ``{"revision": "main"}``).
         base: the base record (``gptqlora.provenance.base_record``), written to ``gptqlora_base.json``; without
             one, a sidecar left by an earlier save is removed (it would name the wrong base).
+        weights: the adapter's tensors, ``adapter_state_dict(model)`` (read from ``model`` when None): an
+            FSDP-sharded model's are gathered by every rank, before the one that writes calls this.
     Returns:
         ``out_dir`` as a Path.
     Raises:
@@ -100,7 +103,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
         "use_rslora": _shared(modules, "use_rslora"),
     }
     config.update(lora_config_extra or {})
-    files = {WEIGHTS_NAME: safetensors_bytes(adapter_state_dict(model), metadata={"format": "pt"}),
+    weights = adapter_state_dict(model) if weights is None else weights
+    files = {WEIGHTS_NAME: safetensors_bytes(weights, metadata={"format": "pt"}),
              CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n"}
     if base is not None:
         files[BASE_FILE] = json.dumps(base, indent=2, sort_keys=True, allow_nan=False) + "\n"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptqlora.config import parse_targets
+from gptqlora.distributed import full_tensor
 from gptqlora.errors import UsageError
 
 # PEFT stores adapter tensors under the Hugging Face module name with this prefix (PeftModel -> LoraModel -> model).
@@ -220,9 +221,10 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter as PEFT stores it: ``base_model.model.<module>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r].
 
-    Tensors are detached, contiguous fp32 copies on the CPU, ready for safetensors.
+    Tensors are detached, contiguous fp32 copies on the CPU, ready for safetensors. The parameters of an FSDP-sharded
+    model are gathered whole, which is a collective: every rank of the job must call it.
     """
-    return {PEFT_PREFIX + name: p.detach().to("cpu", torch.float32).contiguous().clone()
+    return {PEFT_PREFIX + name: full_tensor(p.detach()).to("cpu", torch.float32).contiguous().clone()
             for name, p in get_adapter_params(model).items()}
 
 

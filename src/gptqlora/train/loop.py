@@ -51,13 +51,13 @@ from gptqlora.eval.loss import answer_token_loss
 from gptqlora.files import append_durable, write_atomic
 from gptqlora.hardware import resolve_bf16
 from gptqlora.lora.adapter import save_adapter
-from gptqlora.lora.layer import get_adapter_params, is_linear, lora_modules
+from gptqlora.lora.layer import adapter_state_dict, get_adapter_params, is_linear, lora_modules
 from gptqlora.train.parallel import data_parallel, has_labels, rank_shard, sharded_answer_loss
 from gptqlora.train.plot import plot_loss_curve
 from gptqlora.train.schedule import count_total_steps, get_lr
 from gptqlora.train.state import (TrainState, check_world_size, describe_setting, finite_record, latest_checkpoint,
                                   load_checkpoint, ranks_rng_state, resume_checkpoint, rng_state, save_checkpoint,
-                                  step_dirs)
+                                  snapshot, step_dirs)
 
 log = logging.getLogger(__name__)
 
@@ -446,9 +446,9 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
             if state.step % config.save_every == 0 or state.step == total_steps:
                 elapsed = state.elapsed + time.perf_counter() - t0
                 rng = ranks_rng_state(distributed.gather_objects(rng_state())) if world.distributed else None
+                tensors = snapshot(model, optimizer)  # on every rank: FSDP's shards are gathered
                 if main:
-                    save_checkpoint(state_dir, model, optimizer, dataclasses.replace(state, elapsed=elapsed),
-                                    fingerprint, rng)
+                    save_checkpoint(state_dir, tensors, dataclasses.replace(state, elapsed=elapsed), fingerprint, rng)
                 distributed.barrier()  # no rank runs ahead of a checkpoint that may yet fail to be written
     finally:
         bar.close()
@@ -461,8 +461,9 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
     base_name = (base_model_name_or_path or (base or {}).get("path") or getattr(model.config, "name_or_path", "")
                  or "")
     adapter_dir, curve = out / ADAPTER_DIR, out / CURVE_FILE
+    weights = adapter_state_dict(model)  # on every rank: FSDP's shards are gathered
     if main:
-        adapter_dir = save_adapter(model, adapter_dir, base_model_name_or_path=base_name, base=base)
+        adapter_dir = save_adapter(model, adapter_dir, base_model_name_or_path=base_name, base=base, weights=weights)
         curve = plot_loss_curve(state.history, curve)
     distributed.barrier()  # the adapter is on disk before any rank returns (``run`` evaluates it next)
     train_losses = [r["loss"] for r in state.history if "loss" in r]

@@ -17,6 +17,9 @@ to its final name (a rename is atomic), and only then are the other ``step-*`` d
 point leaves the previous complete checkpoint, or the new one, never a half-written one under a ``step-*`` name.
 A ``step-*`` directory that lost a file afterwards is *incomplete*: a resume skips it, says so, and continues from
 the newest complete one (``resume_checkpoint``). NumPy's generator is not saved: nothing in training draws from it.
+
+An FSDP-sharded run (``TrainConfig.fsdp``) writes the same files: every rank gathers the whole tensors
+(``snapshot``) and rank 0 writes them; ``load_checkpoint`` cuts them into each rank's shards again.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from gptqlora import distributed
 from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.files import staged_dir
 from gptqlora.lora.layer import PEFT_PREFIX, adapter_state_dict, get_adapter_params
@@ -128,19 +132,37 @@ def resume_checkpoint(root: str | os.PathLike) -> tuple[Path, list[Path]]:
     return complete[-1], [d for d in dirs if d.name > complete[-1].name]
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split ``optimizer.state_dict()`` into flat tensors ``state.{i}.{key}`` and the JSON-able rest."""
+@dataclass
+class Snapshot:
+    """What a checkpoint keeps of the adapter and the optimizer (``snapshot``), whole, on the CPU.
+
+    Attributes:
+        adapter: the LoRA tensors under PEFT keys (``adapter_state_dict``), fp32.
+        optimizer: AdamW's state flattened, ``state.{i}.{key}`` (i: the parameter's index in ``param_names``).
+        optimizer_meta: the JSON-able rest: ``param_names``, ``param_groups`` and ``state_extra`` (non-tensor state).
+    """
+
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    optimizer_meta: dict[str, Any]
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> Snapshot:
+    """The adapter of ``model`` and the state of ``optimizer`` (AdamW over ``get_adapter_params(model)``, in that
+    order) as a checkpoint holds them. The shards of an FSDP-sharded run are gathered: every rank calls it (the
+    gathers are collectives), then rank 0 writes it (``save_checkpoint``)."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     extra: dict[str, dict[str, Any]] = {}
     for index, per_param in sd["state"].items():
         for key, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{index}.{key}"] = distributed.full_tensor(value.detach()).cpu().contiguous()
             else:
                 extra.setdefault(str(index), {})[key] = value
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "state_extra": extra}
+    meta = {"param_names": list(get_adapter_params(model)), "param_groups": groups, "state_extra": extra}
+    return Snapshot(adapter_state_dict(model), tensors, meta)
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -160,8 +182,8 @@ def ranks_rng_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     return merged
 
 
-def save_checkpoint(root: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-                    fingerprint: dict[str, Any], rng: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(root: str | os.PathLike, tensors: Snapshot, state: TrainState, fingerprint: dict[str, Any],
+                    rng: dict[str, torch.Tensor] | None = None) -> Path:
     """Write one complete checkpoint atomically, then delete every other ``step-*`` directory.
 
     Only a finite step reaches a checkpoint (``train_lora`` raises before saving otherwise), and the trainer state is
@@ -169,8 +191,7 @@ def save_checkpoint(root: str | os.PathLike, model: nn.Module, optimizer: torch.
 
     Args:
         root: the ``train_state`` directory (created if needed).
-        model: the model carrying the LoRA layers being trained.
-        optimizer: AdamW over ``get_adapter_params(model)``, in that order.
+        tensors: the adapter and the optimizer's state (``snapshot(model, optimizer)``).
         state: the run's position; saved as is.
         fingerprint: the settings a resume must match (see ``check_fingerprint``).
         rng: the generator states to save (``ranks_rng_state`` of every rank's, in a run of several processes);
@@ -186,14 +207,12 @@ def save_checkpoint(root: str | os.PathLike, model: nn.Module, optimizer: torch.
     # Staged beside its final name, permissions normalized, fsynced and renamed in (gptqlora.files.staged_dir); an
     # incomplete directory of this step, left by a damaged run that was resumed, is replaced.
     with staged_dir(final, overwrite=True) as tmp:
-        opt_tensors, opt_rest = _optimizer_tensors(optimizer)
         rng = rng_state() if rng is None else rng
         py_version, py_state, py_gauss = random.getstate()
         meta = {"format": FORMAT_VERSION, **asdict(state), "fingerprint": fingerprint,
-                "optimizer": {"param_names": list(get_adapter_params(model)), **opt_rest},
-                "python_random": [py_version, list(py_state), py_gauss]}
-        save_file(adapter_state_dict(model), str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
+                "optimizer": tensors.optimizer_meta, "python_random": [py_version, list(py_state), py_gauss]}
+        save_file(tensors.adapter, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        save_file(tensors.optimizer, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
         save_file(rng, str(tmp / RNG_FILE), metadata={"format": "pt"})
         (tmp / STATE_FILE).write_text(json.dumps(meta, allow_nan=False) + "\n")
     for other in step_dirs(root):  # only once the new one is complete: older ones, and incomplete ones skipped
@@ -236,9 +255,12 @@ def check_world_size(checkpoint: str | os.PathLike, size: int) -> None:
 
 
 def describe_setting(key: str, value: Any) -> str:
-    """A fingerprint value for a message: a base as ``describe_base`` names it, anything else as short JSON."""
+    """A fingerprint value for a message: a base as ``describe_base`` names it, ``fsdp`` as on or off (it is
+    recorded only when on), anything else as short JSON."""
     if key == "base" and isinstance(value, dict):
         return describe_base(value)
+    if key == "fsdp":
+        return "on" if value else "off"
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -320,7 +342,8 @@ def load_checkpoint(checkpoint: str | os.PathLike, model: nn.Module, optimizer: 
 
     Args:
         checkpoint: a complete ``step-*`` directory (see ``resume_checkpoint``).
-        model: the same base model with the same LoRA layers injected.
+        model: the same base model with the same LoRA layers injected (FSDP-sharded or not: each rank takes its
+            shards of the whole tensors saved).
         optimizer: a fresh AdamW over ``get_adapter_params(model)``.
         fingerprint: this run's settings; they must equal the checkpoint's, but for ``may_change``.
         may_change: the settings that may differ, with their rules (see ``check_fingerprint``).
@@ -352,11 +375,13 @@ def load_checkpoint(checkpoint: str | os.PathLike, model: nn.Module, optimizer: 
 
     with torch.no_grad():
         for key, p in params.items():
-            p.copy_(adapter[PEFT_PREFIX + key])
+            p.copy_(distributed.shard_like(adapter[PEFT_PREFIX + key], p))
+    ordered = list(params.values())
     per_param: dict[int, dict[str, Any]] = {}
     for key, t in flat.items():
         _, index, name = key.split(".", 2)
-        per_param.setdefault(int(index), {})[name] = t
+        p = ordered[int(index)]  # a state shaped as its parameter (exp_avg, exp_avg_sq) is sharded as it is
+        per_param.setdefault(int(index), {})[name] = distributed.shard_like(t, p) if t.shape == p.shape else t
     for index, extra in meta["optimizer"]["state_extra"].items():
         per_param.setdefault(int(index), {}).update(extra)
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["optimizer"]["param_groups"]]
