@@ -359,6 +359,10 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(True, "Recompute block activations in the backward pass to save memory.")
     bf16: bool | None = opt(None, "bf16 autocast (default: when the hardware supports it).")
     resume: bool = opt(False, "Continue from the last training checkpoint in --out.")
+    fsdp: bool = opt(False, "Under torchrun (2 or more processes): shard the model with FSDP2 instead of "
+                            "replicating it with DDP. Each process keeps 1/N of the LoRA weights, their gradients and "
+                            "AdamW states, and of the float weights (embeddings, norms, head); the packed quantized "
+                            "weights stay whole in every process. Same steps as DDP, same files written.")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_length", "eval_every", "save_every", "log_every"):

@@ -1,12 +1,17 @@
 """A tiny seeded training setup shared by the train tests, and a script form for the subprocess (SIGKILL) test.
 
-As a script: ``python tests/train/tiny.py OUT [--resume] [--slow SECONDS]`` trains the tiny float model with a
-checkpoint after every step; ``--slow`` sleeps after each logged step so a test can kill it mid-run.
+As a script: ``python tests/train/tiny.py OUT [--resume] [--slow SECONDS] [--fsdp] [--die-after K]`` trains the tiny
+float model with a checkpoint after every step; ``--slow`` sleeps after each logged step so a test can kill it
+mid-run. Under torchrun (``python -m torch.distributed.run --nproc-per-node 2 tests/train/tiny.py ...``) the processes
+train it together, by DDP or with ``--fsdp`` by FSDP2; ``--die-after K`` makes rank 0 SIGKILL itself as it logs step
+K + 1, so that step K's checkpoint is the latest.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -63,9 +68,9 @@ def tiny_config(out: str | Path, **overrides) -> TrainConfig:
 SCRIPT_SEED = 3
 
 
-def script_config(out: str | Path, resume: bool = False) -> TrainConfig:
+def script_config(out: str | Path, resume: bool = False, fsdp: bool = False) -> TrainConfig:
     """The script's run: 8 steps of 2 micro-batches (steps straddle epochs of 3), a checkpoint after each."""
-    return tiny_config(out, max_steps=8, grad_accum=2, save_every=1, eval_every=4, resume=resume)
+    return tiny_config(out, max_steps=8, grad_accum=2, save_every=1, eval_every=4, resume=resume, fsdp=fsdp)
 
 
 def main() -> None:
@@ -73,15 +78,26 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--slow", type=float, default=0.0, help="seconds to sleep after each train step")
+    parser.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
+    parser.add_argument("--die-after", type=int, help="rank 0 SIGKILLs itself as it logs the step after this one")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the tests do: same kernels, and polite on a shared machine
+    from gptqlora import distributed
     from gptqlora.train import train_lora
+
+    def on_metrics(record: dict) -> None:  # called on rank 0 only
+        if "loss" in record:
+            time.sleep(args.slow)
+            if args.die_after is not None and record["step"] == args.die_after + 1:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     tok, train, held_out = tiny_data()
     model = tiny_lora_model()
-    sleep = (lambda r: time.sleep(args.slow) if "loss" in r else None) if args.slow else None
-    train_lora(model, tok, train, held_out, script_config(args.out, args.resume), seed=SCRIPT_SEED, progress=False,
-               on_metrics=sleep, base_model_name_or_path="tiny-llama")
+    try:
+        train_lora(model, tok, train, held_out, script_config(args.out, args.resume, args.fsdp), seed=SCRIPT_SEED,
+                   progress=False, on_metrics=on_metrics, base_model_name_or_path="tiny-llama")
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

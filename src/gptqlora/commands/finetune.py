@@ -1,7 +1,7 @@
 """``gptqlora finetune``: LoRA over a quantized base (given, or quantized first) on GSM8K train.
 
 Several processes train one adapter with DistributedDataParallel when launched by torchrun (gloo on CPU, NCCL with
-one GPU per process)::
+one GPU per process), or with FSDP2 given ``--fsdp``::
 
     torchrun --nproc-per-node 4 --no-python gptqlora finetune --model M --batch-size 4 --grad-accum 2 --out runs/a
     python -m torch.distributed.run --nproc-per-node 4 -m gptqlora.cli finetune ...   # the same
@@ -13,6 +13,12 @@ wait, then every rank loads it from disk (with ``--quantized`` each loads it at 
 adapter, metrics, checkpoints and loss curve. ``--resume`` needs the process count of the run it continues. On a
 CPU each process takes cores / local processes threads unless OMP_NUM_THREADS is set (torchrun sets it to 1 for
 several processes when it is unset: set it to your share, e.g. OMP_NUM_THREADS=8 for 2 processes on 16 cores).
+
+``--fsdp`` (torchrun with 2 or more processes only; refused otherwise) shards instead of replicating: each process
+keeps 1/N of the LoRA weights, of their gradients and AdamW states, and of the float weights (embeddings, norms, the
+head), gathering a block's for its forward and backward; the packed 4-bit weights are buffers and stay whole in
+every process. The examples, steps and files are those of DDP (the checkpoints and the adapter are gathered and
+written whole by rank 0); a resume may switch ``--fsdp`` on or off (with a warning).
 """
 
 from __future__ import annotations
@@ -254,7 +260,9 @@ def finetune(args: FinetuneArgs) -> dict | None:
     Every rank checks the inputs and the output before any work; rank 0 alone locks and clears the output.
     """
     from gptqlora.models import check_model_source, resolve_device
+    from gptqlora.train.parallel import check_fsdp
 
+    check_fsdp(args.train.fsdp, distributed.world())
     source = check_quantized_input(args.quantized) if args.quantized else check_model_source(args.model.model,
                                                                                               args.model.cache_dir)
     check_lora_targets(source, args.lora.lora_targets)

@@ -15,7 +15,8 @@ it refuses when any recorded setting differs from the one given now.
 
 Under torchrun (``torchrun --nproc-per-node N --no-python gptqlora run ...``) every rank takes part in each stage:
 the evaluations are data-parallel (``gptqlora eval``'s), quantizing and training are ``gptqlora finetune``'s (rank 0
-quantizes, DDP trains); rank 0 alone writes run_config.json, rows.json and results.*, while the others wait.
+quantizes, DDP trains, or FSDP2 with ``--fsdp``); rank 0 alone writes run_config.json, rows.json and results.*,
+while the others wait.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from gptqlora.errors import UsageError
 from gptqlora.files import check_output, write_atomic
 
 # Settings a resumed run may change: the flags that say how to start, and those train_lora allows (with a warning).
-RESUMABLE_CHANGES = ("overwrite", "train.resume", "train.lr", "train.max_grad_norm")
+RESUMABLE_CHANGES = ("overwrite", "train.resume", "train.lr", "train.max_grad_norm", "train.fsdp")
 
 
 @dataclass
@@ -130,7 +131,9 @@ def run(args: RunArgs) -> dict | None:
     from gptqlora.commands.evaluate import main_writes
     from gptqlora.data.gsm8k import load_gsm8k
     from gptqlora.models import check_model_source, resolve_device
+    from gptqlora.train.parallel import check_fsdp
 
+    check_fsdp(args.train.fsdp, distributed.world())
     mc = args.model
     source = check_model_source(mc.model, mc.cache_dir)
     check_lora_targets(source, args.lora.lora_targets)

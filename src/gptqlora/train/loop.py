@@ -15,9 +15,16 @@ across ranks on the last micro-batch of a step only (DDP ``no_sync`` before it).
 by the process count, so the averaged gradient is the one-process run's; losses and token counts are reduced, so
 the log is the one-process run's too, up to float rounding. Rank 0 alone writes files; the others wait at barriers.
 
+With ``config.fsdp`` the model is sharded by FSDP2 instead (``parallel.fully_sharded``): each rank keeps a shard of
+every parameter, the LoRA weights with their gradients and AdamW states as well as the frozen float ones, and the
+packed base stays whole on every rank (buffers). The data, the loss scaling and the log are DDP's (FSDP's
+reduce-scatter averages as DDP does; ``set_requires_gradient_sync`` stands for ``no_sync``); every rank runs every
+forward, the held-out loss's too. Checkpoints and the adapter are gathered whole by every rank and written by rank 0,
+in the files a one-process run writes; a resume cuts them into the shards again.
+
 ``metrics.jsonl`` holds one strict-JSON record per line: a train step (``loss``, ``lr``, ``grad_norm``...), an
-evaluation (``eval_loss``), or a ``warning`` (a resume that changed ``lr`` or ``max_grad_norm``). A non-finite
-value is written as null and its key listed under ``non_finite``.
+evaluation (``eval_loss``), or a ``warning`` (a resume that changed ``lr``, ``max_grad_norm`` or ``fsdp``). A
+non-finite value is written as null and its key listed under ``non_finite``.
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ from gptqlora.files import append_durable, write_atomic
 from gptqlora.hardware import resolve_bf16
 from gptqlora.lora.adapter import save_adapter
 from gptqlora.lora.layer import adapter_state_dict, get_adapter_params, is_linear, lora_modules
-from gptqlora.train.parallel import data_parallel, has_labels, rank_shard, sharded_answer_loss
+from gptqlora.train.parallel import (check_fsdp, data_parallel, fully_sharded, gradient_sync, has_labels, rank_shard,
+                                     sharded_answer_loss)
 from gptqlora.train.plot import plot_loss_curve
 from gptqlora.train.schedule import count_total_steps, get_lr
 from gptqlora.train.state import (TrainState, check_world_size, describe_setting, finite_record, latest_checkpoint,
@@ -65,8 +73,10 @@ log = logging.getLogger(__name__)
 TRAJECTORY_FIELDS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
                      "min_lr_ratio", "max_grad_norm", "max_length", "train_limit", "eval_holdout")
 # ...but for these, the way out of a diverged run: a lower peak lr, another clipping norm (warned, and logged).
+# FSDP may be switched on or off: it shards what DDP replicates, and the steps are the same up to float rounding.
 RESUME_MAY_CHANGE = {"lr": ("lower only", lambda saved, now: now <= saved),
-                     "max_grad_norm": ("any value", lambda saved, now: True)}
+                     "max_grad_norm": ("any value", lambda saved, now: True),
+                     "fsdp": ("on or off", lambda saved, now: True)}
 METRICS_FILE, STATE_DIR, ADAPTER_DIR, CURVE_FILE, PROVENANCE_FILE = (
     "metrics.jsonl", "train_state", "lora_adapter", "loss_curve.png", "run_provenance.json")
 # What a run writes into --out; --overwrite deletes these (and nothing else: the CLI keeps quantized_base/ there).
@@ -180,7 +190,8 @@ def run_fingerprint(model: nn.Module, train_dataset: Dataset, config: TrainConfi
                     provenance: dict[str, Any] | None = None, world_size: int = 1) -> dict[str, Any]:
     """The settings a resume must match: trajectory config fields, seed, bf16, the LoRA layers, the data, and what
     the caller says the run is made from (``provenance["base"]`` as ``base``, the rest as ``provenance``); with
-    several processes, their number (``world_size``; left out for one, as runs before torchrun recorded it)."""
+    several processes, their number (``world_size``; left out for one, as runs before torchrun recorded it), and
+    ``fsdp`` when it is on (left out when off, as runs before it recorded it)."""
     modules = lora_modules(model)
     m = next(iter(modules.values()))
     h = hashlib.sha256()
@@ -192,7 +203,7 @@ def run_fingerprint(model: nn.Module, train_dataset: Dataset, config: TrainConfi
             "lora_modules": sorted(modules), "train_examples": len(train_dataset), "train_data_sha256": h.hexdigest(),
             "base": (provenance or {}).get("base"),
             "provenance": {k: v for k, v in provenance.items() if k != "base"} if provenance else None,
-            **({"world_size": world_size} if world_size > 1 else {})}
+            **({"world_size": world_size} if world_size > 1 else {}), **({"fsdp": True} if config.fsdp else {})}
 
 
 def _enable_checkpointing(model: nn.Module) -> Callable[[], None]:
@@ -257,6 +268,8 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
     Under torchrun every rank calls it with the same arguments and the same (seeded) model; the process group is
     joined here if the caller has not (``distributed.init``). ``config.batch_size`` is per process: a step reads
     ``batch_size x processes x grad_accum`` examples. Rank 0 alone writes; a resume needs the same process count.
+    With ``config.fsdp`` the model is FSDP-sharded in place and stays so: each of its forwards is then a collective
+    that every rank must run (the adapter on disk is the run's result).
 
     Args:
         model: a causal LM with LoRA injected and only LoRA trainable; trained in place.
@@ -280,9 +293,10 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
         A summary: steps, train_loss (last step), eval_loss_before/after, seconds, tokens, tokens_per_s, bf16,
         resumed_from, trainable (``trainable_report``) and the paths written.
     Raises:
-        UsageError: for an empty training set, ``resume`` with ``overwrite``, a resume whose checkpoint has other
-            settings (only a lower lr or another max_grad_norm is accepted, with a warning), another process count,
-            or is damaged, or whose ``train_state`` holds only incomplete checkpoints.
+        UsageError: for an empty training set, ``resume`` with ``overwrite``, ``config.fsdp`` in a run of one
+            process, a resume whose checkpoint has other settings (only a lower lr, another max_grad_norm or fsdp
+            switched is accepted, with a warning), another process count, or is damaged, or whose ``train_state``
+            holds only incomplete checkpoints.
         InputNotFoundError: for ``config.resume`` without a checkpoint in ``config.out``.
         OutputExistsError: for a fresh run, without ``overwrite``, in an ``out`` that holds an earlier run's
             metrics.jsonl or checkpoints; raised before any work.
@@ -293,6 +307,7 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
     params = check_only_lora_trainable(model)
     if len(train_dataset) == 0:
         raise UsageError("the training set is empty: give it examples (check --train-limit and --eval-holdout)")
+    check_fsdp(config.fsdp, distributed.world())
     out = Path(config.out)
     state_dir, metrics_path = out / STATE_DIR, out / METRICS_FILE
     if config.resume and overwrite:
@@ -309,6 +324,8 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
     global_batch = config.batch_size * world.size  # examples per micro-batch, all ranks together
     total_steps = count_total_steps(len(train_dataset), batch_size=global_batch, grad_accum=config.grad_accum,
                                     epochs=config.epochs, max_steps=config.max_steps)
+    if config.fsdp:  # the parameters become sharded DTensors: the optimizer and the clipping take those
+        params = get_adapter_params(fully_sharded(model, device, world.size))
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     fingerprint = run_fingerprint(model, train_dataset, config, seed, bf16, provenance, world.size)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
@@ -378,7 +395,8 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
     was_training = model.training
     undo_checkpointing = _enable_checkpointing(model) if config.gradient_checkpointing else lambda: None
     model.train()  # LoRA dropout active; a frozen base in train mode changes nothing else for LLaMA
-    trained = data_parallel(model) if world.distributed else model  # what the training forward runs through
+    # What the training forward runs through: DDP's wrapper, or the model (FSDP's hooks are on it).
+    trained = data_parallel(model) if world.distributed and not config.fsdp else model
     # Every rank reads the global micro-batches (those of a one-process run with batch_size x processes).
     batches = micro_batches(train_dataset, global_batch, pad_id, seed, state.epoch, state.batch_index)
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not (progress and main))
@@ -415,17 +433,18 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
                 for i, batch in enumerate(labelled):
                     part, counts = rank_shard(batch, world.rank, world.size)
                     # Gradients are averaged across ranks in the step's last backward only.
-                    with nullcontext() if i == len(labelled) - 1 else trained.no_sync():
+                    with gradient_sync(trained, i == len(labelled) - 1):
                         with autocast():
                             nll = label_nll(trained, part, device)  # summed over this rank's label tokens
-                        # x processes: DDP averages, and the step's gradient is the sum over all ranks' tokens
+                        # x processes: DDP and FSDP average, and the step's gradient is the sum over all ranks' tokens
                         (nll / n_labels * (world.size if counts else 0)).backward()
                     if counts:
                         nlls.append(nll.detach())
                 mine = sum(torch.stack(nlls).tolist()) if nlls else 0.0
                 loss = sum(distributed.gather_objects(mine)) / n_labels  # in rank order: equal on every rank
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf  # inf: measure, don't clip
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm))
+            # Over every rank's shards under FSDP (the norm of the whole gradient, a DTensor: made whole to read it)
+            grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm)))
             for value, what in ((loss, "training loss"), (grad_norm, "gradient norm")):
                 if not math.isfinite(value):  # before optimizer.step: the bad update is never applied nor saved
                     raise NonFiniteLossError(state.step + 1, value, what, latest_checkpoint(state_dir))

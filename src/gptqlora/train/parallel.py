@@ -1,17 +1,23 @@
 """Data-parallel pieces of the training loop (torchrun, ``gptqlora.distributed``): a rank's shard of a global
-micro-batch, DDP over the adapter alone, and the held-out loss scored in shards and reduced."""
+micro-batch, DDP over the adapter alone or FSDP2 over the whole model, and the held-out loss scored in shards and
+reduced."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from gptqlora import distributed
 from gptqlora.data.gsm8k import IGNORE_INDEX, collate
+from gptqlora.errors import UsageError
 from gptqlora.eval.loss import answer_token_loss
 
 
@@ -44,6 +50,45 @@ def data_parallel(model: nn.Module) -> DistributedDataParallel:
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
     return DistributedDataParallel(model)  # buffers are all ignored above; label_nll moves the inputs
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Within it, a backward averages the gradients across ranks (``sync``) or only adds this rank's to them:
+    DDP's ``no_sync`` for a ``DistributedDataParallel`` wrapper, FSDP2's ``set_requires_gradient_sync`` otherwise."""
+    if isinstance(model, DistributedDataParallel):
+        with nullcontext() if sync else model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(sync)
+        yield
+
+
+def check_fsdp(fsdp: bool, world: distributed.World) -> None:
+    """Refuse ``--fsdp`` outside a torchrun job of several processes (there would be nothing to shard across).
+
+    Raises:
+        UsageError: saying how to launch it.
+    """
+    if fsdp and not world.distributed:
+        raise UsageError("--fsdp shards the model across the processes of a torchrun job, and this run has one: "
+                         "launch it with torchrun --nproc-per-node N (N > 1), or leave --fsdp out")
+
+
+def fully_sharded(model: nn.Module, device: torch.device, size: int) -> nn.Module:
+    """FSDP2 over a LLaMA-family model, in place: one group per decoder block (``model.model.layers[i]``), the root
+    group holding the rest (embeddings, final norm, head).
+
+    Every parameter is sharded along dim 0, each rank keeping its ``1 / size``: the LoRA weights (and so their
+    gradients and AdamW states) and the frozen float ones (embeddings, norms, head, float linears) alike; buffers,
+    where a quantized base keeps its packed weights, stay whole on every rank. A group's parameters are gathered for
+    its forward and backward, so every rank must run the same forwards. The parameters become ``DTensor``s: build the
+    optimizer after this, over ``get_adapter_params(model)``.
+    """
+    mesh = init_device_mesh(device.type, (size,))
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def sharded_answer_loss(model: nn.Module, dataset: Dataset, batch_size: int, pad_id: int, device: torch.device,
