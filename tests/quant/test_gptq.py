@@ -93,23 +93,35 @@ def test_solver_does_not_modify_inputs(act_order, group_aware):
 
 
 @pytest.mark.parametrize("act_order,static_groups", [(False, False), (True, True), (True, False)])
-def test_handed_over_hessian_is_factored_in_its_own_memory(act_order, static_groups):
-    # The driver hands its Hessian over: the solver works in that buffer (no K x K copy) and returns what it
-    # returns for a Hessian it must not touch, bit for bit.
+def test_handed_over_hessian_and_weight_are_worked_in_their_own_memory(act_order, static_groups):
+    # The driver hands its Hessian and its W over: the solver works in those buffers (no K x K copy, no copy of W)
+    # and returns what it returns for inputs it must not touch, bit for bit.
     _, W, H = correlated_problem(n_out=24, k=160, seed=3)
     H[7, :] = 0
     H[:, 7] = 0
+    W_before = W.clone()
     kept = gptq_solve(W, H, group_size=32, act_order=act_order, static_groups=static_groups, block_size=48)
-    given = H.clone()
+    assert torch.equal(W, W_before)  # not ours to write
+    given, given_W = H.clone(), W.clone()
     remade = []
-    owned = gptq_solve(W, handover(given, lambda: remade.append(1) or H.clone()), group_size=32,
-                       act_order=act_order, static_groups=static_groups, block_size=48)
+    owned = gptq_solve(given_W, handover(given, lambda: remade.append(1) or H.clone()), group_size=32,
+                       act_order=act_order, static_groups=static_groups, block_size=48, overwrite_W=True)
     for field in ("codes", "scales", "zeros", "g_idx"):
         assert torch.equal(getattr(owned, field), getattr(kept, field))
     assert owned.loss == kept.loss and owned.damp == kept.damp == 0.01
     assert not remade  # factored at the first damping: never made again
     assert not torch.equal(given, H)  # its memory held the factors
     assert torch.equal(given.triu(1), torch.zeros_like(given).triu(1))  # U^T in row-major terms: a triangle is 0
+    assert not torch.equal(given_W, W)  # its memory held the updated weights
+
+
+def test_overwrite_w_copies_a_weight_of_another_dtype_and_leaves_it_alone():
+    _, W, H = correlated_problem(n_out=16, k=64, seed=5)
+    W16 = W.bfloat16()
+    before = W16.clone()
+    result = gptq_solve(W16, H, group_size=32, overwrite_W=True)
+    assert torch.equal(W16, before)  # float32 work needs a copy: the bf16 weights are not written
+    assert torch.equal(result.codes, gptq_solve(W16.float(), H, group_size=32).codes)
 
 
 def test_a_handed_over_hessian_is_remade_to_retry_with_more_damping():

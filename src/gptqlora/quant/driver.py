@@ -90,7 +90,8 @@ def quantize_linears(block: nn.Module, names: Sequence[str], H: HessianSource | 
         GPTQ loss per name (the stacked solve's loss is split in proportion to rows).
     """
     linears = [_get(block, n) for n in names]
-    # [sum N, K]; one linear's weight is taken as it is: a copy would hold down_proj's weights twice
+    # [sum N, K]; one linear's weight is taken as it is: a copy would hold down_proj's weights twice. The linears
+    # leave the block below, so W is the solver's to work in (no second copy of it).
     W = linears[0].weight.detach() if len(linears) == 1 else torch.cat([lin.weight.detach() for lin in linears])
     kept = [(lin.out_features, lin.bias, lin.weight.device) for lin in linears]
     for name in names:  # the float weights are in W now: free them before the solve and the packing need memory
@@ -102,7 +103,7 @@ def quantize_linears(block: nn.Module, names: Sequence[str], H: HessianSource | 
         result = gptq_solve(W, H, bits=config.bits, group_size=config.group_size, sym=config.sym,
                             act_order=config.act_order, static_groups=config.static_groups,
                             group_aware=config.group_aware, damp_percent=config.damp_percent,
-                            block_size=config.block_size)
+                            block_size=config.block_size, overwrite_W=True)
     del W
     if result.damp is not None and result.damp > config.damp_percent:
         log.warning("%s: the damped Hessian did not factor; GPTQ used damping %g instead of %g (calibrate on more or "

@@ -7,8 +7,9 @@ paper: W, H, Hinv, Q, Err1, Losses.
 Column orders (:func:`column_order`): natural; act-order (desc_act, whose dynamic groups make g_idx a permutation);
 group-aware (groups by importance, columns within each group by importance: g_idx stays k // group_size).
 
-Memory: besides the caller's W, the solver holds one float32 copy of W and one K x K buffer: a copy of the caller's H,
-or the caller's own H when it is handed over (:func:`handover`). Permutation, damping, both Cholesky factorisations and
+Memory: besides the caller's W, the solver holds one float32 copy of W (or none: the caller's own with
+``overwrite_W``) and one K x K buffer: a copy of the caller's H, or the caller's own H when it is handed over
+(:func:`handover`). Permutation, damping, both Cholesky factorisations and
 the inverse happen in that buffer; a plain implementation holds five to seven K x K temporaries.
 """
 
@@ -183,13 +184,13 @@ def handover(first: Tensor, remake: Callable[[], Tensor]) -> Callable[[], Tensor
 
 def gptq_solve(W: Tensor, H: HessianSource, bits: int = 4, group_size: int = 128, sym: bool = True, act_order: bool = False,
                static_groups: bool = False, group_aware: bool = False, damp_percent: float = 0.01,
-               block_size: int = 128) -> QuantResult:
+               block_size: int = 128, overwrite_W: bool = False) -> QuantResult:
     """Quantize one weight matrix with GPTQ.
 
     Rows are independent given H, so layers sharing an input (q, k, v) can be solved at once by stacking their rows.
 
     Args:
-        W: weight [N, K] (out, in); not modified.
+        W: weight [N, K] (out, in); not modified, unless ``overwrite_W``.
         H: Hessian [K, K] of the layer inputs (see :class:`HessianAccumulator`), not modified: the solver works on
             one copy. Or a function giving a fresh Hessian on each call, which the solver owns and overwrites,
             holding no copy (see :func:`handover`); it is called again only to retry with more damping.
@@ -199,6 +200,8 @@ def gptq_solve(W: Tensor, H: HessianSource, bits: int = 4, group_size: int = 128
         group_aware: group-aware reordering (see :func:`column_order`); not with ``act_order``.
         damp_percent: damping as a fraction of mean(diag(H)); raised and retried when Cholesky fails.
         block_size: columns per lazy batch update.
+        overwrite_W: the solver may work in W's own memory (a float32 W is then left permuted and updated: garbage
+            to the caller) instead of a copy: for a caller that drops W anyway (7B's gate/up, stacked: 344 MiB).
     Returns:
         :class:`QuantResult` with the codes the solver chose (never re-derived) and the summed GPTQ loss.
     """
@@ -214,8 +217,11 @@ def gptq_solve(W: Tensor, H: HessianSource, bits: int = 4, group_size: int = 128
     d[dead] = 1
     perm = column_order(d, g, act_order, group_aware)
     permuted = act_order or group_aware
-    W = W.detach().to(torch.float32)
-    W = W[:, perm] if permuted else W.clone()  # [N, K] in processing order, our own copy
+    W = W.detach()
+    if W.dtype != torch.float32 or not overwrite_W:
+        W = W.to(torch.float32, copy=True)  # our own copy
+    if permuted:
+        _permute_columns_(W, perm)  # [N, K] in processing order
     W[:, dead[perm]] = 0
 
     # Group of each position in processing order. Groups are the contiguous k // g, except with dynamic act-order,
