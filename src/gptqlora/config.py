@@ -361,8 +361,9 @@ class TrainConfig:
     resume: bool = opt(False, "Continue from the last training checkpoint in --out.")
     fsdp: bool = opt(False, "Under torchrun (2 or more processes): shard the model with FSDP2 instead of "
                             "replicating it with DDP. Each process keeps 1/N of the LoRA weights, their gradients and "
-                            "AdamW states, and of the float weights (embeddings, norms, head); the packed quantized "
-                            "weights stay whole in every process. Same steps as DDP, same files written.")
+                            "AdamW states, and of the float weights (embeddings, norms, head, unquantized linears); "
+                            "the packed quantized weights stay whole in every process. Same steps as DDP, same "
+                            "files written.")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_length", "eval_every", "save_every", "log_every"):

@@ -16,9 +16,9 @@ several processes when it is unset: set it to your share, e.g. OMP_NUM_THREADS=8
 
 ``--fsdp`` (torchrun with 2 or more processes only; refused otherwise) shards instead of replicating: each process
 keeps 1/N of the LoRA weights, of their gradients and AdamW states, and of the float weights (embeddings, norms, the
-head), gathering a block's for its forward and backward; the packed 4-bit weights are buffers and stay whole in
-every process. The examples, steps and files are those of DDP (the checkpoints and the adapter are gathered and
-written whole by rank 0); a resume may switch ``--fsdp`` on or off (with a warning).
+head, linears left unquantized), gathering a block's for its forward and backward; the packed 4-bit weights are
+buffers and stay whole in every process. The examples, steps and files are those of DDP (the checkpoints and the
+adapter are gathered and written whole by rank 0); a resume may switch ``--fsdp`` on or off (with a warning).
 """
 
 from __future__ import annotations
