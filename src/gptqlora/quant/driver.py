@@ -16,8 +16,8 @@ out when done. Calibration activations stay where they are given (the CPU, when 
 device one chunk at a time; each Hessian is accumulated chunk by chunk and scaled in place, so a block holds its
 input, one residual-stream-sized list and one Hessian, never every stage's input. The dequantized ('dense') weights
 that quantized linears keep for the block's remaining passes are freed as soon as no pass needs them (attention's once
-the residual stream is formed, gate/up's while down_proj is solved), and a single linear's weight goes to the solver
-without a copy.
+the residual stream is formed, gate/up's while down_proj is solved), and the solver works in the float weights the
+block gives up (``_take_weights``): no copy of W beside them.
 
 The stage-by-stage computation is LLaMA's block written out by hand: ``check_staged_forward`` compares it with the
 block's own forward on the first chunk of every block and refuses a block that computes something else.
@@ -89,14 +89,7 @@ def quantize_linears(block: nn.Module, names: Sequence[str], H: HessianSource | 
     Returns:
         GPTQ loss per name (the stacked solve's loss is split in proportion to rows).
     """
-    linears = [_get(block, n) for n in names]
-    # [sum N, K]; one linear's weight is taken as it is: a copy would hold down_proj's weights twice. The linears
-    # leave the block below, so W is the solver's to work in (no second copy of it).
-    W = linears[0].weight.detach() if len(linears) == 1 else torch.cat([lin.weight.detach() for lin in linears])
-    kept = [(lin.out_features, lin.bias, lin.weight.device) for lin in linears]
-    for name in names:  # the float weights are in W now: free them before the solve and the packing need memory
-        _set(block, name, _Quantizing())
-    del linears
+    W, kept = _take_weights(block, names)
     if config.method == "rtn" or H is None:
         result = rtn_quantize(W, config.bits, config.group_size, config.sym)
     else:
@@ -120,6 +113,31 @@ def quantize_linears(block: nn.Module, names: Sequence[str], H: HessianSource | 
     del result
     release_free_heap()  # the solve's and packing's freed temporaries, before the next stage allocates its own
     return losses
+
+
+def _take_weights(block: nn.Module, names: Sequence[str]) -> tuple[Tensor, list[tuple[int, Tensor | None, torch.device]]]:
+    """Take the float linears ``names`` out of ``block`` (each leaves a ``_Quantizing`` in its place): their weights
+    with rows stacked, W [sum N, K], which no one else holds (the solver may work in it), and each one's (rows,
+    bias, device).
+
+    One linear's weight is taken as it is (a copy would hold down_proj's weights twice). Stacked rows are copied in
+    one linear at a time, each linear leaving the block as soon as its rows are in: the copy never coexists with
+    all of them (q/k/v of 7B: 64 MiB above the linears instead of 192).
+    """
+    first = _get(block, names[0]).weight
+    n_rows = sum(_get(block, n).out_features for n in names)
+    W = first.detach() if len(names) == 1 else first.new_empty(n_rows, first.shape[1])  # pages filled as copied in
+    del first
+    kept, start = [], 0
+    for name in names:
+        lin = _get(block, name)
+        if len(names) > 1:
+            W[start:start + lin.out_features] = lin.weight.detach()
+        kept.append((lin.out_features, lin.bias, lin.weight.device))
+        start += lin.out_features
+        _set(block, name, _Quantizing())
+        del lin  # its weight is freed here: W holds its rows
+    return W, kept
 
 
 class _Quantizing(nn.Module):
