@@ -59,6 +59,17 @@ def tiny_llama():
 
 
 @pytest.fixture
+def one_thread(monkeypatch):
+    """As each rank of the two-process tests runs: one thread (same kernels, so the same generations);
+    OMP_NUM_THREADS keeps a CLI run in this process to it."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def gsm8k_dir() -> Path:
     if not (GSM8K_DIR / "train.jsonl").is_file():
         pytest.fail(f"GSM8K not found at {GSM8K_DIR}: set GSM8K_DIR to the directory holding train.jsonl/test.jsonl")

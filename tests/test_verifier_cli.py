@@ -181,7 +181,7 @@ def test_resumed_sampling_equals_an_uninterrupted_one(tmp_path, quantized_dir, g
                            log=lambda line: None)
     assert summary["resumed_from"] == 2
     assert (part / SAMPLES).read_bytes() == (whole / SAMPLES).read_bytes()
-    with pytest.raises(Exception, match=re.escape("settings.seed: saved 3, now 4")):
+    with pytest.raises(Exception, match=re.escape("seed: saved 3, now 4")):
         sample_gsm8k(model, tok, entries, config, part, style="plain", seed=4, resume=True)
 
 

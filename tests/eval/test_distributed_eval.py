@@ -27,8 +27,7 @@ import torch  # noqa: E402
 from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
 
 from gptqlora import cli, distributed  # noqa: E402
-from gptqlora.errors import UsageError  # noqa: E402
-from gptqlora.eval.gsm8k_eval import PARTS, fold_parts, part_batches, part_path, record_line  # noqa: E402
+from gptqlora.eval.gsm8k_eval import EVAL_FILES  # noqa: E402
 
 from eval.eval_script import BATCH, ENTRIES, run_eval  # noqa: E402
 
@@ -47,16 +46,6 @@ def torchrun(args: list[str], tmp_path: Path, check: bool = True) -> subprocess.
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-@pytest.fixture
-def one_thread(monkeypatch):
-    """As each rank runs: one thread (same kernels, so the same generations); OMP_NUM_THREADS keeps the CLI to it."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +67,7 @@ def assert_same_as(out: Path, ref: Path, world_size: int) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     assert untimed(summary) == untimed(json.loads((ref / "summary.json").read_text()))
     assert summary["world_size"] == world_size
-    assert not list(out.glob(PARTS))  # merged, then removed
+    assert not list(out.glob(EVAL_FILES.parts))  # merged, then removed
     return summary
 
 
@@ -119,7 +108,8 @@ def test_resume_after_a_rank_is_killed_equals_an_uninterrupted_run(tmp_path, one
     proc = torchrun([__file__, str(out), "--die-at", "3", "--slow", "1"], tmp_path, check=False)
     assert proc.returncode != 0
     assert not (out / "summary.json").exists() and (out / "predictions.jsonl").read_bytes() == b""
-    lines = {r: (part_path(out, r).read_bytes().count(b"\n") if part_path(out, r).is_file() else 0) for r in (0, 1)}
+    parts = {r: EVAL_FILES.part(out, r) for r in (0, 1)}
+    lines = {r: p.read_bytes().count(b"\n") if p.is_file() else 0 for r, p in parts.items()}
     assert lines[1] == BATCH, proc.stderr[-3000:]
     # Whole batches that continue the (empty) merged file are kept: rank 0's [0, 1], then [2, 3], then its [4, 5].
     kept = 0 if lines[0] < BATCH else 2 * BATCH if lines[0] < 2 * BATCH else 3 * BATCH
@@ -142,7 +132,7 @@ def write_parts(out: Path, ref: Path, parts: dict[int, list[int]], torn: dict[in
     records = (ref / "predictions.jsonl").read_bytes().splitlines(keepends=True)
     for rank, indices in parts.items():
         extra = records[indices[-1] + 1][:torn[rank]] if torn and rank in torn else b""
-        part_path(out, rank).write_bytes(b"".join(records[i] for i in indices) + extra)
+        EVAL_FILES.part(out, rank).write_bytes(b"".join(records[i] for i in indices) + extra)
 
 
 @pytest.mark.parametrize("parts, torn, kept, cut", [
@@ -172,22 +162,6 @@ def test_parts_already_merged_are_not_doubled(tmp_path, one_thread, reference):
     summary = run_eval(out, resume=True)
     assert summary["resumed_from"] == len(ENTRIES) and summary["generated_tokens_this_run"] == 0
     assert_same_as(out, reference, world_size=1)
-
-
-def test_fold_parts_keeps_only_whole_batches_in_order_and_refuses_foreign_lines():
-    lines = [record_line({"index": i, "question": e["question"]}) for i, e in enumerate(ENTRIES)]
-    part0, part1 = "".join(lines[0:2] + lines[4:6]).encode(), "".join(lines[2:4]).encode()
-    assert part_batches(part1, ENTRIES, BATCH) == {2: lines[2] + lines[3]}
-    assert fold_parts(0, [part0, part1], ENTRIES, BATCH) == [lines[0] + lines[1], lines[2] + lines[3],
-                                                              lines[4] + lines[5]]
-    assert fold_parts(2, [part1], ENTRIES, BATCH) == [lines[2] + lines[3]]
-    assert fold_parts(0, [part1], ENTRIES, BATCH) == []  # batch [0, 1] is missing
-    # A short last batch is whole when it holds the questions left.
-    assert part_batches("".join(lines[4:5]).encode(), ENTRIES[:5], BATCH) == {4: lines[4]}
-    assert part_batches("".join(lines[4:5]).encode(), ENTRIES, BATCH) == {}
-    foreign = record_line({"index": 1, "question": "another question"}).encode()
-    with pytest.raises(UsageError, match="not a record of this evaluation"):
-        part_batches(foreign, ENTRIES, BATCH)
 
 
 def test_a_fresh_run_removes_an_earlier_runs_parts(tmp_path, one_thread, reference):

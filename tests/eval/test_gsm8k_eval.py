@@ -29,17 +29,15 @@ from gptqlora.eval import gsm8k_eval
 from gptqlora.eval.gsm8k_eval import (
     build_eval_prompts,
     check_quantized,
-    complete_records,
     eval_settings,
     evaluate_gsm8k,
     fewshot_exemplars,
     format_number,
-    record_line,
     score_text,
-    settings_diff,
     vote_samples,
     write_results,
 )
+from gptqlora.eval.records import record_line
 from gptqlora.eval.scoring import accuracy_with_ci
 
 from eval.eval_script import BATCH, ENTRIES, PROVENANCE, run_eval
@@ -381,17 +379,6 @@ def test_eval_settings_change_with_what_changes_the_records(tok):
     assert greedy == eval_settings(SC_ENTRIES, EvalConfig(eval_batch_size=3, max_new_tokens=32), "plain", (), seed=1)
 
 
-def test_settings_diff_names_each_difference_with_both_values():
-    saved = {"n": 6, "max_new_tokens": 12, "provenance": {"model": "a", "adapter": None}}
-    assert settings_diff(saved, json.loads(json.dumps(saved))) == []
-    now = {"n": 6, "max_new_tokens": 16, "provenance": {"model": "b", "extra": [1]}}
-    assert settings_diff(saved, now) == ["max_new_tokens: saved 12, now 16",
-                                         "provenance.adapter: saved null, now (absent)",
-                                         "provenance.extra: saved (absent), now [1]",
-                                         'provenance.model: saved "a", now "b"']
-    assert settings_diff({"provenance": None}, {"provenance": {"model": "a"}}) == [
-        "provenance: saved null, now (absent)", 'provenance.model: saved (absent), now "a"']
-
 
 def test_records_are_strict_json_even_for_an_out_of_range_answer(monkeypatch, tok, tmp_path):
     huge = "#### " + "9" * 400  # beyond float range: no answer (JSON has no inf), so the vote ignores it
@@ -596,23 +583,6 @@ def test_resuming_a_finished_run_only_rescores(monkeypatch, tmp_path, reference)
     assert summary["resumed_from"] == 6 and summary["generated_tokens_this_run"] == 0
     assert_same_as_reference(out, ref, summary)
 
-
-def test_complete_records_keeps_whole_batches_of_this_evaluation():
-    entries = [{"question": f"q{i}"} for i in range(5)]
-    lines = [record_line({"index": i, "question": f"q{i}", "prediction": "é"}).encode() for i in range(5)]
-    data = b"".join(lines)
-    assert complete_records(b"", entries, 2) == ([], 0)
-    assert complete_records(data, entries, 2) == ([json.loads(ln) for ln in lines], len(data))  # short last batch
-    assert complete_records(data[:-1], entries, 2)[1] == len(b"".join(lines[:4]))  # torn last line: its batch goes
-    for n in range(5):
-        records, size = complete_records(b"".join(lines[:n]) + lines[n][:5], entries, 2)
-        assert len(records) == n - n % 2 and size == len(b"".join(lines[:n - n % 2]))
-    with pytest.raises(UsageError, match="line 2 of predictions.jsonl is not the record of question 1"):
-        complete_records(lines[0] + lines[2], entries, 2)
-    with pytest.raises(UsageError, match="line 1 .* cannot be resumed; run without --resume"):
-        complete_records(b"not json\n", entries, 2)
-    with pytest.raises(UsageError, match="line 1"):
-        complete_records(data, [{"question": "other"}] + entries[1:], 2)
 
 
 @pytest.mark.parametrize("change, named", [

@@ -8,15 +8,15 @@ question and writes into its output directory:
 - ``eval_config.json``: the settings that determine the records (:func:`eval_settings`) and the caller's
   provenance (model, adapter), written when a fresh run starts; a resumed run must match it;
 - ``predictions.jsonl``: one record per question, appended and fsynced after each generation batch, so a crash
-  loses at most the batch in flight; ``resume=True`` continues from the last complete batch (:func:`complete_records`)
-  and ends with the same bytes an uninterrupted run writes;
+  loses at most the batch in flight; ``resume=True`` continues from the last complete batch and ends with the same
+  bytes an uninterrupted run writes;
 - ``summary.json``: accuracy over all records, the settings and the provenance, written atomically at the end.
 
 Under ``torchrun`` the generation batches (the same batches, in the same order, as one process makes) are dealt out
 round-robin to the ranks; each rank appends its batches to its own ``predictions.part-RANK.jsonl``, and rank 0
-alone writes the shared files: at the end it appends every rank's records in question order to predictions.jsonl,
-which then holds the bytes a one-process run writes. A resume, with any number of processes, first folds the whole
-batches of the part files that continue predictions.jsonl into it (:func:`fold_parts`).
+alone writes the shared files, which end with the bytes a one-process run writes; a resume may use any number of
+processes. The files, the resume and the part files are :mod:`gptqlora.eval.records`' (``gptqlora sample`` writes
+its samples with the same machinery).
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ from gptqlora.data.gsm8k import answers_match, build_prompt, extract_answer, gol
 from gptqlora.errors import UsageError
 from gptqlora.eval.generate import generate, generate_samples
 from gptqlora.eval.scoring import majority_vote, summarize
-from gptqlora.files import append_durable, fsync_path, write_atomic
+from gptqlora.eval.records import RecordFiles, answer_batches, open_output, record_line
 from gptqlora.eval.verifier import score_samples, verifier_fields, verifier_scores
+from gptqlora.files import write_atomic
 from gptqlora.quant.kernels import kernels_used
 from gptqlora.quant.linear import QuantizedLinear
 
@@ -126,13 +127,7 @@ def _score_block(correct: Sequence[bool]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- records
 
-PREDICTIONS, SUMMARY, EVAL_CONFIG = "predictions.jsonl", "summary.json", "eval_config.json"
-PARTS = "predictions.part-*.jsonl"  # one per rank of a distributed run, folded into PREDICTIONS
-
-
-def part_path(out: Path, rank: int) -> Path:
-    """Where rank ``rank`` of a distributed evaluation appends its batches' records."""
-    return out / PARTS.replace("*", str(rank))
+EVAL_FILES = RecordFiles(records="predictions.jsonl", config="eval_config.json", what="evaluation")
 
 
 def json_number(x: float | None) -> float | None:
@@ -159,17 +154,18 @@ def make_record(index: int, question: str, gold: float, text: str,
     return record, line
 
 
-def record_line(record: dict) -> str:
-    """One predictions.jsonl line: strict JSON (no NaN or Infinity), UTF-8 text kept as is, newline-terminated."""
-    return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
-
-
 def write_results(out_dir: str | os.PathLike, records: Sequence[dict], summary: dict) -> None:
     """Write ``predictions.jsonl`` (one record per line) and ``summary.json`` atomically into ``out_dir`` (created)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / PREDICTIONS, "".join(record_line(r) for r in records))
-    write_atomic(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_atomic(out / EVAL_FILES.records, "".join(record_line(r) for r in records))
+    write_atomic(out / EVAL_FILES.summary, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+
+
+def generated_tokens(tokenizer, records: Sequence[dict]) -> int:
+    """How many tokens were generated for ``records``: each greedy prediction and each sample, tokenized alone."""
+    texts = [t for r in records for t in [r["prediction"], *r.get("samples", [])]]
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
 
 
 def score_records(records: Sequence[dict], config: EvalConfig) -> dict[str, Any]:
@@ -207,168 +203,6 @@ def eval_settings(entries: Sequence[dict], config: EvalConfig, style: str, exemp
             "max_new_tokens": config.max_new_tokens, "eval_batch_size": config.eval_batch_size,
             "samples": config.samples, "temperature": config.temperature if sampling else None,
             "top_p": config.top_p if sampling else None, "seed": seed if sampling else None}
-
-
-_ABSENT = object()
-
-
-def _flatten(value: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}, "c": 2}`` -> ``{"a.b": 1, "c": 2}`` (an empty dict stays a value)."""
-    flat = {}
-    for key, sub in value.items():
-        name = f"{prefix}{key}"
-        flat |= _flatten(sub, name + ".") if isinstance(sub, dict) and sub else {name: sub}
-    return flat
-
-
-def _show(value: Any) -> str:
-    return "(absent)" if value is _ABSENT else json.dumps(value, ensure_ascii=False)
-
-
-def settings_diff(saved: dict, current: dict) -> list[str]:
-    """``"name: saved X, now Y"`` for each setting that differs; nested dicts are named by dotted paths, sorted."""
-    a, b = _flatten(saved), _flatten(current)
-    return [f"{k}: saved {_show(a.get(k, _ABSENT))}, now {_show(b.get(k, _ABSENT))}"
-            for k in sorted(a.keys() | b.keys()) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
-
-
-def complete_records(data: bytes, entries: Sequence[dict], batch_size: int, name: str = PREDICTIONS,
-                     writer: str = "this evaluation") -> tuple[list[dict], int]:
-    """The records of a per-question JSONL (``name``: predictions.jsonl, or ``gptqlora sample``'s samples.jsonl) that
-    a resumed run keeps, and the file length that holds exactly them.
-
-    A kill mid-append leaves a prefix of the file: an unterminated last line is dropped, and so is a batch whose
-    records are not all there, since a batch is regenerated whole (its sampling seed is ``seed + first index``).
-
-    Args:
-        data: the file's bytes.
-        entries: the evaluated entries (record ``i`` must be entry ``i``'s).
-        batch_size: questions per generation batch.
-    Returns:
-        (the kept records, in order; the byte length of their lines).
-    Raises:
-        UsageError: a complete line that is not JSON, or not the record of the question at its position: the file
-            was not written by this evaluation alone.
-    """
-    lines = data.split(b"\n")[:-1]  # the part after the last newline is a torn line, or b""
-    records = []
-    for i, raw in enumerate(lines):
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            record = None
-        if not (isinstance(record, dict) and i < len(entries) and record.get("index") == i
-                and record.get("question") == entries[i]["question"]):
-            raise UsageError(f"line {i + 1} of {name} is not the record of question {i}: the file was changed by "
-                             f"something other than {writer}, so it cannot be resumed; run without --resume to "
-                             "start afresh")
-        records.append(record)
-    keep = len(records) if len(records) == len(entries) else len(records) - len(records) % batch_size
-    return records[:keep], sum(len(line) + 1 for line in lines[:keep])
-
-
-def part_batches(data: bytes, entries: Sequence[dict], batch_size: int) -> dict[int, str]:
-    """The whole batches in a rank's part file: first question index -> the batch's lines, as written.
-
-    A rank appends each of its batches whole, so a kill leaves at most one torn line and one partial batch at the
-    end; both are dropped, like any batch whose records are not exactly its questions in order.
-
-    Raises:
-        UsageError: a complete line that is not the record of the question it names (the file was not written by
-            this evaluation).
-    """
-    lines: dict[int, list[str]] = {}
-    for raw in data.split(b"\n")[:-1]:  # the part after the last newline is a torn line, or b""
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            record = None
-        index = record.get("index") if isinstance(record, dict) else None
-        if not (isinstance(index, int) and 0 <= index < len(entries)
-                and record.get("question") == entries[index]["question"]):
-            raise UsageError(f"a line of a {PARTS} file is not a record of this evaluation's questions: the file was "
-                             "changed by something other than this evaluation, so it cannot be resumed; run "
-                             "without --resume to start afresh")
-        lines.setdefault(index - index % batch_size, []).append(raw.decode("utf-8") + "\n")
-    return {start: "".join(batch) for start, batch in lines.items()
-            if len(batch) == min(batch_size, len(entries) - start)
-            and [json.loads(ln)["index"] for ln in batch] == list(range(start, start + len(batch)))}
-
-
-def fold_parts(answered: int, parts: Sequence[bytes], entries: Sequence[dict], batch_size: int) -> list[str]:
-    """The batches of the part files that continue the ``answered`` questions of predictions.jsonl, in order.
-
-    Only the run of whole batches that follows on directly is kept: a batch after a gap (one a killed rank never
-    finished) is answered again, so predictions.jsonl stays one record per question, in question order.
-
-    Returns:
-        The batches' lines, to append to predictions.jsonl.
-    """
-    found: dict[int, str] = {}
-    for data in parts:
-        found |= part_batches(data, entries, batch_size)
-    folded = []
-    while answered in found:
-        folded.append(found[answered])
-        answered += min(batch_size, len(entries) - answered)
-    return folded
-
-
-def start_fresh(out: Path, eval_config: dict) -> None:
-    """Begin an evaluation in ``out``: no summary and no part files, an empty predictions.jsonl, then
-    ``eval_config.json``.
-
-    An earlier run's eval_config.json (and its part files) are deleted first, so a crash in between leaves nothing
-    to resume rather than this run's records under another run's settings.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    for path in [out / EVAL_CONFIG, out / SUMMARY, *sorted(out.glob(PARTS))]:
-        path.unlink(missing_ok=True)
-    write_atomic(out / PREDICTIONS, "")
-    write_atomic(out / EVAL_CONFIG, json.dumps(eval_config, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-
-
-def resume_from(out: Path, eval_config: dict, entries: Sequence[dict], batch_size: int) -> tuple[list[dict], bool]:
-    """Continue an evaluation in ``out``: check its settings, cut predictions.jsonl back to its complete batches
-    and append the part files' batches that continue them (:func:`fold_parts`); the part files are then deleted.
-
-    Returns:
-        (the kept records, whether a torn line or an incomplete batch, or a batch after a gap, was cut off).
-    Raises:
-        UsageError: nothing to resume (no eval_config.json or predictions.jsonl), different settings (each one
-            named with both values), or a predictions.jsonl this evaluation did not write. Nothing is changed then.
-    """
-    config_path, predictions = out / EVAL_CONFIG, out / PREDICTIONS
-    if not (config_path.is_file() and predictions.is_file()):
-        raise UsageError(f"nothing to resume in {out}: it holds no {EVAL_CONFIG} and {PREDICTIONS} from an "
-                         "earlier evaluation; run without --resume")
-    try:
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        saved = f"not valid JSON ({e})"
-    if not isinstance(saved, dict):
-        raise UsageError(f"{config_path} is {saved}, not an evaluation's settings: run without --resume to start "
-                         "afresh")
-    current = {**eval_config["settings"], "provenance": eval_config["provenance"]}
-    if diff := settings_diff({**saved.get("settings", {}), "provenance": saved.get("provenance")}, current):
-        raise UsageError(f"cannot resume the evaluation in {out}: it was run with other settings ("
-                         + "; ".join(diff) + "). Resume with the saved settings, or run without --resume")
-    data = predictions.read_bytes()
-    records, keep = complete_records(data, entries, batch_size)
-    parts = sorted(out.glob(PARTS))
-    part_data = [p.read_bytes() for p in parts]
-    folded = fold_parts(len(records), part_data, entries, batch_size)
-    (out / SUMMARY).unlink(missing_ok=True)  # written again once every question is answered
-    if keep < len(data):
-        os.truncate(predictions, keep)
-        fsync_path(predictions)
-    if folded:  # appended before the parts go: a kill in between leaves them to fold again
-        append_durable(predictions, folded)
-        records += [json.loads(line) for batch in folded for line in batch.splitlines()]
-    for path in parts:
-        path.unlink()
-    dropped = sum(1 for d in part_data for line in d.split(b"\n")[:-1] if json.loads(line)["index"] >= len(records))
-    return records, keep < len(data) or dropped > 0 or any(d and not d.endswith(b"\n") for d in part_data)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -448,68 +282,35 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
     provenance = json.loads(json.dumps(provenance, allow_nan=False))  # as eval_config.json will hold it
     eval_config = {"settings": settings, "provenance": provenance}
 
-    world = distributed.joined()
-    if world.distributed:
-        distributed.agree(eval_config, "the evaluation's settings and provenance")
     out = None if out_dir is None else Path(out_dir)
-    if resume and out is None:
-        raise UsageError("resume needs the output directory of the evaluation to continue (out_dir)")
-
-    def prepare() -> tuple[list[dict], bool]:  # rank 0 alone, while the others wait
-        if resume:
-            return resume_from(out, eval_config, entries, batch)
-        if out is not None:
-            start_fresh(out, eval_config)
-        return [], False
-
-    records, cut = distributed.from_main(prepare)  # every rank learns where to go on from
+    records, cut = open_output(out, EVAL_FILES, eval_config, entries, batch, resume)  # every rank learns where
     resumed_from = len(records)
+    world = distributed.joined()
     if resume and world.main:
-        log(f"resuming: {len(records)} of {len(entries)} questions answered in {out / PREDICTIONS}"
+        log(f"resuming: {len(records)} of {len(entries)} questions answered in {out / EVAL_FILES.records}"
             + (" (an incomplete batch was cut off, to be answered again)" if cut else ""))
-    # One process appends to predictions.jsonl; under torchrun each rank to its own part file, emptied now.
-    mine = None if out is None else out / PREDICTIONS if not world.distributed else part_path(out, world.rank)
-    if mine is not None and world.distributed:
-        write_atomic(mine, "")
 
-    new_records: list[dict] = []
-    n_tokens = 0
-    start_time = time.perf_counter()
-    # The batches one process makes, in its order, dealt out round-robin: so each is padded and seeded alike.
-    for start in list(range(resumed_from, len(entries), batch))[world.rank::world.size]:
+    def answer(start: int) -> list[tuple[dict, str]]:
         batch_prompts = prompts[start:start + batch]
         texts = generate(model, tokenizer, batch_prompts, **gen_kw)
         samples = (generate_samples(model, tokenizer, batch_prompts, k=k, temperature=config.temperature,
                                     top_p=config.top_p, seed=seed + start, **gen_kw) if k else None)
-        generated = texts + [t for per_q in samples or [] for t in per_q]
-        n_tokens += sum(len(ids) for ids in tokenizer(generated, add_special_tokens=False)["input_ids"])
         scored = [make_record(start + j, entries[start + j]["question"], golds[start + j], text,
                               samples[j] if samples is not None else None) for j, text in enumerate(texts)]
         if verifier is not None and samples is not None:
             scores = score_samples(verifier, [e["question"] for e in entries[start:start + batch]], samples, batch)
             for j, (record, _) in enumerate(scored):
                 record |= verifier_fields(record["sample_answers"], scores[j], golds[start + j])
-        if mine is not None:  # the batch is on disk before anything else can fail
-            append_durable(mine, [record_line(r) for r, _ in scored])
-        for record, line in scored:
-            new_records.append(record)
-            log(line)
+        return scored
 
-    gathered = distributed.gather_objects((new_records, n_tokens))
-    if world.distributed:
-        new_records = sorted((r for rank_records, _ in gathered for r in rank_records), key=lambda r: r["index"])
-        n_tokens = sum(t for _, t in gathered)
-        if out is not None and world.main:  # then the parts may go: a kill in between leaves them to fold again
-            append_durable(out / PREDICTIONS, [record_line(r) for r in new_records])
-        distributed.barrier()
-        if mine is not None:
-            mine.unlink(missing_ok=True)
-        distributed.barrier()
+    start_time = time.perf_counter()
+    new_records = answer_batches(out, EVAL_FILES, len(entries), batch, resumed_from, answer, log)
     seconds = time.perf_counter() - start_time
 
     summary = None
     if world.main:
         records += new_records
+        n_tokens = generated_tokens(tokenizer, new_records)
         summary = {"n": len(records), "style": style, "shots": len(exemplars), **score_records(records, config),
                    **(verifier_scores(records, k, verifier.record) if verifier is not None else {}),
                    "settings": settings, "provenance": provenance, "resumed_from": resumed_from,
@@ -518,7 +319,7 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
                    "world_size": world.size, "seconds_this_run": seconds, "generated_tokens_this_run": n_tokens,
                    "tokens_per_s_this_run": n_tokens / seconds if seconds > 0 else 0.0}
         if out is not None:
-            write_atomic(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+            write_atomic(out / EVAL_FILES.summary, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return distributed.broadcast_object(summary)
 
 

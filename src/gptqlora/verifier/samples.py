@@ -1,14 +1,21 @@
 """Labelled samples for training a verifier: K sampled solutions per GSM8K train question, each marked correct or not
 against the gold answer.
 
-The output directory holds (as ``gptqlora eval``'s does, and as resumable):
+The output directory holds (as ``gptqlora eval``'s does, written and resumed by the same machinery,
+:mod:`gptqlora.eval.records`):
 
 - ``sample_config.json``: the settings that determine the samples (``gptqlora.eval.gsm8k_eval.eval_settings``, the
   split included) and the provenance of the model that sampled; written when a fresh run starts;
 - ``samples.jsonl``: one record per question, ``{"index", "question", "gold", "samples", "sample_answers",
   "sample_correct"}``, appended and fsynced per generation batch; a resume keeps the complete batches and answers
-  the rest, ending with the bytes an uninterrupted run writes (batch ``i``'s sampling seed is ``seed + i``);
+  the rest, ending with the bytes an uninterrupted run writes (the batch whose first question has index ``i``
+  samples with seed ``seed + i``);
 - ``summary.json``: counts, the fraction of correct samples and pass@K; its presence marks the samples complete.
+
+Under ``torchrun`` the batches one process makes are dealt out round-robin to the ranks (each question is sampled by
+one rank, in the batch and with the seed one process gives it); each rank appends to its own
+``samples.part-RANK.jsonl`` and rank 0 writes samples.jsonl, which ends with the bytes of a one-process run, and the
+summary (``world_size`` aside, the same). A resume may use another number of processes.
 
 Only the train split is sampled (:func:`check_train_split`): these labels are training data, and test-split gold
 must never reach anything trained.
@@ -25,16 +32,18 @@ from typing import Any
 
 from torch import nn
 
+from gptqlora import distributed
 from gptqlora.config import EvalConfig
 from gptqlora.data.gsm8k import answers_match, extract_answer, gold_answer, resolve_style
 from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.eval.generate import generate_samples
-from gptqlora.eval.gsm8k_eval import (build_eval_prompts, complete_records, eval_settings, json_number, record_line,
-                                      settings_diff)
+from gptqlora.eval.gsm8k_eval import build_eval_prompts, eval_settings, json_number
+from gptqlora.eval.records import RecordFiles, answer_batches, open_output
 from gptqlora.eval.scoring import summarize
-from gptqlora.files import append_durable, fsync_path, read_json_object, write_atomic
+from gptqlora.files import read_json_object, write_atomic
 
-SAMPLES, SAMPLE_CONFIG, SUMMARY = "samples.jsonl", "sample_config.json", "summary.json"
+SAMPLE_FILES = RecordFiles(records="samples.jsonl", config="sample_config.json", what="sampling")
+SAMPLES, SAMPLE_CONFIG, SUMMARY = SAMPLE_FILES.records, SAMPLE_FILES.config, SAMPLE_FILES.summary
 TRAIN_SPLIT = "train"
 
 
@@ -71,41 +80,6 @@ def sample_summary(records: Sequence[dict], k: int) -> dict[str, Any]:
                           "ci95": pass_k["ci95"]}}
 
 
-# ---------------------------------------------------------------------------------------------- resuming
-
-def prepare_output(out: Path, run_config: dict, entries: Sequence[dict], batch_size: int,
-                   resume: bool) -> list[dict]:
-    """Start afresh (an empty samples.jsonl, then sample_config.json) or continue: check the settings and cut
-    samples.jsonl back to its complete batches. Returns the records kept.
-
-    Raises:
-        UsageError: a resume with nothing to resume, other settings (each named with both values), or a file this
-            command did not write; nothing is changed then.
-    """
-    config_path, samples = out / SAMPLE_CONFIG, out / SAMPLES
-    if not resume:
-        out.mkdir(parents=True, exist_ok=True)
-        for path in (config_path, out / SUMMARY):
-            path.unlink(missing_ok=True)
-        write_atomic(samples, "")
-        write_atomic(config_path, json.dumps(run_config, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-        return []
-    if not (config_path.is_file() and samples.is_file()):
-        raise UsageError(f"nothing to resume in {out}: it holds no {SAMPLE_CONFIG} and {SAMPLES}; run without "
-                         "--resume")
-    saved = read_json_object(config_path)
-    if diff := settings_diff(saved, run_config):
-        raise UsageError(f"cannot resume the sampling in {out}: it was run with other settings ({'; '.join(diff)}). "
-                         "Resume with the saved settings, or run without --resume")
-    data = samples.read_bytes()
-    records, keep = complete_records(data, entries, batch_size, SAMPLES, "`gptqlora sample`")
-    (out / SUMMARY).unlink(missing_ok=True)
-    if keep < len(data):
-        os.truncate(samples, keep)
-        fsync_path(samples)
-    return records
-
-
 # ---------------------------------------------------------------------------------------------- driver
 
 def sample_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: EvalConfig, out_dir: str | os.PathLike,
@@ -113,6 +87,9 @@ def sample_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: E
                  resume: bool = False, provenance: dict | None = None,
                  log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Sample ``config.samples`` solutions per question, label them, append them to ``out_dir`` batch by batch.
+
+    Under ``torchrun`` (after :func:`gptqlora.distributed.init`) every rank calls this with the same arguments and
+    samples its share of the batches; rank 0 writes the shared files (see the module docstring).
 
     Args:
         model, tokenizer: the generator (any causal LM: float, quantized, with an adapter).
@@ -122,14 +99,15 @@ def sample_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: E
         style, exemplars: the generator's prompt, as ``gptqlora eval`` builds it.
         seed: batch ``i`` (first question index) samples with seed ``seed + i``.
         split: the entries' split: must be ``"train"``.
-        resume: continue the sampling in ``out_dir``.
+        resume: continue the sampling in ``out_dir`` (with any number of processes).
         provenance: what sampled (base, adapter, dtype); saved, and a resume must pass an equal one.
-        log: called with one line per question.
+        log: called with one line per question (under torchrun, this rank's questions).
     Returns:
-        :func:`sample_summary` plus ``settings``, ``provenance`` and ``resumed_from``.
+        :func:`sample_summary` plus ``settings``, ``provenance``, ``resumed_from`` and ``world_size`` (the
+        processes that sampled), on every rank.
     Raises:
-        UsageError: the test split, no entries, K < 1, an entry without a gold answer, or a bad resume; all before
-            any generation.
+        UsageError: the test split, no entries, K < 1, an entry without a gold answer, ranks given other
+            arguments, or a bad resume; all before any generation.
     """
     check_train_split(split)
     if not entries:
@@ -149,24 +127,28 @@ def sample_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: E
     settings = eval_settings(entries, config, style, exemplars, seed, split)
     run_config = {"settings": settings, "provenance": json.loads(json.dumps(provenance, allow_nan=False))}
     out = Path(out_dir)
-    records = prepare_output(out, run_config, entries, batch, resume)
+    records, cut = open_output(out, SAMPLE_FILES, run_config, entries, batch, resume)
     resumed_from = len(records)
-    if resume:
-        log(f"resuming: {resumed_from} of {len(entries)} questions sampled in {out / SAMPLES}")
-    for start in range(resumed_from, len(entries), batch):
+    world = distributed.joined()
+    if resume and world.main:
+        log(f"resuming: {resumed_from} of {len(entries)} questions sampled in {out / SAMPLES}"
+            + (" (an incomplete batch was cut off, to be sampled again)" if cut else ""))
+
+    def answer(start: int) -> list[tuple[dict, str]]:
         texts = generate_samples(model, tokenizer, prompts[start:start + batch], k=k, temperature=config.temperature,
                                  top_p=config.top_p, seed=seed + start, max_new_tokens=config.max_new_tokens,
                                  batch_size=batch, stop_after_answer_line=True, add_special_tokens=add_special)
         new = [label_samples(start + j, entries[start + j]["question"], golds[start + j], per_q)
                for j, per_q in enumerate(texts)]
-        append_durable(out / SAMPLES, [record_line(r) for r in new])  # on disk before anything else can fail
-        records += new
-        for r in new:
-            log(f"[{r['index']}] correct {sum(r['sample_correct'])}/{k}")
-    summary = {**sample_summary(records, k), "settings": settings, "provenance": run_config["provenance"],
-               "resumed_from": resumed_from}
-    write_atomic(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    return summary
+        return [(r, f"[{r['index']}] correct {sum(r['sample_correct'])}/{k}") for r in new]
+
+    records += answer_batches(out, SAMPLE_FILES, len(entries), batch, resumed_from, answer, log)
+    summary = None
+    if world.main:
+        summary = {**sample_summary(records, k), "settings": settings, "provenance": run_config["provenance"],
+                   "resumed_from": resumed_from, "world_size": world.size}
+        write_atomic(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return distributed.broadcast_object(summary)
 
 
 def read_samples(samples_dir: str | os.PathLike) -> tuple[list[dict], dict[str, Any]]:
