@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _interrupted_hint(command: str) -> str:
     if command in ("finetune", "run"):
         return "rerun the same command with --resume to continue from the last checkpoint"
-    if command == "eval":
-        return "rerun the same command with --resume to continue after the last answered batch"
+    if command in ("eval", "sample"):
+        return "rerun the same command with --resume to continue after the last finished batch"
     return "nothing was written to the output; rerun the command"
 
 
