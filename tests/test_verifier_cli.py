@@ -9,7 +9,7 @@ import pytest
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from gptqlora import cli
 from gptqlora.config import EvalConfig, QuantConfig
-from gptqlora.data.gsm8k import gold_answer, load_gsm8k
+from gptqlora.data.gsm8k import load_gsm8k
 from gptqlora.eval.verifier import load_verifier, score_samples, score_solutions
 from gptqlora.models import load_model
 from gptqlora.provenance import base_record
@@ -17,6 +17,8 @@ from gptqlora.quant.checkpoint import save_quantized
 from gptqlora.quant.driver import quantize_model_weights
 from gptqlora.verifier import samples as samples_module
 from gptqlora.verifier.samples import SAMPLE_CONFIG, SAMPLES, SUMMARY, sample_gsm8k
+
+from verifier.scripted import scripted_samples as scripted
 
 SMALL = ["--max-new-tokens", "4", "--batch-size", "2", "--samples", "2", "--dtype", "float32"]
 
@@ -32,17 +34,7 @@ def quantized_dir(tmp_path):
 @pytest.fixture
 def scripted_samples(monkeypatch, gsm8k_dir):
     """Sampling that writes the gold answer in a sample's text when its index is even, a wrong one otherwise."""
-    golds = {e["question"]: gold_answer(e) for e in load_gsm8k("train", str(gsm8k_dir))[:40]}
-
-    def fake(model, tokenizer, prompts, k, **kw):
-        out = []
-        for p in prompts:
-            gold = next(g for q, g in golds.items() if q in p)
-            out.append([f" We add.\n#### {int(gold) + (j % 2)}" if j % 2 else f" So it is.\n#### {int(gold)}"
-                        for j in range(k)])
-        return out
-
-    monkeypatch.setattr(samples_module, "generate_samples", fake)
+    monkeypatch.setattr(samples_module, "generate_samples", scripted(gsm8k_dir))
 
 
 def test_sample_train_verifier_score_end_to_end(tmp_path, quantized_dir, gsm8k_dir, scripted_samples, capsys):

@@ -104,12 +104,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(value: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``value`` on every rank (picklable values; ours, never a user file)."""
+def broadcast_object(value: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
+    """Rank ``src``'s ``value`` on every rank (picklable values; ours, never a user file), over ``group`` (default:
+    the job's)."""
     if not active():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 
@@ -167,21 +168,28 @@ def joined() -> World:
     return w
 
 
-def from_main(fn, *args, **kwargs) -> Any:
+def from_main(fn, *args, wait: datetime.timedelta | None = None, **kwargs) -> Any:
     """Run ``fn`` on rank 0 only and hand its result to every rank; a ``UsageError`` it raises is raised on all.
 
-    For the steps one process must do alone (checking and preparing an output directory, resuming from files) while
-    the others wait, without leaving them waiting forever when the step refuses.
+    For the steps one process must do alone (checking and preparing an output directory, resuming from files,
+    training a verifier) while the others wait, without leaving them waiting forever when the step refuses.
+
+    ``wait``: how long the others may wait, for a step that can outlast the job's own timeout (30 minutes with
+    gloo, 10 with NCCL): they then wait on a gloo group of their own, made with this timeout (its creation is a
+    collective: every rank passes the same ``wait``). None waits within the job's timeout.
     """
     if not active():
         return fn(*args, **kwargs)
+    group = None if wait is None else dist.new_group(backend="gloo", timeout=wait)
     result, error = None, None
     if dist.get_rank() == 0:
         try:
             result = fn(*args, **kwargs)
         except UsageError as e:
             error = e
-    result, error = broadcast_object((result, error))
+    result, error = broadcast_object((result, error), group=group)
+    if group is not None:
+        dist.destroy_process_group(group)
     if error is not None:
         raise error
     return result

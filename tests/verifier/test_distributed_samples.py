@@ -1,10 +1,11 @@
-"""Data-parallel sampling under torchrun: two gloo processes on CPU write the samples one process writes, and a killed
-two-process sampling resumes to them.
+"""Data-parallel sampling under torchrun: two gloo processes on CPU write the samples one process writes, a killed
+two-process sampling resumes to them, and ``gptqlora run``'s verifier stage runs on two processes.
 
-As a script, run by torchrun, this file samples the tiny seeded LLaMA on six made-up questions (``python
+As a script, run by torchrun, this file either samples the tiny seeded LLaMA on six made-up questions (``python
 test_distributed_samples.py sample OUT [--die-at I] [--slow SECONDS] [--resume]``; ``--die-at I`` makes the rank
 that samples question ``I`` SIGKILL itself once that question's batch is on disk, ``--slow`` makes rank 0 sleep
-after each of its questions). References are one-process runs in this process, on one thread like each rank.
+after each of its questions), or runs the CLI with scripted samples (``... cli DATA_DIR ARGV...``, see
+``verifier.scripted``). References are one-process runs in this process, on one thread like each rank.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
 
 from gptqlora import cli, distributed  # noqa: E402
 from gptqlora.config import EvalConfig  # noqa: E402
+from gptqlora.verifier import samples as samples_module  # noqa: E402
 from gptqlora.verifier.samples import SAMPLE_FILES, sample_gsm8k  # noqa: E402
 
 from eval.eval_script import BATCH, ENTRIES  # noqa: E402
 from eval.test_distributed_eval import result_of, torchrun  # noqa: E402
+from verifier.scripted import scripted_samples  # noqa: E402
 
 CONFIG = EvalConfig(eval_batch_size=BATCH, max_new_tokens=12, samples=2, temperature=1.0, top_p=0.9)
 SEED = 5
@@ -118,7 +121,60 @@ def test_a_sampling_killed_on_two_ranks_resumes_to_an_uninterrupted_one(tmp_path
     assert_same_samples(one_process, reference, world_size=1)
 
 
+def run_argv(model: Path, data: Path, out: Path, batch_size: int) -> list[str]:
+    """A small ``gptqlora run`` with the verifier stage: 4 train questions sampled twice each, 4 test questions."""
+    return ["run", "--model", str(model), "--data", str(data), "--out", str(out), "--test-limit", "4",
+            "--train-steps", "1", "--train-limit", "4", "--eval-holdout", "0", "--skip-float-eval",
+            "--verifier-questions", "4", "--verifier-samples", "2", "--method", "rtn", "--group-size", "32",
+            "--max-new-tokens", "4", "--eval-batch-size", "2", "--no-bf16", "--max-length", "64", "--dtype",
+            "float32", "--lora-dropout", "0", "--batch-size", str(batch_size)]
+
+
+def test_run_with_the_verifier_stage_on_two_ranks(tmp_path, one_thread, gsm8k_dir, monkeypatch):
+    make_tiny_llama().save_pretrained(tmp_path / "tiny")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    one, two = tmp_path / "one", tmp_path / "two"
+    monkeypatch.setattr(samples_module, "generate_samples", scripted_samples(gsm8k_dir))
+    assert cli.main(run_argv(tmp_path / "tiny", gsm8k_dir, one, batch_size=2)) == 0
+    # Two processes with the global batch of one (1 x 2 processes).
+    proc = torchrun([__file__, "cli", str(gsm8k_dir), *run_argv(tmp_path / "tiny", gsm8k_dir, two, batch_size=1)],
+                    tmp_path)
+    assert proc.stdout.count("verifier best-of 2 |") == 1  # rank 0 alone prints the table
+    # The samples of one process; the settings too, and the provenance but for the run's own path.
+    samples = {d: d / "verifier" / "samples" for d in (one, two)}
+    assert (samples[two] / SAMPLE_FILES.records).read_bytes() == (samples[one] / SAMPLE_FILES.records).read_bytes()
+    summaries = {d: json.loads((samples[d] / SAMPLE_FILES.summary).read_text()) for d in (one, two)}
+    assert summaries[two]["world_size"] == 2 and summaries[two]["settings"] == summaries[one]["settings"]
+    assert summaries[two]["samples"] == 8 and summaries[two]["pass_at_k"] == summaries[one]["pass_at_k"]
+    assert summaries[two]["provenance"]["base"]["fingerprint"] == summaries[one]["provenance"]["base"]["fingerprint"]
+    assert not list(samples[two].glob(SAMPLE_FILES.parts))
+    # Rank 0 alone trained the verifier, on those samples over the same base: the same weights.
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        assert (two / "verifier" / "model" / name).read_bytes() == (one / "verifier" / "model" / name).read_bytes()
+    rows = {d: json.loads((d / "results.json").read_text())["rows"] for d in (one, two)}
+    assert list(rows[two]) == list(rows[one]) == ["rtn 4-bit base", "rtn 4-bit + LoRA", "rtn 4-bit + LoRA + verifier"]
+    # The reranked evaluation ran on both ranks, with that verifier.
+    row = rows[two]["rtn 4-bit + LoRA + verifier"]
+    assert row["world_size"] == 2 and row["n"] == 4
+    assert row["provenance"]["verifier"]["path"] == str((two / "verifier" / "model").resolve())
+    for key in ("self_consistency", "verifier_best_of_k", "verifier_weighted_vote", "pass_at_k"):
+        assert row[key]["k"] == 2, key
+    evaluated = (two / "eval" / "rtn_4-bit_+_LoRA_+_verifier" / "predictions.jsonl").read_text().splitlines()
+    assert [len(json.loads(line)["verifier_scores"]) for line in evaluated] == [2] * 4
+
+    # Resumed on two processes, the finished run keeps the samples, the verifier and every row.
+    before = {p: p.read_bytes() for p in (two / "verifier").rglob("*") if p.is_file()}
+    table = (two / "results.md").read_text()
+    torchrun([__file__, "cli", str(gsm8k_dir), *run_argv(tmp_path / "tiny", gsm8k_dir, two, batch_size=1),
+              "--resume"], tmp_path)
+    assert {p: p.read_bytes() for p in (two / "verifier").rglob("*") if p.is_file()} == before
+    assert (two / "results.md").read_text() == table
+
+
 def main() -> None:
+    if sys.argv[1] == "cli":  # cli DATA_DIR ARGV...: the CLI with scripted samples
+        samples_module.generate_samples = scripted_samples(sys.argv[2])
+        sys.exit(cli.main(sys.argv[3:]))
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["sample"])
     parser.add_argument("out")

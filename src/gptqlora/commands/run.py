@@ -3,7 +3,7 @@
 With ``--verifier-questions N`` a verifier stage follows (off by default): ``gptqlora sample`` of K solutions for N
 train questions with base + adapter (``verifier/samples``), ``gptqlora train-verifier`` on them (``verifier/model``)
 and an evaluation of K samples per test question reranked by it: one more row with greedy, majority vote, verifier
-best-of-K, verifier-weighted vote and pass@K. That stage runs in one process (sampling is not data-parallel yet).
+best-of-K, verifier-weighted vote and pass@K.
 
 Each evaluation scores what ``gptqlora eval`` would: a copy loaded from disk (the float model, the run's quantized
 base, base + the run's adapter) in the inference dtype (bf16 on a CPU that runs it natively, where the 4-bit layers
@@ -16,12 +16,15 @@ it refuses when any recorded setting differs from the one given now.
 Under torchrun (``torchrun --nproc-per-node N --no-python gptqlora run ...``) every rank takes part in each stage:
 the evaluations are data-parallel (``gptqlora eval``'s), quantizing and training are ``gptqlora finetune``'s (rank 0
 quantizes, DDP trains, or FSDP2 with ``--fsdp``); rank 0 alone writes run_config.json, rows.json and results.*,
-while the others wait.
+while the others wait. In the verifier stage the sampling is data-parallel (``gptqlora sample``'s: the samples of a
+one-process run), the verifier is trained by rank 0 alone while the others wait (for up to
+``VERIFIER_TRAINING_WAIT``), and its evaluation is data-parallel again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import sys
 import time
@@ -36,6 +39,10 @@ from gptqlora.config import (CalibConfig, DataConfig, EvalConfig, LoRAConfig, Mo
                              RunConfig, TrainConfig, TrainDataConfig, group, overwrite_field, seed_field)
 from gptqlora.errors import UsageError
 from gptqlora.files import check_output, write_atomic
+
+# How long the other ranks wait while rank 0 trains the verifier: longer than any verifier training we foresee
+# (the job's own timeout, 30 minutes with gloo and 10 with NCCL, is not).
+VERIFIER_TRAINING_WAIT = datetime.timedelta(hours=24)
 
 # Settings a resumed run may change: the flags that say how to start, and those train_lora allows (with a warning).
 RESUMABLE_CHANGES = ("overwrite", "train.resume", "train.lr", "train.max_grad_norm", "train.fsdp")
@@ -143,10 +150,6 @@ def run(args: RunArgs) -> dict | None:
     device = resolve_device(mc.device)  # an unknown or absent device fails here, before any work
     settings = flat_settings(args)
     world = join(device)  # the group, and on a CPU each process's share of its cores
-    if args.run.verifier_questions and world.distributed:
-        distributed.shutdown()
-        raise UsageError("the verifier stage (--verifier-questions) runs in one process: run `gptqlora run` without "
-                         "torchrun, or run sample, train-verifier and eval --verifier after it")
     try:
         out = distributed.from_main(check_output_dir, args, [source, local_data_dir(args.data.data),
                                                              *calib_inputs(args.calib)], settings)
@@ -236,30 +239,39 @@ def run_in(args: RunArgs, out: Path, settings: dict, test: list[dict], exemplars
 def train_run_verifier(args: RunArgs, out: Path, base_dir: Path, adapter: Path, say) -> Path:
     """The verifier stage's first two steps, each as its command runs it, in ``out/verifier``: labelled samples of
     the train split (``samples``; an interrupted sampling is resumed, a finished one kept), then the verifier
-    trained on them with train-verifier's defaults (``model``; kept when already written). Returns its directory."""
-    from gptqlora.commands.sample import SampleArgs, sample
+    trained on them with train-verifier's defaults (``model``; kept when already written). Returns its directory.
+
+    Under torchrun every rank calls it: the sampling is data-parallel, the training runs on rank 0 while the others
+    wait for it (``VERIFIER_TRAINING_WAIT`` at most); rank 0 decides what is kept.
+    """
+    from gptqlora.commands.sample import SampleArgs, sample_joined
     from gptqlora.commands.train_verifier import TrainVerifierArgs, train_verifier_command
     from gptqlora.verifier.model import CONFIG_FILE as VERIFIER_CONFIG
     from gptqlora.verifier.samples import SAMPLE_CONFIG, SUMMARY
 
     rc = args.run
     samples_dir, model_dir = out / "verifier" / "samples", out / "verifier" / "model"
-    if (samples_dir / SUMMARY).is_file():
+    sampled, resume = distributed.from_main(lambda: ((samples_dir / SUMMARY).is_file(),
+                                                     (samples_dir / SAMPLE_CONFIG).is_file()))
+    if sampled:
         say("\n== verifier samples: written before, kept ==", flush=True)
     else:
-        resume = (samples_dir / SAMPLE_CONFIG).is_file()
         say(f"\n== sampling {rc.verifier_samples} solutions for {rc.verifier_questions} train questions"
             f"{' (resumed)' if resume else ''} ==", flush=True)
-        sample(SampleArgs(model=args.model, data=args.data, prompt=args.prompt,
-                          eval=dataclasses.replace(args.eval, samples=rc.verifier_samples), split="train",
-                          limit=rc.verifier_questions, seed=args.seed, quantized=str(base_dir), adapter=str(adapter),
-                          out=str(samples_dir), resume=resume))
-    if (model_dir / VERIFIER_CONFIG).is_file():
-        say("\n== verifier: trained before, kept ==", flush=True)
-    else:
+        sample_joined(SampleArgs(model=args.model, data=args.data, prompt=args.prompt,
+                                 eval=dataclasses.replace(args.eval, samples=rc.verifier_samples), split="train",
+                                 limit=rc.verifier_questions, seed=args.seed, quantized=str(base_dir),
+                                 adapter=str(adapter), out=str(samples_dir), resume=resume))
+
+    def train() -> None:  # rank 0 alone
+        if (model_dir / VERIFIER_CONFIG).is_file():
+            say("\n== verifier: trained before, kept ==", flush=True)
+            return
         say("\n== training the verifier ==", flush=True)
         train_verifier_command(TrainVerifierArgs(
             model=dataclasses.replace(args.model, model=ModelConfig().model),  # it trains over the quantized base
             data=args.data, prompt=args.prompt, lora=args.lora, seed=args.seed, quantized=str(base_dir),
             samples_dir=str(samples_dir), out=str(model_dir), overwrite=model_dir.exists()))
+
+    distributed.from_main(train, wait=VERIFIER_TRAINING_WAIT)
     return model_dir
