@@ -97,6 +97,17 @@ def _interrupted_hint(command: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status. A worker of a torchrun job of several processes exits here
+    instead (``distributed.exit_process``), once the command has left the process group."""
+    from gptqlora import distributed
+
+    code = run_command(argv)
+    if distributed.world().distributed:
+        distributed.exit_process(code)
+    return code
+
+
+def run_command(argv: Sequence[str] | None = None) -> int:
     from gptqlora.commands import COMMANDS
     from gptqlora.files import is_disk_error
     from gptqlora.train.loop import NonFiniteLossError

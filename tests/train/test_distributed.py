@@ -190,6 +190,15 @@ def test_rank_shards_put_back_together_are_the_global_batch():
     assert [distributed.shard_bounds(5, r, 2) for r in range(2)] == [(0, 2), (2, 5)]
 
 
+def test_a_worker_leaves_with_its_status_and_its_output_flushed():
+    # torchrun workers end by os._exit (distributed.exit_process), skipping finalization: what they printed into
+    # pipes (block-buffered) must still arrive, and the status must be the command's.
+    script = ("import sys; from gptqlora import distributed; print('the result', end=''); "
+              "sys.stderr.write('a warning'); distributed.exit_process(3); print('never')")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "the result", "a warning")
+
+
 def test_fsdp_without_torchrun_is_refused_in_one_line_before_any_work(runs, tmp_path, capsys):
     out = tmp_path / "one-fsdp"
     run_argv = ["run", "--model", str(runs["model"]), "--data", str(runs["data"]), "--out", str(out), "--fsdp"]

@@ -102,3 +102,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from gptqlora import distributed  # noqa: E402
+
+    distributed.exit_process(0)  # as the CLI's torchrun workers leave

@@ -199,3 +199,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    distributed.exit_process(0)  # as the CLI's torchrun workers leave
