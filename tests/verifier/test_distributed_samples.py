@@ -32,7 +32,7 @@ from gptqlora.verifier import samples as samples_module  # noqa: E402
 from gptqlora.verifier.samples import SAMPLE_FILES, sample_gsm8k  # noqa: E402
 
 from eval.eval_script import BATCH, ENTRIES  # noqa: E402
-from eval.test_distributed_eval import result_of, torchrun  # noqa: E402
+from eval.test_distributed_eval import cli_on_one_and_two_ranks, torchrun  # noqa: E402
 from verifier.scripted import scripted_samples  # noqa: E402
 
 CONFIG = EvalConfig(eval_batch_size=BATCH, max_new_tokens=12, samples=2, temperature=1.0, top_p=0.9)
@@ -75,21 +75,7 @@ def assert_same_samples(out: Path, ref: Path, world_size: int) -> dict:
 
 
 def test_cli_sample_on_two_ranks_writes_what_one_process_writes(tmp_path, one_thread, gsm8k_dir, capsys):
-    model_dir = tmp_path / "tiny"
-    make_tiny_llama().save_pretrained(model_dir)
-    make_tiny_tokenizer().save_pretrained(model_dir)
-    # 5 questions in batches of 2: rank 0 samples batches [0, 1] and [4], rank 1 [2, 3].
-    common = ["sample", "--model", str(model_dir), "--data", str(gsm8k_dir), "--limit", "5", "--batch-size", "2",
-              "--max-new-tokens", "12", "--samples", "3", "--seed", "3", "--out"]
-    assert cli.main(common + [str(tmp_path / "one")]) == 0
-    one = result_of(capsys.readouterr().out)
-
-    proc = torchrun(["-m", "gptqlora.cli", *common, str(tmp_path / "two")], tmp_path)
-    two = result_of(proc.stdout)  # rank 0's, printed once
-    assert proc.stdout.count('"out"') == 1
-    # Each question was sampled by one rank only: its progress line appears once.
-    assert sorted(ln.split(" ")[0] for ln in proc.stdout.splitlines() if ln.startswith("[")) == \
-        [f"[{i}]" for i in range(5)]
+    one, two = cli_on_one_and_two_ranks("sample", 3, "--out", tmp_path, gsm8k_dir, capsys)
     assert_same_samples(tmp_path / "two", tmp_path / "one", world_size=2)
     assert one["world_size"] == 1 and two["world_size"] == 2 and two["samples"] == 15
     records = [json.loads(line) for line in (tmp_path / "two" / SAMPLE_FILES.records).read_text().splitlines()]
