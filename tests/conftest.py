@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,15 +60,25 @@ def tiny_llama():
     return make_tiny_llama()
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    """As each rank of the two-process tests runs: one thread (same kernels, so the same generations);
-    OMP_NUM_THREADS keeps a CLI run in this process to it."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread within it, as the subprocesses and the ranks of the two-process tests run (the same
+    kernels, so the same generations); the thread count before it comes back after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """As each rank of the two-process tests runs: one thread (``one_torch_thread``); OMP_NUM_THREADS keeps a CLI
+    run in this process to it."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ if __name__ == "__main__":  # run as a script by torchrun: make the shared test 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
+from conftest import make_tiny_llama, make_tiny_tokenizer, one_torch_thread  # noqa: E402
 
 from gptqlora import cli, distributed  # noqa: E402
 from gptqlora.eval.gsm8k_eval import EVAL_FILES  # noqa: E402
@@ -51,13 +51,9 @@ def torchrun(args: list[str], tmp_path: Path, check: bool = True) -> subprocess.
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted one-process greedy evaluation of the six made-up questions."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         out = tmp_path_factory.mktemp("reference")
         run_eval(out)
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import make_tiny_llama, make_tiny_tokenizer, one_torch_thread
 from torch import nn
 from transformers import LlamaConfig
 
@@ -438,10 +438,8 @@ def untimed(summary: dict) -> dict:
 @pytest.fixture
 def one_thread():
     """Generate as the subprocess does (one thread), so the kernels, and thus the generations, are the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -451,13 +449,9 @@ def reference(tmp_path_factory) -> Callable[[int], Path]:
 
     def get(samples: int) -> Path:
         if samples not in dirs:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+            with one_torch_thread():
                 out = tmp_path_factory.mktemp(f"reference-samples-{samples}")
                 run_eval(out, samples)
-            finally:
-                torch.set_num_threads(threads)
             dirs[samples] = out
         return dirs[samples]
 

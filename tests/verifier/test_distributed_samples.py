@@ -24,7 +24,7 @@ if __name__ == "__main__":  # run as a script by torchrun: make the shared test 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
+from conftest import make_tiny_llama, make_tiny_tokenizer, one_torch_thread  # noqa: E402
 
 from gptqlora import cli, distributed  # noqa: E402
 from gptqlora.config import EvalConfig  # noqa: E402
@@ -50,13 +50,9 @@ def run_sample(out: str | Path, resume: bool = False, log=lambda line: None) -> 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted one-process sampling of the six questions, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         out = tmp_path_factory.mktemp("reference")
         run_sample(out)
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 
