@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,6 +71,33 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail the test, rather than hang it, when the block runs longer than ``seconds``.
+
+    A SIGALRM in the main thread; Python's regex engine and jinja's loops both stop for it.
+    """
+    def hung(signum, frame):
+        pytest.fail(f"still running after {seconds} s: this would hang")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def error_of(capsys) -> str:
+    """The one line a refused command printed on stderr (no traceback, nothing else)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err  # one line
+    return lines[0]
 
 
 @pytest.fixture

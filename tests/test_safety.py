@@ -7,11 +7,12 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_tiny_llama, make_tiny_tokenizer
+from conftest import REPO, error_of, make_tiny_llama, make_tiny_tokenizer
 from gptqlora import cli
 from gptqlora.files import OutputLock
 
@@ -37,14 +38,6 @@ def quantized_dir(tmp_path, tiny_model_dir, gsm8k_dir):
 
 def snapshot(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
-def error_of(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err  # one line
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------- 1. outputs
@@ -144,6 +137,23 @@ def test_a_second_writer_on_the_same_output_is_refused(tmp_path, tiny_model_dir,
                          "--out", str(out), *QUANT]) == 2
     assert f"pid {os.getpid()}" in error_of(capsys)
     assert not out.exists()
+
+
+def test_a_link_planted_at_the_lock_is_refused_in_one_line_and_its_target_survives(tmp_path, tiny_model_dir,
+                                                                                  gsm8k_dir, capsys, monkeypatch):
+    import gptqlora.models
+
+    monkeypatch.setattr(gptqlora.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    precious = tmp_path / "precious.txt"
+    precious.write_bytes(b"a file the link points at")
+    link = tmp_path / ".q.lock"
+    link.symlink_to(precious)  # where quantize --out q takes its writer's lock
+    assert cli.main(["quantize", "--model", str(tiny_model_dir), "--data", str(gsm8k_dir), "--method", "rtn",
+                     "--out", str(tmp_path / "q"), *QUANT]) == 2
+    line = error_of(capsys)
+    assert str(link) in line and "symbolic link" in line and "remove" in line, line
+    assert precious.read_bytes() == b"a file the link points at" and link.is_symlink()
+    assert not (tmp_path / "q").exists()
 
 
 @pytest.mark.parametrize("case", ["file", "under_a_file", "read_only"])
@@ -354,6 +364,75 @@ def test_ctrl_c_says_how_to_resume(monkeypatch, capsys):
     monkeypatch.setitem(commands.COMMANDS, "finetune", commands.COMMANDS["finetune"]._replace(run=interrupted))
     assert cli.main(["finetune"]) == 130
     assert "--resume" in capsys.readouterr().err
+
+
+def test_sigterm_stops_like_ctrl_c_releasing_the_lock(tmp_path, monkeypatch, capsys):
+    from gptqlora import commands
+
+    def outside(signum, frame):  # SIGTERM's handler outside the CLI (the default would end pytest itself)
+        raise AssertionError("SIGTERM reached the handler in place outside the CLI")
+
+    def terminated(args):
+        with OutputLock(tmp_path / "out"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises in here, at once
+
+    monkeypatch.setitem(commands.COMMANDS, "eval", commands.COMMANDS["eval"]._replace(run=terminated))
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        assert cli.main(["eval"]) == 143
+        assert signal.getsignal(signal.SIGTERM) is outside  # the CLI's handler was for its run only
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # the lock was released and its file removed
+
+
+SLOW_LOG = """
+import sys, time
+import gptqlora.commands.common as common
+real = common.print_line
+def slow(line):  # a question's line comes once its batch is on disk; the pause lets SIGTERM arrive mid-run
+    real(line)
+    time.sleep(0.5)
+common.print_line = slow
+from gptqlora import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_during_eval_exits_143_with_the_resume_hint_and_a_resume_writes_the_uninterrupted_bytes(
+        tmp_path, tiny_model_dir, gsm8k_dir, one_thread):
+    argv = ["eval", "--model", str(tiny_model_dir), "--data", str(gsm8k_dir), "--limit", "5", "--batch-size", "2",
+            "--max-new-tokens", "6"]
+    assert cli.main(argv + ["--output-dir", str(tmp_path / "whole")]) == 0
+    part = tmp_path / "part"
+    records = part / "predictions.jsonl"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    with (tmp_path / "stderr.txt").open("wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_LOG, *argv, "--output-dir", str(part)],
+                                stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                if records.is_file() and records.read_bytes().count(b"\n") >= 2:  # the first batch is on disk
+                    break
+                time.sleep(0.02)
+            alive = proc.poll() is None
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+            proc.wait()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert alive and proc.returncode == 143, err[-2000:]
+    assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    assert 2 <= records.read_bytes().count(b"\n") < 5 and not (part / "summary.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float_user", "part", "stderr.txt", "whole"]  # no lock
+    assert cli.main(argv + ["--output-dir", str(part), "--resume"]) == 0
+    assert records.read_bytes() == (tmp_path / "whole" / "predictions.jsonl").read_bytes()
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

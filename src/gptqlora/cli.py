@@ -2,7 +2,8 @@
 
 Subcommands: quantize, perplexity, finetune, eval, merge, run (see ``gptqlora.commands``). This module is the error
 boundary: a ``UsageError`` (the user's input, options or environment) prints one line and exits 2; a disk that is
-full or read-only does the same; Ctrl-C says how to continue; anything else is a bug and keeps its traceback.
+full or read-only does the same; Ctrl-C (exit 130) or SIGTERM (exit 143) stops at a safe point and says how to
+continue; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from gptqlora.errors import UsageError
@@ -88,11 +93,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C's ``KeyboardInterrupt`` is, so that a ``kill`` (or torchrun,
+    systemd, a batch scheduler) stops a command the way Ctrl-C does: every lock and staging context unwinds."""
+
+
+@contextmanager
+def _sigterm_stops_like_ctrl_c() -> Iterator[None]:
+    """Within it, SIGTERM raises ``Terminated``; the previous handler comes back after (installed by the CLI only:
+    importing the library changes no signal handler).
+
+    A second SIGTERM while the first unwinds ends the process at once, as SIGKILL would (every output is safe from
+    a kill); a child forked meanwhile keeps SIGTERM's default.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    pid = os.getpid()
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if os.getpid() != pid:  # a forked child (a data loader worker...): end as it would have without us
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def _interrupted_hint(command: str) -> str:
     if command in ("finetune", "run"):
         return "rerun the same command with --resume to continue from the last checkpoint"
     if command in ("eval", "sample"):
         return "rerun the same command with --resume to continue after the last finished batch"
+    if command == "quantize":  # a streamed quantization keeps its finished blocks in .OUT.quantizing
+        return "nothing was written to --out; rerun the same command, with --resume to keep the blocks already done"
     return "nothing was written to the output; rerun the command"
 
 
@@ -122,7 +161,8 @@ def run_command(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         parser.error(str(e))
     try:
-        result = command.run(config)
+        with _sigterm_stops_like_ctrl_c():
+            result = command.run(config)
     except (UsageError, NonFiniteLossError) as e:  # a diverged run is not a bug: its message says how to go on
         print(f"gptqlora {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -132,9 +172,11 @@ def run_command(argv: Sequence[str] | None = None) -> int:
         print(f"gptqlora {args.command}: error: cannot write {e.filename or 'the output'}: {e.strerror}; free space "
               "or choose a writable location (no partial output was left behind)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\ngptqlora {args.command}: interrupted: {_interrupted_hint(args.command)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (``Terminated``): the shell's 128 + the signal's number
+        terminated = isinstance(e, Terminated)
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"\ngptqlora {args.command}: {how}: {_interrupted_hint(args.command)}", file=sys.stderr)
+        return 143 if terminated else 130
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0

@@ -59,3 +59,23 @@ def test_fold_parts_keeps_only_whole_batches_in_order_and_refuses_foreign_lines(
     foreign = record_line({"index": 1, "question": "another question"}).encode()
     with pytest.raises(UsageError, match="not a record of this evaluation"):
         part_batches(foreign, ENTRIES, BATCH, EVAL_FILES)
+
+
+@pytest.mark.parametrize("planted", ["records", "config", "part"])
+def test_a_resume_refuses_a_record_file_that_is_a_link_and_leaves_its_target_whole(tmp_path, planted):
+    """A resumed output may hold what a stranger put there: a link at predictions.jsonl (or its config or a rank's
+    part file) would have its target read and then cut to the complete batches; it is refused instead."""
+    from gptqlora.eval.records import resume_from, start_fresh
+
+    out = tmp_path / "out"
+    run_config = {"settings": {"n": len(ENTRIES)}, "provenance": {"model": "m"}}
+    start_fresh(out, EVAL_FILES, run_config)
+    (out / EVAL_FILES.records).write_text(record_line({"index": 0, "question": ENTRIES[0]["question"]}) + "torn")
+    target = tmp_path / "precious.txt"
+    target.write_bytes(b"the user's own bytes, not a record\n")
+    name = {"records": EVAL_FILES.records, "config": EVAL_FILES.config, "part": EVAL_FILES.part(out, 1).name}[planted]
+    (out / name).unlink(missing_ok=True)
+    (out / name).symlink_to(target)
+    with pytest.raises(UsageError, match="symbolic link"):
+        resume_from(out, EVAL_FILES, run_config, ENTRIES, BATCH)
+    assert target.read_bytes() == b"the user's own bytes, not a record\n" and (out / name).is_symlink()

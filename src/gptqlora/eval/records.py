@@ -19,7 +19,6 @@ ran it:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 from gptqlora import distributed
 from gptqlora.errors import UsageError
-from gptqlora.files import append_durable, fsync_path, write_atomic
+from gptqlora.files import append_durable, check_own_file, truncate_durable, write_atomic
 
 
 @dataclass(frozen=True)
@@ -193,9 +192,12 @@ def resume_from(out: Path, files: RecordFiles, run_config: dict, entries: Sequen
         (the kept records, whether a torn line or an incomplete batch, or a batch after a gap, was cut off).
     Raises:
         UsageError: nothing to resume (no config or records file), different settings (each one named with both
-            values), or a records file this run did not write. Nothing is changed then.
+            values), a records file this run did not write, or a record file that is a symbolic link or a special
+            file (a stranger's, not ours). Nothing is changed then.
     """
     config_path, records_path = out / files.config, out / files.records
+    for path in (config_path, records_path, *out.glob(files.parts)):  # a link planted there is neither read nor cut
+        check_own_file(path, "record file")
     if not (config_path.is_file() and records_path.is_file()):
         raise UsageError(f"nothing to resume in {out}: it holds no {files.config} and {files.records} from an "
                          f"earlier {files.what}; run without --resume")
@@ -217,8 +219,7 @@ def resume_from(out: Path, files: RecordFiles, run_config: dict, entries: Sequen
     folded = fold_parts(len(records), part_data, entries, batch_size, files)
     (out / files.summary).unlink(missing_ok=True)  # written again once every question is answered
     if keep < len(data):
-        os.truncate(records_path, keep)
-        fsync_path(records_path)
+        truncate_durable(records_path, keep)
     if folded:  # appended before the parts go: a kill in between leaves them to fold again
         append_durable(records_path, folded)
         records += [json.loads(line) for batch in folded for line in batch.splitlines()]
