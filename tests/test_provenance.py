@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from gptqlora import provenance
 from gptqlora.config import QuantConfig
 from gptqlora.errors import InputNotFoundError, UsageError
-from gptqlora.provenance import base_differences, base_record, describe_base, weights_fingerprint
+from gptqlora.provenance import base_differences, base_record, describe_base, weight_files, weights_fingerprint
 from gptqlora.quant.checkpoint import gptq_config_dict
 
 
@@ -42,14 +42,6 @@ def test_single_file_fingerprint_is_the_files_sha256_and_sees_one_changed_byte(t
     assert weights_fingerprint(tmp_path) != before
 
 
-def test_fingerprint_streams_in_chunks_to_the_same_digest(tmp_path, monkeypatch):
-    path = write_weights(tmp_path, seed=1)
-    whole = weights_fingerprint(tmp_path)
-    monkeypatch.setattr(provenance, "CHUNK_BYTES", 1000)  # many reads, the last one partial
-    assert path.stat().st_size > 3 * 1000 and path.stat().st_size % 1000
-    assert weights_fingerprint(tmp_path) == whole
-
-
 def test_sharded_fingerprint_hashes_the_indexed_shards_in_sorted_order(tmp_path):
     shards = [write_weights(tmp_path, seed=s, name=f"model-0000{s}-of-00002.safetensors") for s in (1, 2)]
     write_weights(tmp_path, seed=9, name="stray.safetensors")  # not in the index: not part of the model
@@ -66,6 +58,9 @@ def test_a_directory_without_weights_has_no_fingerprint(tmp_path):
     with pytest.raises(InputNotFoundError, match="model.safetensors"):
         weights_fingerprint(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text("[1, 2]")
+    with pytest.raises(UsageError, match="must hold a JSON object"):
+        weights_fingerprint(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
     with pytest.raises(UsageError, match="weight_map"):
         weights_fingerprint(tmp_path)
 
@@ -110,3 +105,46 @@ def test_describe_base_names_path_fingerprint_and_quantization(tmp_path):
     assert text.startswith(str(d.resolve())) and weights_fingerprint(d)[:12] in text
     assert "4-bit" in text and "group 64" in text
     assert "float" in describe_base(base_record("org/m"))
+    # A stranger's record (an adapter's or a verifier's sidecar) with values of other types is still one line.
+    assert describe_base({"path": ["x"], "fingerprint": 123456789012345, "quantized": True, "bits": "4"}) == \
+        "['x'] (fingerprint 123456789012, 4-bit, group None)"
+
+
+ESCAPES = {  # how a weights file leads outside the directory -> what the refusal says
+    "dotdot": "leaves the directory through '..'",
+    "absolute": "is an absolute path",
+    "link-out": "outside the model directory",
+    "proc-link": "outside the model directory",
+    "fifo": r"is not a regular file \(a FIFO\)",
+    "single-proc-link": "outside the model directory",
+}
+
+
+@pytest.mark.parametrize("case", list(ESCAPES))
+def test_weight_files_leading_outside_the_directory_are_refused_before_any_is_hashed(tmp_path, monkeypatch, case):
+    message = ESCAPES[case]
+    d = tmp_path / "model"
+    inside = write_weights(d, seed=0, name="model-00001-of-00002.safetensors")
+    outside = write_weights(tmp_path / "other", seed=1, name="w.safetensors")
+    entry = {"dotdot": "../other/w.safetensors", "absolute": str(outside)}.get(case, "model-00002-of-00002.safetensors")
+    target = {"proc-link": Path("/proc/self/environ"), "single-proc-link": Path("/proc/self/environ"),
+              "fifo": d / entry}.get(case, outside)
+    if case == "single-proc-link":
+        (d / "model.safetensors").symlink_to(target)
+        listing = d / "model.safetensors"
+    else:
+        if case in ("link-out", "proc-link"):
+            (d / entry).symlink_to(target)
+        elif case == "fifo":
+            os.mkfifo(target)
+        listing = d / "model.safetensors.index.json"
+        listing.write_text(json.dumps({"weight_map": {"a": inside.name, "b": entry}}))
+    hashed = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda file, *a, **k: hashed.append(os.path.realpath(file))
+                        or real_open(file, *a, **k))
+    for read in (weight_files, weights_fingerprint, base_record):
+        with pytest.raises(UsageError, match=message) as refused:
+            read(d)
+        assert str(listing) in str(refused.value) and (case.startswith("single") or repr(entry) in str(refused.value))
+    assert hashed == []  # not a byte hashed: the inside shard neither, nor the target

@@ -13,7 +13,8 @@ from torch import nn
 
 from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.files import staged_dir
-from gptqlora.quant.checkpoint import is_quantized_dir, load_quantized
+from gptqlora.quant.checkpoint import check_architecture, is_quantized_dir, load_quantized
+from gptqlora.quant.weights import check_directory_files, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,8 @@ def check_model_source(name_or_path: str, cache_dir: str | os.PathLike | None = 
 
     Raises:
         UsageError: a missing directory or one without a readable config.json (an embedded alias whose package is
-            not installed, too).
+            not installed, too); a config.json needing the model's own code or naming an architecture transformers
+            does not know (``check_architecture``); weight files that fail ``weights.weight_files``' checks.
     """
     if name_or_path in EMBEDDED:
         if not (cache_root(cache_dir) / name_or_path / "model.safetensors").is_file():
@@ -185,9 +187,12 @@ def _check_model_dir(path: Path) -> None:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise UsageError(f"{path} is not a model directory: it has no config.json (a Hugging Face model directory or "
                          "one written by `gptqlora quantize` is expected)")
+    weight_files(path)  # its weight files stay inside it and are safetensors, checked before any is read
+    check_directory_files(path)  # the rest by name, before config.json is read: it may be a link out of it
     try:
         config = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path / 'config.json'} is not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise UsageError(f"{path / 'config.json'} must hold a JSON object, not a {type(config).__name__}")
+    check_architecture(config, path / "config.json")

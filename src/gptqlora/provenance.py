@@ -13,16 +13,15 @@ fingerprint is missing (``base_differences``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from gptqlora.errors import InputNotFoundError, UsageError
+from gptqlora.quant.weights import INDEX_FILE, SINGLE_FILE, files_sha256
+from gptqlora.quant.weights import weight_files as checked_files  # this module's weight_files returns their paths
 
-SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
-CHUNK_BYTES = 1 << 20  # the weights are streamed through sha256 in 1 MiB reads, never loaded whole
 # The fields that say which weights a record names; "path" joins them only when a fingerprint is missing.
 IDENTITY_FIELDS = ("fingerprint", "quantized", "bits", "group_size", "targets")
 
@@ -30,28 +29,16 @@ IDENTITY_FIELDS = ("fingerprint", "quantized", "bits", "group_size", "targets")
 def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     """The weight files of a Hugging Face directory, sorted by name; empty when it has no safetensors weights.
 
-    ``model.safetensors`` when present, else every shard that ``model.safetensors.index.json`` names.
+    ``model.safetensors`` when present, else every shard that ``model.safetensors.index.json`` names; each checked
+    before a byte of it is read (``gptqlora.quant.weights.weight_files``: inside the directory, a regular file,
+    safetensors).
 
     Raises:
-        UsageError: an index that is not valid JSON or has no ``weight_map``.
+        UsageError: an index that is not valid JSON or has no ``weight_map``; a file that fails a check.
         InputNotFoundError: the index names a shard that is missing.
     """
-    d = Path(model_dir)
-    if (d / SINGLE_FILE).is_file():
-        return [d / SINGLE_FILE]
-    index = d / INDEX_FILE
-    if not index.is_file():
-        return []
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"{index} is not a safetensors index (a JSON object with a 'weight_map'): {e}") from None
-    missing = [n for n in names if not (d / n).is_file()]
-    if missing:
-        raise InputNotFoundError(f"{index} names shards that are missing: {', '.join(missing)}; download or copy "
-                                 "the model again")
-    return [d / n for n in names]
+    found = checked_files(model_dir)
+    return [] if found is None else found.files
 
 
 def weights_fingerprint(model_dir: str | os.PathLike) -> str:
@@ -61,17 +48,13 @@ def weights_fingerprint(model_dir: str | os.PathLike) -> str:
 
     Raises:
         InputNotFoundError: the directory holds no safetensors weights (or the index names a missing shard).
+        UsageError: a weight file that fails ``weight_files``' checks.
     """
     files = weight_files(model_dir)
     if not files:
         raise InputNotFoundError(f"{model_dir} holds neither {SINGLE_FILE} nor {INDEX_FILE}: no weights to "
                                  "fingerprint")
-    h = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                h.update(chunk)
-    return h.hexdigest()
+    return files_sha256(files)
 
 
 def quantization_fields(block: dict[str, Any] | None) -> dict[str, Any]:
@@ -128,10 +111,13 @@ def base_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str
 
 
 def describe_base(record: dict[str, Any] | None) -> str:
-    """One line naming a base: ``/path (fingerprint 9f2c1a0b3d4e, 4-bit, group 64, targets attn)``."""
+    """One line naming a base: ``/path (fingerprint 9f2c1a0b3d4e, 4-bit, group 64, targets attn)``.
+
+    The record may come from a stranger's file: any JSON value in its fields is shown, never a traceback.
+    """
     if record is None:
         return "an unrecorded base"
-    parts = [f"fingerprint {record['fingerprint'][:12]}" if record.get("fingerprint") else "no fingerprint"]
+    parts = [f"fingerprint {str(record['fingerprint'])[:12]}" if record.get("fingerprint") else "no fingerprint"]
     if record.get("quantized"):
         parts += [f"{record.get('bits')}-bit", f"group {record.get('group_size')}"]
         if record.get("targets"):

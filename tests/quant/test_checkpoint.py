@@ -181,3 +181,17 @@ def test_another_tools_static_groups_block_reads_as_act_order():
     # gptqmodel's default block: group-aware, which it turns off under desc_act
     assert quant_config_from_dict(block | {"desc_act": False, "act_group_aware": True}).group_aware
     assert not quant_config_from_dict(block | {"act_group_aware": True}).group_aware
+
+
+def test_a_quantized_directory_needing_its_own_code_is_refused_before_loading(tmp_path):
+    from gptqlora.errors import UsageError
+    from gptqlora.quant.checkpoint import read_quantized_config
+
+    out = saved_attention_only(tmp_path)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg |= {"model_type": "mine", "auto_map": {"AutoConfig": "configuration_mine.MineConfig"}}
+    (out / "config.json").write_text(json.dumps(cfg))
+    for read in (read_quantized_config, load_quantized, lambda d: load_model(str(d))):
+        with pytest.raises(UsageError, match="model_type 'mine' needs code from the model's repository \\(auto_map\\)"
+                                             ", which gptqlora never runs"):
+            read(out)

@@ -1,7 +1,9 @@
 """Streamed quantization: bit-identical to the in-memory path, one block in memory at a time, resumable."""
 
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from gptqlora.quant.checkpoint import (load_quantized, quantize_streamed, save_q
                                        work_dir)
 from gptqlora.quant.driver import quantize_model_weights  # noqa: E402
 from gptqlora.quant.stream import ShardLayout, TensorSpec, parse_size, write_tensors  # noqa: E402
+from gptqlora.quant import weights  # noqa: E402
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -194,15 +197,19 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path):
     assert_same_files(tmp_path / "whole", out)
 
 
-@pytest.mark.parametrize("change,field", [({"group_size": 64}, "quant"), ({"chunk_size": 4}, "chunk_size")])
-def test_resume_with_other_settings_is_refused_naming_them(tmp_path, change, field):
+@pytest.mark.parametrize("change,named", [
+    ({"bits": 3}, "bits: run 4, now 3"),
+    ({"bits": 3, "group_size": 64}, "bits: run 4, now 3; group_size: run 32, now 64"),
+    ({"chunk_size": 4}, "chunk_size: run 3, now 4"),
+])
+def test_resume_with_other_settings_is_refused_naming_them(tmp_path, change, named):
     config = QuantConfig(targets="all", group_size=32)
     source = write_source(tmp_path / "src")
     with pytest.raises(Interrupt):
         streamed(source, tmp_path / "out", config, on_block=interrupt_after(0))
-    other = QuantConfig(targets="all", group_size=change.get("group_size", 32))
+    other = QuantConfig(targets="all", bits=change.get("bits", 4), group_size=change.get("group_size", 32))
     kw = {"chunk_size": change["chunk_size"]} if "chunk_size" in change else {}
-    with pytest.raises(UsageError, match=f"cannot resume .* other {field}"):
+    with pytest.raises(UsageError, match=f"cannot resume .* different inputs or settings \\({named}\\)"):
         streamed(source, tmp_path / "out", other, resume=True, **kw)
     report = streamed(source, tmp_path / "out", other, **kw)  # without resume: the finished blocks are discarded
     assert report["resumed_blocks"] == 0 and not work_dir(tmp_path / "out").exists()
@@ -362,3 +369,162 @@ def test_cli_max_shard_size_is_checked_before_any_work(tmp_path, gsm8k_dir, caps
                   "--out", str(tmp_path / "q"), "--max-shard-size", "five"])
     assert exit_.value.code == 2 and "max shard size 'five' is not a size" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+# ---------------------------------------------------------------------------------------------- untrusted directories
+
+ESCAPES = {  # case -> what the message says
+    "dotdot": "leaves the directory through '..'",
+    "absolute": "is an absolute path",
+    "link-out": "outside the model directory",
+    "proc-link": "outside the model directory",
+    "fifo": r"is not a regular file \(a FIFO\)",
+    "not-safetensors": "is not a safetensors file, or a truncated one",
+}
+
+
+def lead_outside(model: Path, case: str) -> tuple[str, Path]:
+    """Point ``model``'s first shard entry (or its model.safetensors) where ``case`` says; returns (the entry in
+    the index, or the file name, and the target that must never be read: a shard moved outside, /proc/self/environ,
+    a FIFO, a text file)."""
+    index_file = model / "model.safetensors.index.json"
+    if not index_file.exists():  # one model.safetensors: the same checks through a link or a special file
+        name = "model.safetensors"
+    else:
+        index = json.loads(index_file.read_text())
+        name = sorted(set(index["weight_map"].values()))[0]
+    outside = model.parent / f"outside-{model.name}" / name
+    outside.parent.mkdir()
+    (model / name).rename(outside)
+    entry = {"dotdot": f"../{outside.parent.name}/{name}", "absolute": str(outside)}.get(case, name)
+    target = outside
+    if case in ("link-out", "proc-link"):
+        target = outside if case == "link-out" else Path("/proc/self/environ")
+        (model / name).symlink_to(target)
+    elif case == "fifo":
+        os.mkfifo(model / name)
+        target = model / name
+    elif case == "not-safetensors":
+        target = model / name
+        target.write_text("{\"not\": \"weights\"}\n" * 100)
+    if entry != name:
+        index["weight_map"] = {k: entry if v == name else v for k, v in index["weight_map"].items()}
+        index_file.write_text(json.dumps(index))
+    return entry, target
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """Every path opened while the test runs, links followed, by the function that opened it: ``os.open`` (the
+    checks' look at a file's first bytes), ``open`` (hashing) or safetensors' ``safe_open`` (reading tensors)."""
+    paths: dict[str, list[str]] = {"os.open": [], "open": [], "safe_open": []}
+
+    def spy(real, kind):
+        def opener(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)):
+                paths[kind].append(os.path.realpath(file))
+            return real(file, *args, **kwargs)
+        return opener
+
+    monkeypatch.setattr("builtins.open", spy(open, "open"))
+    monkeypatch.setattr(os, "open", spy(os.open, "os.open"))
+    monkeypatch.setattr(stream, "safe_open", spy(stream.safe_open, "safe_open"))
+    return paths
+
+
+def never_read(opened: dict[str, list[str]], target: Path, case: str) -> bool:
+    """Whether ``target`` was never opened; a file inside the directory may have its first bytes looked at."""
+    kinds = ("open", "safe_open") if case == "not-safetensors" else tuple(opened)
+    return all(os.path.realpath(target) not in opened[k] for k in kinds)
+
+
+@pytest.mark.parametrize("case,sharded", [(case, True) for case in ESCAPES] +  # one model.safetensors: no entry
+                         [(case, False) for case in ESCAPES if case not in ("dotdot", "absolute")])
+def test_weights_leading_outside_the_directory_are_refused_before_a_byte_is_read(tmp_path, case, sharded, opened):
+    from gptqlora.quant.checkpoint import read_quantized_config
+
+    source = write_source(tmp_path / "src", shard="60KB" if sharded else None)
+    quantized = tmp_path / "q"
+    streamed(source, quantized, QuantConfig(method="rtn", targets="attn", group_size=32),
+             max_shard_size="40KB" if sharded else "5GB")
+    for model in (source, quantized):
+        entry, target = lead_outside(model, case)
+        listing = model / ("model.safetensors.index.json" if sharded else "model.safetensors")
+        for paths in opened.values():
+            paths.clear()
+        readers = [lambda: stream.SafetensorsSource(model), lambda: weights.weight_files(model)]
+        if model == quantized:  # eval --quantized checks its directory before any work, then loads it
+            readers += [lambda: read_quantized_config(model), lambda: load_quantized(model)]
+        for read in readers:
+            with pytest.raises(UsageError) as refused:
+                read()
+            message = str(refused.value)
+            assert re.search(ESCAPES[case], message) and str(listing) in message and "\n" not in message
+            assert sharded is False or repr(entry) in message
+        assert never_read(opened, target, case)
+
+
+def test_a_hub_cache_snapshot_reads_links_into_its_own_blobs_only(tmp_path):
+    """Hugging Face's cache keeps files in models--org--name/blobs and links to them from snapshots/REV/."""
+    source = write_source(tmp_path / "src", shard="60KB")
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for p in sorted(source.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(p.read_bytes()).hexdigest()
+        p.rename(blob)
+        (snapshot / p.name).symlink_to(Path("../..") / "blobs" / blob.name)  # as huggingface_hub links them
+    weights = stream.SafetensorsSource(snapshot)
+    tensors = weights.load(weights.names)
+    assert len(weights.files) > 1 and tensors["model.norm.weight"].shape == (64,)
+    report = streamed(snapshot, tmp_path / "q", QuantConfig(method="rtn", targets="attn", group_size=32))
+    assert report["blocks"] == 3 and (tmp_path / "q" / "model.safetensors").is_file()
+    # A link into another repository's blobs is outside this model.
+    other = tmp_path / "hub" / "models--org--other" / "blobs"
+    other.mkdir(parents=True)
+    shard = weights.files[0]
+    (snapshot / shard).resolve().rename(other / "stolen")
+    (snapshot / shard).unlink()
+    (snapshot / shard).symlink_to(Path("../../..") / "models--org--other" / "blobs" / "stolen")
+    with pytest.raises(UsageError, match="outside the model directory"):
+        stream.SafetensorsSource(snapshot)
+
+
+def error_line(capsys) -> str:
+    """The CLI's one-line error: no traceback, one line."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "proc-link", "fifo"])
+def test_cli_quantize_refuses_an_escaping_index_in_one_line_and_writes_nothing(tmp_path, gsm8k_dir, capsys, case,
+                                                                               opened):
+    from gptqlora import cli
+
+    source = write_source(tmp_path / "src", shard="60KB")
+    entry, target = lead_outside(source, case)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()  # save_pretrained's progress bars
+    assert cli.main(["quantize", "--model", str(source), "--data", str(gsm8k_dir), "--method", "rtn",
+                     "--group-size", "32", "--out", str(tmp_path / "q")]) == 2
+    line = error_line(capsys)
+    assert line.startswith("gptqlora quantize: error: ") and repr(entry) in line and re.search(ESCAPES[case], line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no work directory, no lock
+    assert never_read(opened, target, case)
+
+
+def test_resume_over_a_source_rewritten_with_the_same_size_is_refused_naming_it(tmp_path):
+    config = QuantConfig(targets="all", group_size=32)
+    source = write_source(tmp_path / "src")
+    with pytest.raises(Interrupt):
+        streamed(source, tmp_path / "out", config, on_block=interrupt_after(0))
+    size = (source / "model.safetensors").stat().st_size
+    make_tiny_llama(num_layers=3, seed=1).save_pretrained(source)  # other weights, in place, the same shapes
+    assert (source / "model.safetensors").stat().st_size == size
+    with pytest.raises(UsageError, match=f"cannot resume .*the weights of {re.escape(str(source))} changed"):
+        streamed(source, tmp_path / "out", config, resume=True)
+    assert (work_dir(tmp_path / "out") / "state.json").is_file()  # refused, not discarded: nothing changed
+    assert not (tmp_path / "out").exists()

@@ -31,8 +31,9 @@ from gptqlora.errors import InputNotFoundError, OutputExistsError, UsageError
 from gptqlora.files import read_json_object, staged_dir
 from gptqlora.quant.driver import STAGES, _set, decoder_layers, position_inputs, quantize_blocks
 from gptqlora.quant.linear import QuantizedLinear
-from gptqlora.quant.stream import (DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, SINGLE_FILE, SafetensorsSource, ShardLayout,
-                                   TensorSpec, WorkDir, parse_size, write_tensors)
+from gptqlora.quant.stream import (DEFAULT_MAX_SHARD_SIZE, SafetensorsSource, ShardLayout, TensorSpec, WorkDir,
+                                   parse_size, write_tensors)
+from gptqlora.quant.weights import INDEX_FILE, SINGLE_FILE, check_directory_files, weight_files
 
 QUANT_BUFFERS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
@@ -113,6 +114,32 @@ _AGREEING_FIELDS = ("quant_method", "bits", "group_size", "desc_act", "sym", "st
 
 
 
+def check_architecture(config: dict, where: str | os.PathLike) -> None:
+    """Refuse a config.json whose model transformers cannot build from its own code, before anything is loaded.
+
+    Such a config names code in the model's repository (``auto_map``), which transformers would run only with
+    ``trust_remote_code``: gptqlora never runs a model's own code, and quantizes the LLaMA-family architectures
+    transformers ships.
+
+    Raises:
+        UsageError: ``model_type`` missing, or one this transformers does not know (with ``auto_map`` or without),
+            naming ``where``.
+    """
+    from transformers import CONFIG_MAPPING, __version__
+
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return
+    supported = "only LLaMA-family architectures that transformers ships (model_type 'llama', ...) are supported"
+    if "auto_map" in config:
+        raise UsageError(f"{where}: model_type {model_type!r} needs code from the model's repository (auto_map), "
+                         f"which gptqlora never runs; {supported}")
+    if model_type is None:
+        raise UsageError(f"{where} has no model_type: it does not describe a transformers model; {supported}")
+    raise UsageError(f"{where}: model_type {model_type!r} is not an architecture transformers {__version__} knows; "
+                     f"{supported} (a newer model may need a newer transformers)")
+
+
 def read_quantized_config(path: str | os.PathLike) -> tuple[dict, QuantConfig]:
     """Read and check a GPTQ directory's configuration without loading any weight.
 
@@ -120,15 +147,20 @@ def read_quantized_config(path: str | os.PathLike) -> tuple[dict, QuantConfig]:
         (config.json as a dict, the QuantConfig its ``quantization_config`` describes).
     Raises:
         InputNotFoundError: no config.json, or neither model.safetensors nor model.safetensors.index.json.
-        UsageError: JSON that is not an object, a missing or bad quantization block, an unknown ``dtype``, or a
-            quantize_config.json that disagrees with config.json (naming both files and the field).
+        UsageError: JSON that is not an object, an architecture transformers does not ship (``check_architecture``),
+            a missing or bad quantization block, an unknown ``dtype``, a quantize_config.json that disagrees with
+            config.json (naming both files and the field), or files that fail ``weights.check_directory_files``' or
+            ``weights.weight_files``' checks (a link or an index entry leading outside the directory, a file that is
+            not safetensors).
     """
     path = Path(path)
-    if not (path / "config.json").is_file() or not ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()):
+    if not (path / "config.json").is_file() or weight_files(path) is None:
         raise InputNotFoundError(f"{path} is not a quantized model directory: expected config.json and "
                                  f"{SINGLE_FILE} (or {INDEX_FILE} with its shards); write one with "
                                  "`gptqlora quantize --out DIR`")
+    check_directory_files(path)  # the weights were checked by their index entries; the rest by name
     raw = read_json_object(path / "config.json")
+    check_architecture(raw, path / "config.json")
     block = raw.get("quantization_config")
     qconfig = quant_config_from_dict(block, f"{path / 'config.json'} quantization_config")
     dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
@@ -358,8 +390,10 @@ def quantize_streamed(source: str | os.PathLike, out_dir: str | os.PathLike, con
         resumed ones included), blocks, resumed_blocks, shards.
     Raises:
         OutputExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
-        UsageError: the work directory belongs to a run still going (another process), a source that is not a float checkpoint of a LLaMA-family model, missing calibration for GPTQ,
-            a resume over work made differently, a block whose forward the driver does not reproduce.
+        UsageError: the work directory belongs to a run still going (another process); a source that is not a
+            float checkpoint of a LLaMA-family model, or whose weight files fail ``weights.weight_files``' checks;
+            missing calibration for GPTQ; a resume over work made from other settings or other source bytes (each
+            difference named: "bits: run 4, now 3"); a block whose forward the driver does not reproduce.
     """
     from transformers import AutoConfig
 
@@ -371,6 +405,7 @@ def quantize_streamed(source: str | os.PathLike, out_dir: str | os.PathLike, con
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out} exists and is not empty: choose a new directory, or pass overwrite "
                                 "(--overwrite) to replace it (nothing was written)")
+    check_architecture(read_json_object(source / "config.json"), source / "config.json")
     hf_config = AutoConfig.from_pretrained(source)
     if getattr(hf_config, "quantization_config", None) is not None:
         raise UsageError(f"{source} is already quantized (its config.json has a quantization_config): pass a float "
@@ -383,9 +418,12 @@ def quantize_streamed(source: str | os.PathLike, out_dir: str | os.PathLike, con
     specs = {n: TensorSpec.of(n, t) for n, t in _saved_state(quantized_skeleton(hf_config, config, dtype)).items()}
     units = _units(list(specs))
     layout = ShardLayout([[specs[n] for n in unit] for unit in units], max_shard_size)
+    # The source's bytes, not only its sizes: a model rewritten in place since the interrupted run must not be
+    # resumed over. Hashing reads the weights once per run: sha256 ran at ~600 MB/s on one core here, ~20 s for a
+    # 7B model's 13 GB (longer where the disk reads slower).
     fingerprint = json.loads(json.dumps({
-        "format": 1, "source": str(source.resolve()),
-        "source_files": {f: (source / f).stat().st_size for f in weights.files},
+        "format": 2, "source": str(source.resolve()), "source_sha256": weights.sha256(),
+        "source_config_sha256": hashlib.sha256((source / "config.json").read_bytes()).hexdigest(),
         "quant": dataclasses.asdict(config), "dtype": str(dtype), "device": device.type, "chunk_size": chunk_size,
         "max_shard_size": parse_size(max_shard_size),
         "calibration": None if config.method == "rtn" else hashlib.sha256(

@@ -2,7 +2,8 @@
 
 Reading: ``SafetensorsSource`` opens a model directory's ``model.safetensors``, or the shards its
 ``model.safetensors.index.json`` lists, and returns the tensors asked for, memory-mapped by safetensors' ``safe_open``:
-a tensor's pages are read when touched and leave the process when the tensor is dropped.
+a tensor's pages are read when touched and leave the process when the tensor is dropped. Which files those are, and
+the checks each passes before a byte of it is read, is decided by ``gptqlora.quant.weights`` alone.
 
 Writing: a checkpoint is planned before anything is written (``ShardLayout``). Its tensors come in units (the
 embeddings and norms, then one unit per decoder block) that never straddle two shards; a shard holds at most
@@ -36,12 +37,11 @@ from torch import Tensor
 
 from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.files import DirectoryOwner, fsync_path, read_json_object, write_atomic
+from gptqlora.quant.weights import INDEX_FILE, SINGLE_FILE, files_sha256, weight_files
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # Hugging Face's save_pretrained default
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                 torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                 torch.bool: "BOOL"}
@@ -74,28 +74,22 @@ class SafetensorsSource:
 
     Raises (on construction):
         InputNotFoundError: neither file, or a shard the index names is missing.
-        UsageError: an index that is not ``{"weight_map": {name: file}}``, or an unreadable single file.
+        UsageError: a file that fails ``weight_files``' checks (an index entry leading outside the directory, a
+            file that is not safetensors...), or an unreadable single file.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
-        single, index = self.directory / SINGLE_FILE, self.directory / INDEX_FILE
-        if single.is_file():  # Hugging Face's order: the single file wins over an index
-            self.path = single
-            with self._open(SINGLE_FILE) as f:
-                self.weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
-        elif index.is_file():
-            self.path = index
-            weight_map = read_json_object(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise UsageError(f"{index} has no \"weight_map\" object of tensor name -> shard file")
-            missing = sorted({f for f in weight_map.values() if not (self.directory / f).is_file()})
-            if missing:
-                raise InputNotFoundError(f"{index} names shard files that are missing: {', '.join(missing[:3])}")
-            self.weight_map = dict(weight_map)
-        else:
+        found = weight_files(self.directory)
+        if found is None:
             raise InputNotFoundError(f"{self.directory} holds no {SINGLE_FILE} and no {INDEX_FILE}: a safetensors "
                                      "model directory is expected")
+        self.path, self.paths = found.listing, found.files
+        if found.weight_map is None:
+            with self._open(SINGLE_FILE) as f:
+                self.weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+        else:
+            self.weight_map = found.weight_map
 
     @property
     def names(self) -> list[str]:
@@ -104,6 +98,10 @@ class SafetensorsSource:
     @property
     def files(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
+
+    def sha256(self) -> str:
+        """The sha256 of the weight files' bytes (``files_sha256``): what ``provenance.weights_fingerprint`` gives."""
+        return files_sha256(self.paths)
 
     def _open(self, file: str):
         try:
@@ -297,6 +295,36 @@ def write_tensors(directory: Path, units: Sequence[Mapping[str, Tensor]],
 
 # ---------------------------------------------------------------------------------------------- resumable work
 
+# Fingerprint entries that hash the source's files, and what they hash.
+_SOURCE_HASHES = {"source_sha256": "weights", "source_config_sha256": "config.json"}
+
+
+def _settings_differences(run: Mapping, now: Mapping) -> list[str]:
+    """How a work directory's fingerprint differs from this run's, one entry per setting: "bits: run 4, now 3".
+
+    A group of settings (a dict, such as the quantization config) is compared field by field; a changed hash of
+    the source's bytes names the source.
+    """
+    lines = []
+    for key in sorted(run.keys() | now.keys()):
+        a, b = run.get(key), now.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += _settings_differences(a, b)
+        elif key in _SOURCE_HASHES:
+            lines.append(f"the {_SOURCE_HASHES[key]} of {now.get('source', 'the source')} changed since that run, "
+                         f"sha256 run {str(a)[:12]}, now {str(b)[:12]}")
+        else:
+            lines.append(f"{key}: run {_short(a)}, now {_short(b)}")
+    return lines
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class WorkDir:
     """The finished part of a streamed quantization, kept next to its output so that a killed run can resume.
 
@@ -368,11 +396,15 @@ class WorkDir:
     def _continue(cls, path: Path, layout: ShardLayout, fingerprint: dict, owner: DirectoryOwner) -> WorkDir:
         state = read_json_object(path / cls.STATE)
         old = state.get("fingerprint", {})
-        differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if not isinstance(old, dict) or old.get("format") != fingerprint.get("format"):
+            raise UsageError(f"cannot resume from {path}: it was written by another version of gptqlora (work format "
+                             f"{old.get('format') if isinstance(old, dict) else None}, now {fingerprint.get('format')}"
+                             "); rerun without resume (--resume) to start again")
+        differ = _settings_differences(old, fingerprint)
         if differ:
-            raise UsageError(f"cannot resume from {path}: it was made with other {', '.join(differ)} "
-                             f"({', '.join(f'{k}={old.get(k)!r}' for k in differ[:3])}); rerun with the same "
-                             "settings, or without resume (--resume) to start again")
+            raise UsageError(f"cannot resume from {path}: it was made with different inputs or settings "
+                             f"({'; '.join(differ)}). Resume with that run's inputs and settings, or rerun without "
+                             "resume (--resume) to start again")
         if not layout.matches(path):
             raise UsageError(f"cannot resume from {path}: its shard files are missing or damaged; rerun without "
                              "resume (--resume) to start again")
