@@ -353,3 +353,124 @@ def test_cli_quantize_calibrates_on_a_corpus_and_records_it(gsm8k, tmp_path):
     with pytest.raises(SystemExit) as exit_:  # refused while parsing, before any work
         cli.main(argv[:-2] + ["--calib-data", str(mm), "--calib-text", str(mm), "--out", str(tmp_path / "q2")])
     assert exit_.value.code == 2 and not (tmp_path / "q2").exists()
+
+
+# ---------------------------------------------------------------------------------------------- untrusted inputs
+
+def test_a_byte_that_is_not_utf8_names_the_file_and_its_offset(tmp_path):
+    first = json.dumps(METAMATH[0]).encode() + b"\n"
+    for name, content in (("bad.jsonl", first + b'{"query": "caf\xe9", "response": "The answer is: 1"}\n'),
+                          ("bad.json", b"[\n" + first[:-1] + b',\n{"query": "caf\xe9"}\n]')):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(UsageError) as e:
+            load_corpus(str(path))
+        offset, line = content.index(0xE9), 2 if name.endswith("jsonl") else 3
+        assert f"{path}: byte 0xe9 at offset {offset} (line {line}) is not UTF-8" in str(e.value)
+
+
+def test_a_byte_order_mark_is_read_as_utf8_sig(tmp_path):
+    for path in (write_jsonl(tmp_path / "mm.jsonl", METAMATH), write_json(tmp_path / "mm.json", METAMATH)):
+        plain = load_corpus(str(path))
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        assert load_corpus(str(path)).entries == plain.entries
+    gsm8k_dir = tmp_path / "gsm8k"
+    gsm8k_dir.mkdir()
+    for split, rows in (("train", GSM8K_TRAIN), ("test", GSM8K_TEST)):
+        (gsm8k_dir / f"{split}.jsonl").write_bytes(b"\xef\xbb\xbf" + write_jsonl(tmp_path / split, rows).read_bytes())
+    # Recognised as a GSM8K directory (its test split is the guard's reference), both splits read.
+    assert gsm8k_reference(str(gsm8k_dir), mixed=False) == str(gsm8k_dir)
+    entries, report = build_training_set([(str(gsm8k_dir), 1.0)], str(gsm8k_dir))
+    assert entries == GSM8K_TRAIN and report["contamination"]["test_questions"] == 2
+
+
+def test_a_jsonl_line_ends_at_newline_only(tmp_path):
+    row = {"query": "Line\u2028separator and next\u0085line: 2 + 2?", "response": "The answer is: 4"}
+    path = tmp_path / "mm.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n" + json.dumps(METAMATH[0]) + "\n", encoding="utf-8")
+    corpus = load_corpus(str(path))
+    assert corpus.rows == 2 and corpus.entries[0]["question"] == row["query"]
+
+
+def test_a_mix_weight_that_selects_no_rows_names_the_source_and_weight(gsm8k):
+    with pytest.raises(UsageError) as e:
+        build_training_set(parse_mix("gsm8k=0.001"), str(gsm8k))
+    message = str(e.value)
+    assert "--train-mix gsm8k=0.001 selects no rows" in message and "x its 4 usable rows" in message
+    assert "holdout" not in message
+    entries, _ = build_training_set(parse_mix("gsm8k=0.25"), str(gsm8k))  # the weight the message asks for
+    assert len(entries) == 1
+
+
+def _no_model_loads(monkeypatch):
+    """Fail the test if a command loads a model's weights (whole, or streamed block by block)."""
+    import gptqlora.models
+    import gptqlora.quant.checkpoint
+
+    monkeypatch.setattr(gptqlora.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(gptqlora.quant.checkpoint, "quantize_streamed", lambda *a, **k: pytest.fail("read weights"))
+
+
+def test_a_calibration_corpus_of_test_questions_only_is_one_clear_error(gsm8k, tmp_path):
+    from gptqlora.config import CalibConfig
+    from gptqlora.data.calibration import calibration_for
+
+    leak = write_jsonl(tmp_path / "leak.jsonl", METAMATH[1:3])  # both rephrase a GSM8K test question
+    with pytest.raises(UsageError) as e:
+        calibration_for(CalibConfig(calib_samples=2, calib_seqlen=8, calib_data=str(leak)), make_tiny_tokenizer(),
+                        str(gsm8k), seed=0)
+    assert f"--calib-data {leak}: every one of its 2 usable rows was dropped as a GSM8K test question" in str(e.value)
+    assert "calib-seqlen" not in str(e.value)
+
+
+def test_cli_quantize_refuses_a_calibration_corpus_of_test_questions_before_loading(gsm8k, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from conftest import error_of
+
+    _no_model_loads(monkeypatch)
+    leak = write_jsonl(tmp_path / "leak.jsonl", METAMATH[1:3])
+    make_tiny_llama(num_layers=1).save_pretrained(tmp_path / "tiny")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    capsys.readouterr()
+    out = tmp_path / "q"
+    assert cli.main(["quantize", "--model", str(tmp_path / "tiny"), "--data", str(gsm8k), "--out", str(out),
+                     "--group-size", "32", "--calib-samples", "4", "--calib-seqlen", "32", "--calib-data",
+                     str(leak)]) == 2
+    line = error_of(capsys)
+    assert "every one of its 2 usable rows was dropped as a GSM8K test question" in line
+    assert "calib-seqlen" not in line and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["finetune corpus", "finetune gsm8k test", "quantize gsm8k train",
+                                  "quantize calib corpus"])
+def test_cli_a_byte_that_is_not_utf8_in_data_is_one_line_before_loading(gsm8k, tmp_path, capsys, monkeypatch, case):
+    from conftest import error_of
+
+    _no_model_loads(monkeypatch)
+    model_dir = tmp_path / "model"
+    make_tiny_llama(num_layers=1).save_pretrained(model_dir)
+    make_tiny_tokenizer(chat_template=False).save_pretrained(model_dir)
+    capsys.readouterr()
+    monkeypatch.setenv("GSM8K_DIR", str(gsm8k))  # the guard's reference when --data is not GSM8K
+    latin1 = '{"query": "Caf\xe9 prices: 2 + 2?", "response": "The answer is: 4"}\n'.encode("latin-1")
+    bad = tmp_path / ("corpus.json" if case == "quantize calib corpus" else "bad.jsonl")
+    bad.write_bytes(b"\n" + latin1)
+    if case.endswith("gsm8k test") or case.endswith("gsm8k train"):  # a GSM8K directory with one bad split
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        split = case.rsplit(" ", 1)[1]
+        for s in ("train", "test"):
+            (broken / f"{s}.jsonl").write_bytes(latin1 if s == split else (gsm8k / f"{s}.jsonl").read_bytes())
+        bad = broken / f"{split}.jsonl"
+    out = tmp_path / "out"
+    if case.startswith("finetune"):
+        argv = tiny_finetune(model_dir, out, "--data", str(bad.parent if "gsm8k" in case else bad))
+    else:
+        argv = ["quantize", "--model", str(model_dir), "--out", str(out), "--group-size", "32",
+                "--data", str(bad.parent if "gsm8k" in case else gsm8k)]
+        argv += ["--calib-data", str(bad)] if case.endswith("corpus") else []
+    assert cli.main(argv) == 2
+    line = error_of(capsys)
+    offset, lineno = bad.read_bytes().index(0xE9), 1 if bad.parent.name == "broken" else 2
+    assert f"{bad}: byte 0xe9 at offset {offset} (line {lineno}) is not UTF-8" in line
+    assert not out.exists()

@@ -297,3 +297,144 @@ def test_plain_style_adds_bos_only_when_tokenizer_does(tiny_tokenizer):
     chat = GSM8KCoTDataset([ENTRY], tiny_tokenizer, style="chat")
     # The chat template writes <|im_start|> (our bos) itself; none is prepended on top.
     assert chat[0]["input_ids"][0] == tiny_tokenizer.bos_token_id != chat[0]["input_ids"][1]
+
+
+# ---------------------------------------------------------------------------------------------- untrusted inputs
+
+def test_a_split_with_a_byte_that_is_not_utf8_names_the_file_and_offset(tmp_path):
+    first, before = json.dumps(EXEMPLAR) + "\n", '{"question": "caf'
+    (tmp_path / "train.jsonl").write_bytes(f"{first}{before}".encode() + b'\xe9?", "answer": "#### 1"}\n')
+    offset = len(first) + len(before)  # 0-based, in bytes (all ASCII before it)
+    with pytest.raises(UsageError, match=f"{tmp_path / 'train.jsonl'}: byte 0xe9 at offset {offset} "
+                                         r"\(line 2\) is not UTF-8"):
+        load_gsm8k("train", str(tmp_path))
+
+
+def test_a_split_with_a_byte_order_mark_reads(tmp_path):
+    (tmp_path / "test.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(EXEMPLAR) + "\n").encode())
+    assert load_gsm8k("test", str(tmp_path)) == [EXEMPLAR]
+
+
+def test_a_huge_row_is_cut_before_tokenizing_to_the_ids_of_its_head(tiny_tokenizer):
+    import time
+
+    from gptqlora.data.gsm8k import MAX_TOKEN_CHARS, encode_texts
+
+    huge = {"question": "What do two and two make?", "answer": "Two and two make four. " * 2_200_000 + "\n#### 4"}
+    assert len(huge["answer"]) > 50_000_000
+    start = time.perf_counter()
+    ds = GSM8KCoTDataset([huge], tiny_tokenizer, style="plain", max_length=64)
+    assert time.perf_counter() - start < 10  # whole, its 50M tokens took minutes
+    prompt, target = format_gsm8k_entry(huge, "plain")
+    head = encode_texts(tiny_tokenizer, [prompt + target[:64 * MAX_TOKEN_CHARS]], "plain")[0]
+    assert ds[0]["input_ids"].tolist() == head[:64] and ds.n_truncated == 1
+
+
+@pytest.mark.parametrize("style", ["plain", "chat"])
+@pytest.mark.parametrize("bos", [False, True])
+def test_cutting_long_texts_keeps_the_ids_of_the_whole_texts(tiny_tokenizer, monkeypatch, style, bos):
+    from gptqlora.data import gsm8k
+
+    tiny_tokenizer.add_bos_token = bos
+    words = " ".join(f"duck{i}" for i in range(900))  # ~7,700 characters, beyond 8 x MAX_TOKEN_CHARS
+    entries = [ENTRY, EXEMPLAR,
+               {"question": words + " How many?", "answer": ENTRY["answer"]},  # the prompt is cut to its tail
+               {"question": ENTRY["question"], "answer": words + "\n#### 7"},  # the target to its head
+               {"question": words, "answer": words + "\n#### 7"}]
+    for max_length in (8, 9, 64):
+        cut = GSM8KCoTDataset(entries, tiny_tokenizer, style=style, max_length=max_length)
+        with monkeypatch.context() as m:
+            m.setattr(gsm8k, "MAX_TOKEN_CHARS", 10**9)  # nothing cut: every text tokenized whole
+            whole = GSM8KCoTDataset(entries, tiny_tokenizer, style=style, max_length=max_length)
+        assert cut.examples == whole.examples and cut.n_truncated == whole.n_truncated
+
+
+# ---------------------------------------------------------------------------------------------- chat templates
+
+def stranger_tokenizer(tmp_path, template: str):
+    """A tokenizer loaded from a model directory whose chat_template.jinja is ``template``."""
+    from transformers import AutoTokenizer
+
+    from conftest import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    tok.chat_template = template
+    tok.save_pretrained(tmp_path / "stranger")
+    return AutoTokenizer.from_pretrained(tmp_path / "stranger")
+
+
+@pytest.mark.parametrize("template, cause", [
+    ("{{ ''.__class__.__mro__ }}", "broke the sandbox's rules (access to attribute '__class__'"),
+    ("{{ cycler.__init__.__globals__ }}", "broke the sandbox's rules"),
+    ("{{ raise_exception('System role not supported') }}", "failed (System role not supported)"),
+    ("{% for m in messages %}{{ m.content }}", "failed (Unexpected end of template"),
+    ("{{ messages | map(attribute='content') | sum }}", "raised TypeError"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took more than 1 s"),
+    ("{% for i in range(100000) %}{{ 'x' * 500 }}{% endfor %}", "rendered 50,000,000 characters"),
+    ("{{ 'Answer me.' }}", "renders a conversation without its last question"),
+])
+def test_a_bad_chat_template_is_one_line_naming_its_model_directory(tmp_path, monkeypatch, template, cause):
+    from gptqlora.data import gsm8k
+    from conftest import deadline
+
+    monkeypatch.setattr(gsm8k, "CHAT_TEMPLATE_SECONDS", 1.0)
+    tok = stranger_tokenizer(tmp_path, template)
+    with deadline(10):
+        with pytest.raises(UsageError) as e:
+            resolve_style("auto", tok)  # the probe: where eval, sample and training first resolve the style
+        if "question" not in cause:  # and every render, should a prompt be built without the probe
+            with pytest.raises(UsageError, match=cause.split(" (")[0]):
+                build_prompt(ENTRY["question"], "chat", tok)
+    message = str(e.value)
+    assert message.startswith(f"the chat template of {tmp_path / 'stranger'} ") and "\n" not in message
+    assert cause in message and message.endswith("--prompt-style plain")
+
+
+def test_a_runaway_template_is_stopped_and_the_callers_alarm_survives(tmp_path, monkeypatch):
+    import signal
+    import time
+
+    from gptqlora.data import gsm8k
+
+    monkeypatch.setattr(gsm8k, "CHAT_TEMPLATE_SECONDS", 0.5)
+    tok = stranger_tokenizer(tmp_path, "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                                       "{% endfor %}")
+
+    def callers(signum, frame):
+        pytest.fail("the caller's alarm went off: the render was not stopped")
+
+    old = signal.signal(signal.SIGALRM, callers)
+    signal.setitimer(signal.ITIMER_REAL, 8.0)
+    try:
+        start = time.monotonic()
+        with pytest.raises(UsageError, match="took more than 0.5 s"):
+            resolve_style("chat", tok)
+        assert time.monotonic() - start < 4
+        # The caller's handler is back and its timer runs on with what was left of it.
+        assert signal.getsignal(signal.SIGALRM) is callers
+        assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 7.5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_cli_refuses_a_looping_template_before_the_model_loads(tmp_path, gsm8k_dir, capsys, monkeypatch, command):
+    """eval and sample probe the model directory's template from its tokenizer alone, before any weights load."""
+    import gptqlora.models
+    from conftest import deadline, error_of, make_tiny_llama
+    from gptqlora import cli, data
+
+    stranger_tokenizer(tmp_path, "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    make_tiny_llama().save_pretrained(tmp_path / "stranger")
+    monkeypatch.setattr(data.gsm8k, "CHAT_TEMPLATE_SECONDS", 1.0)
+    monkeypatch.setattr(gptqlora.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    out = ["--output-dir", str(tmp_path / "out")] if command == "eval" else ["--out", str(tmp_path / "out"), "--samples", "2"]
+    capsys.readouterr()
+    with deadline(20):
+        code = cli.main([command, "--model", str(tmp_path / "stranger"), "--data", str(gsm8k_dir), "--limit", "1",
+                         *out])
+    line = error_of(capsys)
+    assert code == 2 and "chat template" in line and "stranger" in line and "took more than 1 s" in line, line
+    assert not (tmp_path / "out").exists()

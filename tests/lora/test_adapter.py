@@ -319,3 +319,78 @@ def test_non_finite_adapter_weights_are_refused_naming_the_file(tmp_path):
 def test_save_without_lora_is_an_error(tmp_path, tiny_llama):
     with pytest.raises(ValueError, match="no LoRA layers"):
         save_adapter(tiny_llama, tmp_path / "a", BASE_NAME)
+
+
+# ---------------------------------------------------------------------------------------------- target regexes
+
+def with_target_modules(out: Path, target_modules) -> Path:
+    """The adapter in ``out`` with its config's target_modules replaced, as a stranger could write it."""
+    config = json.loads((out / CONFIG_NAME).read_text())
+    (out / CONFIG_NAME).write_text(json.dumps({**config, "target_modules": target_modules}))
+    return out
+
+
+@pytest.mark.parametrize("pattern", [r"(.*.*)*X", r"model\.layers\.0\.self_attn\.(\w+_?)*proj"])
+def test_a_target_regex_that_could_hang_is_refused_in_one_line_naming_the_config(tmp_path, pattern):
+    from conftest import deadline
+
+    out = with_target_modules(trained_adapter(tmp_path)[0], pattern)
+    model = make_tiny_llama()
+    with deadline(10):
+        for load in (read_adapter_config, lambda d: load_adapter(model, d)):
+            with pytest.raises(UsageError) as e:
+                load(out)
+            message = str(e.value)
+            assert message.startswith(f"{out / CONFIG_NAME}: target_modules: the target regex ") and "\n" not in message
+            assert "list the module names instead" in message
+    assert not lora_modules(model)
+
+
+def test_eval_refuses_an_adapter_whose_regex_could_hang_before_loading(tmp_path, gsm8k_dir, capsys, monkeypatch):
+    from conftest import make_tiny_tokenizer
+    from gptqlora import cli
+    import gptqlora.models
+    from conftest import deadline
+
+    model_dir = tmp_path / "m"
+    make_tiny_llama().save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    out = with_target_modules(trained_adapter(tmp_path)[0], r"(.*.*)*X")
+    monkeypatch.setattr(gptqlora.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    capsys.readouterr()  # the fixtures' progress bars
+    with deadline(10):
+        code = cli.main(["eval", "--model", str(model_dir), "--adapter", str(out), "--data", str(gsm8k_dir),
+                         "--limit", "1", "--output-dir", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"{out / CONFIG_NAME}: target_modules: the target regex '(.*.*)*X' repeats a part" in err
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("adapted", [range(29), range(1)], ids=["all-but-the-last-layer", "layer-0-only"])
+def test_our_regex_adapters_on_a_deep_model_load_by_their_tensor_names(tmp_path, monkeypatch, one_thread, adapted):
+    # Short names would adapt every layer, so save_adapter writes the '|' join of the adapted modules' names; a load
+    # takes the modules from the tensor names and never runs the regex over the model's names.
+    model = make_tiny_llama(num_layers=30, hidden=16, intermediate=32)
+    layers = "|".join(map(str, adapted))
+    inject_lora_layers(model, rf"re:model\.layers\.({layers})\.(self_attn|mlp)\.\w+", r=2, alpha=4.0)
+    randomize_B(model)
+    ours = logits(model.eval())
+    out = save_adapter(model, tmp_path / "deep", BASE_NAME)
+    assert isinstance(json.loads((out / CONFIG_NAME).read_text())["target_modules"], str)
+    monkeypatch.setattr(adapter_mod, "find_targets", lambda *a, **k: pytest.fail("ran the adapter's regex"))
+    loaded = load_adapter(make_tiny_llama(num_layers=30, hidden=16, intermediate=32), out).eval()
+    assert set(lora_modules(loaded)) == set(lora_modules(model)) and len(lora_modules(loaded)) == 7 * len(adapted)
+    assert torch.equal(logits(loaded), ours)
+
+
+def test_an_adapter_file_linked_out_of_its_directory_is_refused_before_it_is_read(tmp_path):
+    """A stranger's adapter_model.safetensors -> another adapter's weights elsewhere: refused, naming the link."""
+    out = trained_adapter(tmp_path)[0]
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    (out / WEIGHTS_NAME).rename(elsewhere)
+    (out / WEIGHTS_NAME).symlink_to(elsewhere)
+    with pytest.raises(UsageError, match=f"{WEIGHTS_NAME} is a link to .*, outside"):
+        read_adapter_config(out)
+    with pytest.raises(UsageError, match="outside"):
+        load_adapter(make_tiny_llama(), out)

@@ -331,3 +331,16 @@ def test_merge_into_quantized_base_points_to_the_cli(tiny_llama):
     with pytest.raises(ValueError, match="gptqlora merge"):
         merge_lora(tiny_llama)
     assert len(lora_modules(tiny_llama)) == 2  # nothing was merged half-way
+
+
+def test_a_target_regex_that_could_hang_is_refused_before_it_meets_a_name(tiny_llama):
+    from gptqlora.errors import UsageError
+    from gptqlora.lora.layer import find_targets
+    from conftest import deadline
+
+    with deadline(10):
+        with pytest.raises(UsageError, match=r"^--lora-targets: the target regex '\(\.\*\.\*\)\*X' repeats a part"):
+            inject_lora_layers(tiny_llama, "re:(.*.*)*X")
+        with pytest.raises(UsageError, match=r"^adapter_config\.json: target_modules: the target regex .* too many"):
+            find_targets(tiny_llama, "re:" + ".*" * 8 + "X", where="adapter_config.json: target_modules")
+    assert not lora_modules(tiny_llama)

@@ -37,6 +37,28 @@ def calib_inputs(calib: CalibConfig) -> list[Path | str | None]:
     return [calib.calib_text, calib.calib_data and local_data_dir(calib.calib_data)]
 
 
+def check_calibration(method: str, calib: CalibConfig, data: str, model_dir: Path | None) -> None:
+    """Read GPTQ's calibration source before any work (RTN reads none), so that a bad one is one line before any
+    model loads; with the model's local directory, its tokenizer (no weights) checks that it fills one window.
+
+    Args:
+        method: the quantization method (``QuantConfig.method``; merge always re-quantizes with ``"gptq"``).
+        data: the GSM8K directory or hub id the command calibrates with (see ``calibration_for``).
+        model_dir: the model's local directory (``check_model_source``); None for a hub id.
+    Raises:
+        UsageError: see ``gptqlora.data.calibration.read_calibration`` and ``check_calibration_length``.
+    """
+    if method != "gptq":
+        return
+    from gptqlora.data.calibration import check_calibration_length, read_calibration
+
+    source = read_calibration(calib, data)
+    if model_dir is not None and (model_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        check_calibration_length(AutoTokenizer.from_pretrained(model_dir), source, calib.calib_seqlen)
+
+
 def check_group_size(model: nn.Module, qc: QuantConfig) -> None:
     """Refuse a group size that does not divide the input size of every linear it would quantize.
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from gptqlora import distributed
-from gptqlora.commands.common import (calib_inputs, check_quantized_input, load_quantized_base, local_data_dir,
-                                      quantize_loaded, split_train)
+from gptqlora.commands.common import (calib_inputs, check_calibration, check_quantized_input, load_quantized_base,
+                                      local_data_dir, quantize_loaded, split_train)
 from gptqlora.config import (CalibConfig, DataConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig, TrainConfig,
                              TrainDataConfig, group, overwrite_field, quantized_field, seed_field)
 from gptqlora.errors import UsageError
@@ -102,6 +102,13 @@ def join(device: str) -> distributed.World:
     if world.distributed and device == "cpu":
         distributed.share_threads()
     return world
+
+
+def quantizes(args) -> bool:
+    """Whether the run quantizes ``--model`` itself: not with ``--quantized``, nor on a ``--resume`` of a run whose
+    base is saved (``prepare_base`` loads it)."""
+    own_base = Path(args.train.out).expanduser() / BASE_DIR / "config.json"
+    return not getattr(args, "quantized", None) and not (args.train.resume and own_base.is_file())
 
 
 def prepare_base(args, out: Path, model=None, tokenizer=None):
@@ -267,6 +274,8 @@ def finetune(args: FinetuneArgs) -> dict | None:
                                                                                               args.model.cache_dir)
     check_lora_targets(source, args.lora.lora_targets)
     train, held, data_report = load_training_data(args)
+    if quantizes(args):
+        check_calibration(args.quant.method, args.calib, gsm8k_source(args), source)
     world = join(resolve_device(args.model.device))
     mixed = [local_data_dir(s) for s, _ in train_data_config(args).mix]
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from gptqlora.commands.common import calib_inputs, check_quantized_input, local_data_dir
+from gptqlora.commands.common import calib_inputs, check_calibration, check_quantized_input, local_data_dir
 from gptqlora.config import (CalibConfig, DataConfig, PromptConfig, adapter_field, group, opt, overwrite_field,
                              quantized_field, seed_field)
 from gptqlora.errors import UsageError
@@ -47,8 +47,7 @@ def merge(args: MergeArgs) -> dict:
     source = check_quantized_input(args.quantized)
     read_adapter_config(args.adapter)
     test = load_gsm8k("test", args.data.data)[: args.ppl_limit]
-    if args.calib.calib_text is None and args.calib.calib_data is None:
-        load_gsm8k("train", args.data.data)
+    check_calibration("gptq", args.calib, args.data.data, source)  # merging re-quantizes with GPTQ
     out = check_output(args.out, inputs=[source, args.adapter, local_data_dir(args.data.data),
                                          *calib_inputs(args.calib)], overwrite=args.overwrite)
     with OutputLock(out):

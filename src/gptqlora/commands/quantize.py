@@ -12,11 +12,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptqlora.commands.common import (calib_inputs, check_group_size, local_data_dir, quantize_loaded,
-                                      weight_bytes)
+from gptqlora.commands.common import (calib_inputs, check_calibration, check_group_size, local_data_dir,
+                                      quantize_loaded, weight_bytes)
 from gptqlora.config import CalibConfig, DataConfig, ModelConfig, QuantConfig, group, opt, overwrite_field, seed_field
 from gptqlora.files import OutputLock, check_output
-from gptqlora.quant.stream import DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, SINGLE_FILE, parse_size
+from gptqlora.quant.stream import DEFAULT_MAX_SHARD_SIZE, parse_size
+from gptqlora.quant.weights import INDEX_FILE, SINGLE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,11 @@ def streamable_source(name_or_path: str, local: Path | None, cache_dir: str | No
 
 
 def quantize(args: QuantizeArgs) -> dict:
-    from gptqlora.data.gsm8k import load_gsm8k
     from gptqlora.models import check_model_source, resolve_device
 
     mc = args.model
     source = check_model_source(mc.model, mc.cache_dir)
-    if args.quant.method == "gptq" and args.calib.calib_text is None:
-        load_gsm8k("train" if args.calib.calib_data is None else "test", args.data.data)  # readable before any work
+    check_calibration(args.quant.method, args.calib, args.data.data, source)
     device = resolve_device(mc.device)
     out = check_output(args.out, inputs=[source, local_data_dir(args.data.data), *calib_inputs(args.calib)],
                        overwrite=args.overwrite)

@@ -19,6 +19,7 @@ contamination guard checks too, and ``program: True`` for a kept program-of-thou
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -60,6 +61,26 @@ class Corpus:
 
 # ---------------------------------------------------------------------------------------------- reading
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's contents, without the byte-order mark some editors put first (read as ``utf-8-sig``).
+
+    The one reader of the text files a user gives (corpora, GSM8K splits, calibration text).
+
+    Raises:
+        UsageError: a byte that is not UTF-8, naming the file, the byte's 0-based offset and its line.
+    """
+    data = path.read_bytes()
+    # The BOM is skipped by hand, not by the utf-8-sig codec, whose error offsets would not count it.
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return str(memoryview(data)[bom:], "utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        line = data.count(b"\n", 0, at) + 1
+        raise UsageError(f"{path}: byte 0x{data[at]:02x} at offset {at} (line {line}) is not UTF-8 ({e.reason}): "
+                         "save the file as UTF-8") from None
+
+
 def read_rows(path: Path) -> Iterator[tuple[object, str]]:
     """``(row, "file:line")`` for each element of a JSON array file, or each line of a JSON Lines file.
 
@@ -67,14 +88,16 @@ def read_rows(path: Path) -> Iterator[tuple[object, str]]:
     ``MathInstruct.json`` and a ``.jsonl`` export both read. Blank lines of a JSONL file are skipped.
 
     Raises:
-        UsageError: invalid JSON or a broken array, naming the file and the 1-based line.
+        UsageError: invalid JSON or a broken array, naming the file and the 1-based line; a byte that is not UTF-8
+            (see ``read_text``).
     """
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     start = _SPACE.match(text).end()
     if text.startswith("[", start):
         yield from _array_rows(text, start, path)
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also split at U+2028 or U+0085, which JSON strings may hold raw.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -356,12 +379,15 @@ def gsm8k_reference(data: str, mixed: bool) -> str:
 
 def _is_gsm8k_dir(path: Path) -> bool:
     """A directory with a test.jsonl whose first row has GSM8K's fields (or cannot be read: load_gsm8k then says
-    why, naming the line)."""
+    why, naming the line or the byte)."""
     test = path / "test.jsonl"
     if not (path.is_dir() and test.is_file()):
         return False
-    with test.open(encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), None)
+    try:
+        with test.open(encoding="utf-8-sig") as f:
+            first = next((line for line in f if line.strip()), None)
+    except UnicodeDecodeError:
+        return True
     try:
         row = json.loads(first) if first else None
     except json.JSONDecodeError:
@@ -385,7 +411,8 @@ def build_training_set(sources: Sequence[tuple[str, float]], gsm8k_source: str, 
         the report records per source its rows read, rows dropped by reason (``gsm8k_test_question`` being the
         guard's), rows kept and rows used, and the total the guard dropped against how many test questions.
     Raises:
-        UsageError: see ``load_corpus`` and ``load_gsm8k``; a source the guard leaves empty.
+        UsageError: see ``load_corpus`` and ``load_gsm8k``; a source the guard leaves empty, or whose weight
+            selects none of its rows.
     """
     # Every source is read (and a malformed row reported) before GSM8K test, which may come from the hub.
     corpora = [load_corpus(gsm8k_source if source == MIX_GSM8K else source, program_of_thought)
@@ -401,6 +428,10 @@ def build_training_set(sources: Sequence[tuple[str, float]], gsm8k_source: str, 
             raise UsageError(f"{source}: all {len(corpus.entries)} usable rows ask a GSM8K test question "
                              f"({gsm8k_source}); nothing is left to train on")
         used = take_share(clean, weight, g)
+        if not used:  # else the run would train without it, or split_train would blame --eval-holdout
+            raise UsageError(f"--train-mix {source}={weight:g} selects no rows: {weight:g} x its {len(clean)} "
+                             f"usable rows rounds to 0; give it a weight of at least {1 / len(clean):.3g}, or "
+                             "leave it out of the mix")
         entries += used
         report["contamination"]["dropped"] += n_contaminated
         report["sources"].append({"source": source, "formats": list(corpus.formats), "weight": weight,

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -43,7 +46,8 @@ def load_gsm8k(split: str, source: str | None = None) -> list[dict]:
     Returns:
         The entries, in file order.
     Raises:
-        ValueError: for an unknown split, an empty source, or a malformed line (with file path and 1-based line number).
+        ValueError: for an unknown split, an empty source, or a malformed line (with file path and 1-based line number);
+            a byte that is not UTF-8 (with file path and byte offset). A leading byte-order mark is skipped.
         FileNotFoundError / NotADirectoryError: when ``source`` is a path but not a directory with the split's file.
         RuntimeError: when the hub dataset cannot be loaded.
     """
@@ -188,12 +192,120 @@ def check_answers(entries: Sequence[dict], where: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- prompts
 
+# A chat template is code from the model's directory (tokenizer_config.json or chat_template.jinja), possibly a
+# stranger's. transformers renders it in jinja's sandbox, which blocks escapes (as a SecurityError) but neither time
+# nor size: nested range(100000) loops run for hours. So every render goes through render_chat_template, bounded by:
+CHAT_TEMPLATE_SECONDS = 5.0  # one GSM8K prompt renders in about a millisecond
+CHAT_TEMPLATE_MAX_CHARS = 1_000_000  # an 8-shot GSM8K chat prompt is ~6,000 characters
+# A conversation shaped as build_prompt's (system prompt, one solved exemplar, the question), rendered once when the
+# style is resolved, so a broken template fails before any prompt is built or any model runs.
+_PROBE_QUESTION = "What is 4 + 4?"
+_PROBE_CHAT = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "What is 2 + 3?"},
+               {"role": "assistant", "content": "2 + 3 = 5\n#### 5"}, {"role": "user", "content": _PROBE_QUESTION}]
+
+
+class _RenderTimeout(BaseException):
+    """Raised in a render by the timer's signal handler. Not an Exception, so no ``except Exception`` between the
+    template and render_chat_template (jinja's render has one) can take it for the template's own error."""
+
+
+def _within(seconds: float, call: Callable[[], str]) -> str:
+    """``call()``, stopped by _RenderTimeout after ``seconds``.
+
+    SIGALRM from ``setitimer(ITIMER_REAL)``; the previous handler and timer are put back afterwards, the timer with
+    what was left of it. Only the main thread receives signals, so elsewhere (gptqlora renders no prompts off it), or
+    when the SIGALRM handler was installed outside Python and could not be put back, the call runs unbounded.
+    """
+    old_handler = signal.getsignal(signal.SIGALRM) if hasattr(signal, "setitimer") else None
+    if threading.current_thread() is not threading.main_thread() or old_handler is None:
+        return call()
+    armed = True
+
+    def on_alarm(signum, frame):
+        if armed:  # an alarm caught just after the call returned is ignored
+            raise _RenderTimeout
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
+    try:
+        return call()
+    finally:
+        armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay:  # someone else's timer: re-arm it with what is left (a tick if it fell due meanwhile)
+            signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - start), 1e-6), old_interval)
+
+
+def _template_source(tokenizer) -> str:
+    """Where a tokenizer's chat template came from, for messages."""
+    where = getattr(tokenizer, "name_or_path", "") or ""
+    return (f"the chat template of {where} (from its tokenizer_config.json or chat_template.jinja)" if where
+            else "the tokenizer's chat template")
+
+
+def render_chat_template(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """The tokenizer's chat template applied to ``messages`` (text, not ids), within bounds.
+
+    Every render of a chat template goes through here: at most CHAT_TEMPLATE_SECONDS and CHAT_TEMPLATE_MAX_CHARS.
+
+    Raises:
+        UsageError: one line naming the template's source (the tokenizer's name_or_path) and the cause: a render
+            past the time bound, an output past the size bound, a sandbox violation (jinja2's SecurityError), a
+            template error (a syntax error, ``raise_exception(...)``) or any other exception the template raised.
+    """
+    fix = "fix or remove the template, or pass --prompt-style plain"
+    try:
+        text = _within(CHAT_TEMPLATE_SECONDS, lambda: tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt))
+    except _RenderTimeout:
+        raise UsageError(f"{_template_source(tokenizer)} took more than {CHAT_TEMPLATE_SECONDS:g} s to render one "
+                         f"prompt (a runaway loop?): {fix}") from None
+    except Exception as e:  # the template is a stranger's code: whatever it raises is its fault, said in one line
+        from jinja2.exceptions import SecurityError, TemplateError  # a dependency of transformers' chat templates
+
+        cause = ("broke the sandbox's rules" if isinstance(e, SecurityError) else
+                 "failed" if isinstance(e, TemplateError) else f"raised {type(e).__name__}")
+        detail = " ".join(str(e).split())[:300]  # one line, and a bounded one
+        raise UsageError(f"{_template_source(tokenizer)} {cause} ({detail}): {fix}") from e
+    if len(text) > CHAT_TEMPLATE_MAX_CHARS:
+        raise UsageError(f"{_template_source(tokenizer)} rendered {len(text):,} characters for one prompt, more than "
+                         f"{CHAT_TEMPLATE_MAX_CHARS:,}: {fix}")
+    return text
+
+
+def check_chat_template(tokenizer) -> None:
+    """Render a small conversation shaped as ``build_prompt``'s, so a template that hangs, errs, escapes its
+    sandbox or drops the question fails before any work.
+
+    Raises:
+        UsageError: see ``render_chat_template``; also a template that leaves the question out of the prompt.
+    """
+    if _PROBE_QUESTION not in render_chat_template(tokenizer, _PROBE_CHAT):
+        raise UsageError(f"{_template_source(tokenizer)} renders a conversation without its last question "
+                         f"({_PROBE_QUESTION!r}), so no prompt would hold the question: fix the template, or pass "
+                         "--prompt-style plain")
+
+
 def resolve_style(style: str, tokenizer=None) -> str:
     """``"auto"`` -> ``"chat"`` when the tokenizer has a chat template, else ``"plain"``; others pass checked.
 
+    A chat style is checked by rendering a small conversation (``check_chat_template``), once, where the style is
+    decided: before prompts are built.
+
     Raises:
         ValueError: for an unknown style, or ``"chat"`` with a tokenizer that has no chat template.
+        UsageError: a chat template that hangs, errs, escapes its sandbox or drops the question.
     """
+    resolved = _checked_style(style, tokenizer)
+    if resolved == "chat":
+        check_chat_template(tokenizer)
+    return resolved
+
+
+def _checked_style(style: str, tokenizer=None) -> str:
+    """``resolve_style`` without the template probe (for the per-prompt calls after it)."""
     has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
     if style == "auto":
         return "chat" if has_template else "plain"
@@ -217,8 +329,9 @@ def build_prompt(question: str, style: str, tokenizer=None, exemplars: Sequence[
         The prompt text; a plain prompt ends with ``"Answer:"``, a chat prompt with the assistant header.
     Raises:
         ValueError: for an unknown style or a chat style without a chat template.
+        UsageError: a chat template that fails within its bounds (``render_chat_template``).
     """
-    style = resolve_style(style, tokenizer)
+    style = _checked_style(style, tokenizer)  # callers resolve (and probe) the style once, not per prompt
     shots = [(e["question"], strip_calculator(e["answer"]).strip()) for e in exemplars]
     if style == "plain":
         blocks = [f"Question: {q}\nAnswer: {a}\n\n" for q, a in shots]
@@ -227,7 +340,7 @@ def build_prompt(question: str, style: str, tokenizer=None, exemplars: Sequence[
     for q, a in shots:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     messages.append({"role": "user", "content": question})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_chat_template(tokenizer, messages)
 
 
 def format_gsm8k_entry(entry: dict, style: str = "plain", tokenizer=None, strip_calc: bool = True,
@@ -244,7 +357,7 @@ def format_gsm8k_entry(entry: dict, style: str = "plain", tokenizer=None, strip_
         ``(prompt, target)``: the target is the worked solution ending in ``#### N``, with a leading space in
         plain style (so ``"Answer: ..."`` tokenizes as running text) and no end-of-sequence text.
     """
-    style = resolve_style(style, tokenizer)
+    style = _checked_style(style, tokenizer)
     solution = entry["answer"].strip()
     if strip_calc:
         solution = strip_calculator(solution)
@@ -266,6 +379,12 @@ def encode_texts(tokenizer, texts: Sequence[str], style: str) -> list[list[int]]
 
 # ---------------------------------------------------------------------------------------------- dataset
 
+# The most characters one token spans, an assumption: the longest tokens of common vocabularies are runs of spaces or
+# punctuation a few dozen characters long, so this is generous. N tokens then never need more than N x this many
+# characters, and a text is cut to that before it is tokenized: a 50 MB row costs what a normal one does.
+MAX_TOKEN_CHARS = 256
+
+
 class GSM8KCoTDataset(Dataset):
     """Prompt + solution + eos, with the loss on the solution and the eos only.
 
@@ -284,6 +403,11 @@ class GSM8KCoTDataset(Dataset):
             raise UsageError("the tokenizer has no eos token; training needs one to teach the model to stop")
         self.style = resolve_style(style, tokenizer)
         pairs = [format_gsm8k_entry(e, self.style, tokenizer, strip_calc) for e in entries]
+        # Texts longer than max_length tokens can span are cut before tokenizing (see MAX_TOKEN_CHARS), each to the
+        # part the truncation below keeps: the prompt to its tail, the target to its head. The cut part still holds
+        # at least max_length tokens, so the ids kept are those of the whole texts.
+        bound = max_length * MAX_TOKEN_CHARS
+        pairs = [(p[-bound:], t[:bound]) for p, t in pairs]
         prompt_ids = encode_texts(tokenizer, [p for p, _ in pairs], self.style)
         # Prompt + target are tokenized as one text, so the boundary tokenizes as in running text; the first
         # len(prompt ids) positions are masked (the plain target opens with a space, a word start for BPE).

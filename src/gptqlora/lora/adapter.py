@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,13 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from gptqlora.config import parse_targets
 from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.files import fsync_path, read_json_object, staged_dir, write_atomic
 from gptqlora.lora.layer import (PEFT_PREFIX, LoRALinear, adapter_state_dict, find_targets, get_adapter_params,
                                  inject_lora_layers, is_linear, linear_layer_names, lora_modules)
 from gptqlora.provenance import base_differences, describe_base
+from gptqlora.quant.weights import check_directory_files
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,12 @@ def _target_modules(model: nn.Module, adapted: list[str]) -> list[str] | str:
     selected = {n for n in linear_layer_names(model) if n.rsplit(".", 1)[-1] in short}
     if selected == set(adapted):
         return short
-    return "|".join(re.escape(n) for n in sorted(adapted))
+    return _names_regex(adapted)
+
+
+def _names_regex(names: Iterable[str]) -> str:
+    """The regex an adapter's config holds for exactly these full module names: their escaped, sorted '|' join."""
+    return "|".join(re.escape(n) for n in sorted(names))
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str,
@@ -166,8 +174,10 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         InputNotFoundError: if the directory or either adapter file is missing.
-        UsageError: for an unreadable config, a non-LoRA adapter, DoRA, a trained bias, or other PEFT
-            features gptqlora does not implement.
+        UsageError: a file that leads out of the directory or is not a regular file
+            (``gptqlora.quant.weights.check_directory_files``); an unreadable config, a non-LoRA adapter, DoRA, a trained bias, or other PEFT
+            features gptqlora does not implement; a target_modules regex that is invalid or could take too long
+            to match (``gptqlora.config.check_target_regex``).
     """
     d = Path(adapter_dir)
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (d / n).is_file()]
@@ -178,6 +188,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         where = "" if d.is_dir() else " (the directory does not exist)"
         raise InputNotFoundError(f"{d} is not a PEFT LoRA adapter directory{where}: expected {CONFIG_NAME} and "
                                  f"{WEIGHTS_NAME}, missing {', '.join(missing)}{hint}")
+    check_directory_files(d)  # an adapter's files are read only from inside it
     path = d / CONFIG_NAME
     config = read_json_object(path)
     if config.get("peft_type") != "LORA":
@@ -189,6 +200,12 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     for key in ("r", "lora_alpha", "target_modules"):
         if config.get(key) is None:
             raise UsageError(f"{path}: the field {key!r} is missing")
+    modules = config["target_modules"]
+    if not (isinstance(modules, str) or isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
+        raise UsageError(f"{path}: target_modules is {modules!r}; PEFT writes a list of module names or a regex string")
+    # A regex from a stranger's adapter could backtrack for hours (Python's re has no timeout): refuse one whose
+    # matching is not bounded now, before any model is loaded or any name matched.
+    parse_targets(_targets_from_config(modules), where=f"{path}: target_modules")
     for key, default in _UNSUPPORTED.items():
         if config.get(key, default) not in (default, None, {}, False):
             raise UsageError(f"{path}: {key}={config[key]!r} is not supported by gptqlora; "
@@ -255,10 +272,18 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool 
                                  f"the adapter in {d} has r={r}, lora_alpha={alpha}, use_rslora={rslora}")
         targets = list(existing)
     else:
-        try:
-            targets = find_targets(model, _targets_from_config(config["target_modules"]))
-        except ValueError as e:
-            raise UsageError(f"the adapter in {d} (trained for {trained_for}) does not fit this model: {e}") from e
+        keyed = {m["module"] for key in tensors if (m := _KEY_RE.fullmatch(key))}
+        if keyed and config["target_modules"] == _names_regex(keyed):
+            # The regex save_adapter writes: the tensor names already say which modules to wrap, so the regex is
+            # never run (a stranger's other regexes were bounded by read_adapter_config).
+            targets = [n for n in linear_layer_names(model) if n in keyed]
+        else:
+            try:
+                targets = find_targets(model, _targets_from_config(config["target_modules"]),
+                                       where=f"{d / CONFIG_NAME}: target_modules")
+            except ValueError as e:
+                raise UsageError(f"the adapter in {d} (trained for {trained_for}) does not fit this model: "
+                                 f"{e}") from e
 
     # Validate every key against the layer it will fill: [r, in] for A, [out, r] for B.
     found: set[str] = set()
@@ -275,7 +300,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool 
                              f"adapter was trained for another base model ({trained_for})") from None
         if name not in targets or not (is_linear(module) or isinstance(module, LoRALinear)):
             raise UsageError(f"adapter key {key!r} is for {name!r}, which is not among the LoRA layers selected by "
-                             f"target_modules={config['target_modules']!r}; the adapter is inconsistent")
+                             f"target_modules={str(config['target_modules'])[:200]!r}; the adapter is inconsistent")
         rank = module.r if isinstance(module, LoRALinear) else r
         expected = (rank, module.in_features) if m["which"] == "lora_A" else (module.out_features, rank)
         if tuple(t.shape) != expected:

@@ -236,12 +236,13 @@ def _describe_linears(names: Sequence[str]) -> str:
     return f"{len(names)} linear layers{more}: {', '.join(shown) or 'none'}"
 
 
-def _select_targets(names: Sequence[str], targets: str | Sequence[str]) -> list[str]:
+def _select_targets(names: Sequence[str], targets: str | Sequence[str], where: str) -> list[str]:
     """The names among ``names`` (full module names) that ``targets`` selects; see ``inject_lora_layers``.
 
-    The spec is read by ``gptqlora.config.parse_targets``, the grammar quantization targets use too.
+    The spec is read by ``gptqlora.config.parse_targets``, the grammar quantization targets use too; it refuses a
+    regex whose matching could hang before the regex meets any name.
     """
-    parsed = parse_targets(targets)
+    parsed = parse_targets(targets, where)
     if isinstance(parsed, re.Pattern):
         return [n for n in names if parsed.fullmatch(n)]
     if targets == "all":  # every linear inside a decoder block (whatever the architecture names it), never lm_head
@@ -260,15 +261,20 @@ def linear_layer_names(model: nn.Module) -> list[str]:
             if (is_linear(m) or n in wrapped) and not any(n.startswith(w + ".") for w in wrapped)]
 
 
-def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+def find_targets(model: nn.Module, targets: str | Sequence[str], where: str = "--lora-targets") -> list[str]:
     """Full names of the linears of ``model`` that ``targets`` selects (see ``inject_lora_layers``).
 
+    Args:
+        model: the model whose linears are searched.
+        targets: the spec, as ``inject_lora_layers`` takes it.
+        where: where the spec came from (an option, an adapter's config file), named in errors.
     Raises:
-        ValueError: if nothing is selected, or an explicitly named target matches nothing; the message lists
-            the model's linear layers.
+        UsageError: if nothing is selected, or an explicitly named target matches nothing (the message lists the
+            model's linear layers); a regex that is invalid or could take too long to match
+            (``gptqlora.config.check_target_regex``).
     """
     names = linear_layer_names(model)
-    chosen = _select_targets(names, targets)
+    chosen = _select_targets(names, targets, where)
     if not chosen:
         raise UsageError(f"LoRA targets {targets!r} match no linear layer; the model has {_describe_linears(names)}")
     return chosen
