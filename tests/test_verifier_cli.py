@@ -2,7 +2,9 @@
 resuming a sampling equals an uninterrupted one; test-split gold never reaches either command."""
 
 import json
+import logging
 import re
+import warnings
 
 import pytest
 
@@ -93,6 +95,76 @@ def test_sample_train_verifier_score_end_to_end(tmp_path, quantized_dir, gsm8k_d
     (other / "model.safetensors").write_bytes((quantized_dir / "model.safetensors").read_bytes()[:-4] + b"    ")
     with pytest.raises(Exception, match="differ in fingerprint"):
         load_verifier(v_dir, base_dir=other, device="cpu")
+
+
+def other_quantized_dir(tmp_path):
+    """A quantized tiny model like ``quantized_dir`` but from other weights: another base."""
+    config = QuantConfig(method="rtn", targets="attn", group_size=32)
+    model = make_tiny_llama(seed=1)
+    quantize_model_weights(model, None, config, progress=False)
+    return save_quantized(model, make_tiny_tokenizer(), tmp_path / "other_q", config)
+
+
+def assert_names_both(message: str, *bases) -> None:
+    for base in bases:
+        record = base_record(base)
+        assert record["path"] in message and record["fingerprint"][:12] in message, (record, message)
+
+
+def train_verifier_argv(quantized, s_dir, v_dir, gsm8k_dir) -> list[str]:
+    return ["train-verifier", "--quantized", str(quantized), "--samples-dir", str(s_dir), "--out", str(v_dir),
+            "--data", str(gsm8k_dir), "--max-steps", "1", "--batch-size", "4", "--max-length", "64", "--no-bf16",
+            "--r", "4"]
+
+
+def test_eval_with_a_verifier_trained_over_another_base_warns_naming_both(tmp_path, quantized_dir, gsm8k_dir,
+                                                                          scripted_samples, caplog):
+    s_dir, v_dir = tmp_path / "samples", tmp_path / "verifier"
+    assert cli.main(["sample", "--quantized", str(quantized_dir), "--data", str(gsm8k_dir), "--limit", "4",
+                     "--out", str(s_dir), *SMALL]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the samples' base is the verifier's: no warning
+        assert cli.main(train_verifier_argv(quantized_dir, s_dir, v_dir, gsm8k_dir)) == 0
+    other = other_quantized_dir(tmp_path)
+    e_dir = tmp_path / "eval"
+    with caplog.at_level(logging.WARNING), pytest.warns(UserWarning, match="the verifier .* was trained over") as w:
+        assert cli.main(["eval", "--quantized", str(other), "--data", str(gsm8k_dir), "--limit", "2",
+                         "--verifier", str(v_dir), "--output-dir", str(e_dir), *SMALL]) == 0
+    (message,) = [str(x.message) for x in w if "the verifier" in str(x.message)]
+    assert_names_both(message, quantized_dir, other)
+    assert "differ in fingerprint" in message and message in caplog.text
+    # A warning, not an error: the evaluation ran, reranked, and records which verifier (over which base) it used.
+    summary = json.loads((e_dir / "summary.json").read_text())
+    assert summary["verifier_best_of_k"]["k"] == 2
+    assert summary["provenance"]["verifier"]["base"] == base_record(quantized_dir)
+    assert summary["provenance"]["base"] == base_record(other)
+
+
+def test_train_verifier_on_another_bases_samples_warns_naming_both(tmp_path, quantized_dir, gsm8k_dir,
+                                                                   scripted_samples, caplog):
+    s_dir = tmp_path / "samples"
+    assert cli.main(["sample", "--quantized", str(quantized_dir), "--data", str(gsm8k_dir), "--limit", "4",
+                     "--out", str(s_dir), *SMALL]) == 0
+    other = other_quantized_dir(tmp_path)
+    with caplog.at_level(logging.WARNING), pytest.warns(UserWarning, match="the samples in .* were made") as w:
+        assert cli.main(train_verifier_argv(other, s_dir, tmp_path / "v", gsm8k_dir)) == 0
+    (message,) = [str(x.message) for x in w if "the samples in" in str(x.message)]
+    assert_names_both(message, quantized_dir, other)
+    assert "differ in fingerprint" in message and message in caplog.text
+    config = json.loads((tmp_path / "v" / "verifier_config.json").read_text())
+    assert config["base"] == base_record(other)
+    assert config["training"]["samples"]["provenance"]["base"] == base_record(quantized_dir)
+
+    # Samples that do not say which base made them (an older gptqlora): a note, not an error, and no warning.
+    sample_config = json.loads((s_dir / SAMPLE_CONFIG).read_text())
+    sample_config["provenance"] = None
+    (s_dir / SAMPLE_CONFIG).write_text(json.dumps(sample_config))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cli.main(train_verifier_argv(other, s_dir, tmp_path / "v2", gsm8k_dir)) == 0
+    assert "does not record the base of the model that made the samples" in caplog.text
+    assert str(other.resolve()) in caplog.text
 
 
 def test_sample_refuses_the_test_split_and_never_reads_test_gold(tmp_path, quantized_dir, gsm8k_dir, monkeypatch,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import warnings
 from types import SimpleNamespace
@@ -12,12 +13,14 @@ import torch
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
 import gptqlora.eval.generate as generate_module
+from gptqlora.errors import UsageError
 from gptqlora.eval.generate import (
     ANSWER_LINE_RE,
     StopChecker,
     _line_carry,
     contiguous_head_input,
     answer_line_complete,
+    check_token_budget,
     generate,
     generate_batch,
     generate_samples,
@@ -82,6 +85,65 @@ def test_batched_greedy_equals_one_at_a_time(model, tok):
     # Through the text API: sorted by length into batches of 4 and 1, and put back in order.
     texts = generate(model, tok, PROMPTS, max_new_tokens=30, batch_size=4, stop_after_answer_line=False)
     assert texts == [tok.decode(s, skip_special_tokens=True) for s in single]
+
+
+def test_generation_stops_at_the_context_and_a_budget_past_it_is_refused(tok, caplog):
+    """Each row gets min(budget, context - its prompt) tokens, whatever its batch; a prompt that fills the context
+    gets none; a budget the context cannot hold beside one prompt token is refused before any forward pass."""
+    model = chaotic_llama()  # context 512
+    enc = encode(tok, PROMPTS)
+    free = generate_batch(model, enc, max_new_tokens=30, pad_id=EOS, eos_ids={EOS})  # far from the context
+    context = len(enc[2]) + 10  # the longest prompt gets 10 tokens, the short ones all 30
+    model.config.max_position_embeddings = context
+    bounded = generate_batch(model, enc, max_new_tokens=30, pad_id=EOS, eos_ids={EOS}, context=context)
+    assert bounded == [f[:min(30, context - len(e))] for f, e in zip(free, enc)]
+    assert len(bounded[2]) == 10 < len(free[2]) and any(len(b) == 30 for b in bounded)
+    assert bounded == [generate_batch(model, [e], max_new_tokens=30, pad_id=EOS, eos_ids={EOS}, context=context)[0]
+                       for e in enc]
+    # Through generate: the bound is the model's own context, with a warning; the longest prompt fills a context
+    # of its length and gets nothing, the others their share.
+    model.config.max_position_embeddings = len(enc[2])
+    with caplog.at_level(logging.WARNING, logger="gptqlora.eval.generate"):
+        texts = generate(model, tok, PROMPTS, max_new_tokens=30, batch_size=2, stop_after_answer_line=False)
+    assert texts == [tok.decode(f[:max(0, min(30, len(enc[2]) - len(e)))]) for f, e in zip(free, enc)]
+    assert texts[2] == "" and all(texts[i] for i in (0, 1, 3, 4))
+    assert f"the model's context of {len(enc[2])} tokens" in caplog.text and "1 of them fill it" in caplog.text
+
+    model.config.max_position_embeddings = 512
+    forwards = []
+    model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    for budget in (512, 100_000):
+        with pytest.raises(UsageError, match=f"max_new_tokens={budget} .*max_position_embeddings 512.*below 512"):
+            generate(model, tok, PROMPTS, max_new_tokens=budget)
+    assert forwards == []
+    check_token_budget(511, 512)  # one position left for a one-token prompt
+    check_token_budget(10**6, None)  # a config without a context bounds nothing
+
+
+@pytest.mark.parametrize("command", ["eval", "sample", "run"])
+def test_a_budget_past_the_context_is_one_line_before_any_model_loads(tmp_path, gsm8k_dir, monkeypatch, capsys,
+                                                                       command):
+    """Every generating command reads the context from config.json and refuses ``--max-new-tokens`` >= it before
+    it loads a model or touches its output, which keeps what it held even with --overwrite."""
+    from gptqlora import cli, models
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(model_dir)  # max_position_embeddings 512
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's")
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: pytest.fail("a model was loaded"))
+    out_flag = {"eval": "--output-dir", "sample": "--out", "run": "--out"}[command]
+    argv = [command, "--model", str(model_dir), "--data", str(gsm8k_dir), out_flag, str(out), "--overwrite",
+            "--max-new-tokens", "512", "--limit" if command != "run" else "--test-limit", "2"]
+    argv += ["--samples", "2"] if command == "sample" else []
+    capsys.readouterr()  # save_pretrained's progress bars
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"gptqlora {command}: error: max_new_tokens=512 does not fit")
+    assert f"{model_dir}: its config.json gives max_position_embeddings 512" in err and "below 512" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "the user's"
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[:2])

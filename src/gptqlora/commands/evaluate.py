@@ -72,6 +72,37 @@ def main_writes(out: Path, overwrite: bool = False) -> Iterator[None]:
         lock.__exit__(None, None, None)  # a no-op where it was not taken
 
 
+def check_scored_model(model_args: ModelConfig, quantized: str | None, adapter: str | None,
+                       max_new_tokens: int, prompt_style: str) -> Path | None:
+    """What :func:`load_scored_model` will load, checked without loading it: the model's directory, the adapter's
+    files, that the generation budget fits the model's context (config.json's ``max_position_embeddings``), and that
+    the prompts can be built (a chat template is rendered once on a probe, from the tokenizer alone). Every generating
+    command (eval, sample, run's evaluations and sampling) calls it before touching its output.
+
+    Returns:
+        The model's local directory (None for a hub id, whose context and template are checked once it is loaded).
+    Raises:
+        UsageError: see ``check_quantized_input``, ``check_model_source``, ``read_adapter_config``,
+            ``gptqlora.eval.generate.check_token_budget`` and ``gptqlora.data.gsm8k.resolve_style``.
+    """
+    from gptqlora.eval.generate import check_token_budget, model_dir_context
+    from gptqlora.lora.adapter import read_adapter_config
+    from gptqlora.models import check_model_source
+
+    source = (check_quantized_input(quantized) if quantized
+              else check_model_source(model_args.model, model_args.cache_dir))
+    if adapter:
+        read_adapter_config(adapter)
+    check_token_budget(max_new_tokens, model_dir_context(source), source or model_args.model)
+    if source is not None and prompt_style != "plain":  # a stranger's template fails here, not after the weights load
+        from transformers import AutoTokenizer
+
+        from gptqlora.data.gsm8k import resolve_style
+
+        resolve_style(prompt_style, AutoTokenizer.from_pretrained(source))
+    return source
+
+
 def load_scored_model(model_args: ModelConfig, quantized: str | None, adapter: str | None):
     """The model to score (quantized base or float model, plus an optional adapter) and its provenance record; under
     torchrun with CUDA each rank loads it onto its own GPU."""
@@ -101,14 +132,11 @@ def evaluate(args: EvalArgs) -> dict | None:
     from gptqlora.commands.finetune import join
     from gptqlora.data.gsm8k import load_gsm8k
     from gptqlora.eval.verifier import load_verifier
-    from gptqlora.lora.adapter import read_adapter_config
-    from gptqlora.models import check_model_source, resolve_device
+    from gptqlora.models import resolve_device
     from gptqlora.verifier.model import read_verifier_config
 
-    source = check_quantized_input(args.quantized) if args.quantized else check_model_source(args.model.model,
-                                                                                              args.model.cache_dir)
-    if args.adapter:
-        read_adapter_config(args.adapter)
+    source = check_scored_model(args.model, args.quantized, args.adapter, args.eval.max_new_tokens,
+                                args.prompt.prompt_style)
     if args.verifier:
         read_verifier_config(args.verifier)
     entries = load_gsm8k(args.split.split, args.data.data)[: args.split.limit]
@@ -123,7 +151,8 @@ def evaluate(args: EvalArgs) -> dict | None:
             verifier = None
             if args.verifier:  # loads its own copy of its base (no adapter swapping): memory for a second base
                 verifier = load_verifier(args.verifier, dtype=args.model.dtype, kernel=args.model.kernel,
-                                         device=distributed.rank_device(resolve_device(args.model.device)))
+                                         device=distributed.rank_device(resolve_device(args.model.device)),
+                                         scored_base=record["base"])  # warns, naming both, over another base
                 record["verifier"] = verifier.record  # a resume with another verifier is refused
             summary = evaluate_loaded(model, tokenizer, entries, exemplars, args.eval, args.prompt.prompt_style,
                                       args.seed, out, split=args.split.split, resume=args.resume,

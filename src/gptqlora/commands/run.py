@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptqlora import distributed
-from gptqlora.commands.common import calib_inputs, evaluate_loaded, fewshot, local_data_dir
-from gptqlora.commands.finetune import (check_lora_targets, check_resume_flags, join, load_training_data, prepare_base,
-                                        train_on_base)
+from gptqlora.commands.common import calib_inputs, check_calibration, evaluate_loaded, fewshot, local_data_dir
+from gptqlora.commands.finetune import (check_lora_targets, check_resume_flags, gsm8k_source, join, load_training_data,
+                                        prepare_base, quantizes, train_on_base)
 from gptqlora.config import (CalibConfig, DataConfig, EvalConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig,
                              RunConfig, TrainConfig, TrainDataConfig, group, overwrite_field, seed_field)
 from gptqlora.errors import UsageError
@@ -135,16 +135,19 @@ def check_output_dir(args: RunArgs, inputs: list, settings: dict) -> Path:
 
 def run(args: RunArgs) -> dict | None:
     """The whole job; returns where the results are (None on ranks other than 0, which print nothing)."""
-    from gptqlora.commands.evaluate import main_writes
+    from gptqlora.commands.evaluate import check_scored_model, main_writes
     from gptqlora.data.gsm8k import load_gsm8k
-    from gptqlora.models import check_model_source, resolve_device
+    from gptqlora.models import resolve_device
     from gptqlora.train.parallel import check_fsdp
 
     check_fsdp(args.train.fsdp, distributed.world())
     mc = args.model
-    source = check_model_source(mc.model, mc.cache_dir)
+    # its quantized copy has the float model's context and tokenizer
+    source = check_scored_model(mc, None, None, args.eval.max_new_tokens, args.prompt.prompt_style)
     check_lora_targets(source, args.lora.lora_targets)
     train, held, data_report = load_training_data(args)
+    if quantizes(args):  # before the float model is loaded and evaluated
+        check_calibration(args.quant.method, args.calib, gsm8k_source(args), source)
     test = load_gsm8k("test", args.data.data)[: args.run.test_limit or None]
     exemplars = fewshot(args.data.data, args.eval.shots, args.seed)
     device = resolve_device(mc.device)  # an unknown or absent device fails here, before any work
@@ -197,7 +200,8 @@ def run_in(args: RunArgs, out: Path, settings: dict, test: list[dict], exemplars
         if verifier_dir is not None:  # K samples per question, reranked
             ec = dataclasses.replace(args.eval, samples=args.run.verifier_samples)
             verifier = load_verifier(verifier_dir, dtype=mc.dtype, kernel=mc.kernel,
-                                     device=distributed.rank_device(resolve_device(mc.device)))
+                                     device=distributed.rank_device(resolve_device(mc.device)),
+                                     scored_base=provenance["base"])
             provenance["verifier"] = verifier.record
         rows[name] = evaluate_loaded(model, tokenizer, test, exemplars, ec, args.prompt.prompt_style,
                                      args.seed, eval_dir, resume=resume, provenance=provenance, verifier=verifier)

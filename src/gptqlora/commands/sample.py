@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gptqlora import distributed
-from gptqlora.commands.common import check_quantized_input, fewshot, local_data_dir
+from gptqlora.commands.common import fewshot, local_data_dir
 from gptqlora.commands.evaluate import BATCH_ALIASES
 from gptqlora.config import (DataConfig, EvalConfig, ModelConfig, PromptConfig, adapter_field, group, opt,
                              overwrite_field, quantized_field, seed_field)
@@ -74,17 +74,14 @@ def sample_joined(args: SampleArgs) -> dict:
     Joins torchrun's process group when not yet in it, and stays in it: ``gptqlora run`` calls this between its
     other stages.
     """
-    from gptqlora.commands.evaluate import load_scored_model, main_writes
+    from gptqlora.commands.evaluate import check_scored_model, load_scored_model, main_writes
     from gptqlora.commands.finetune import join
     from gptqlora.data.gsm8k import load_gsm8k
-    from gptqlora.lora.adapter import read_adapter_config
-    from gptqlora.models import check_model_source, resolve_device
+    from gptqlora.models import resolve_device
     from gptqlora.verifier.samples import sample_gsm8k
 
-    source = check_quantized_input(args.quantized) if args.quantized else check_model_source(args.model.model,
-                                                                                              args.model.cache_dir)
-    if args.adapter:
-        read_adapter_config(args.adapter)
+    source = check_scored_model(args.model, args.quantized, args.adapter, args.eval.max_new_tokens,
+                                args.prompt.prompt_style)
     exemplars = fewshot(args.data.data, args.eval.shots, args.seed)
     shown = {e["question"] for e in exemplars}  # solved in every prompt: not sampled
     entries = [e for e in load_gsm8k(args.split, args.data.data) if e["question"] not in shown][: args.limit]

@@ -3,14 +3,17 @@
     gptqlora train-verifier --quantized Q --samples-dir DIR --out VDIR [--val-questions N] [--lm-loss-weight W]
 
 Reads a finished ``gptqlora sample`` directory of the train split (a test-split one, or one holding a GSM8K test
-question, is refused), trains (``gptqlora.verifier.train``) and writes VDIR whole at the end: the LoRA in PEFT's
-format, ``value_head.safetensors``, ``verifier_config.json`` (its base: path and weights fingerprint) and
-``metrics.jsonl``. Use it with ``gptqlora eval --samples K --verifier VDIR``, or ``gptqlora.eval.verifier``.
+question, is refused; one sampled by a model over another base than Q gets a warning naming both), trains
+(``gptqlora.verifier.train``) and writes VDIR whole at the end: the LoRA in PEFT's format,
+``value_head.safetensors``, ``verifier_config.json`` (its base: path and weights fingerprint) and ``metrics.jsonl``.
+Use it with ``gptqlora eval --samples K --verifier VDIR``, or ``gptqlora.eval.verifier``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from gptqlora.errors import UsageError
 from gptqlora.files import OutputLock, check_output, staged_dir
 
 METRICS_FILE = "metrics.jsonl"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,6 +62,22 @@ def check_no_test_questions(records: list[dict], data: str) -> None:
                          "their labels come from test gold, which must never reach training; sample the train split")
 
 
+def check_sampled_over(samples_dir: str, sampled: dict, base: dict) -> None:
+    """Warn when the samples were made over another base than the one the verifier trains over (naming both, as
+    ``load_adapter`` warns), and note when they do not say which base made them."""
+    from gptqlora.provenance import describe_base
+    from gptqlora.verifier.samples import SAMPLE_CONFIG, check_samples_base, samples_base
+
+    recorded = samples_base(sampled)
+    if recorded is None:
+        log.warning("note: %s does not record the base of the model that made the samples (sampled by an older "
+                    "gptqlora, or without provenance): cannot check that it is the verifier's base, %s",
+                    Path(samples_dir) / SAMPLE_CONFIG, describe_base(base))
+    elif mismatch := check_samples_base(samples_dir, recorded, base):
+        log.warning(mismatch)
+        warnings.warn(mismatch, stacklevel=2)
+
+
 def train_verifier_command(args: TrainVerifierArgs) -> dict:
     """Check inputs and output, train, write the verifier directory whole; returns the summary."""
     from gptqlora.commands.common import load_quantized_base
@@ -75,6 +96,8 @@ def train_verifier_command(args: TrainVerifierArgs) -> dict:
     check_lora_targets(source, args.lora.lora_targets)
     records, sampled = read_samples(args.samples_dir)
     check_no_test_questions(records, args.data.data)
+    base = base_record(source)  # the weights are fingerprinted once: checked against the samples', then recorded
+    check_sampled_over(args.samples_dir, sampled, base)
     train_records, val_records = (split_questions(records, vc.val_questions, args.seed) if vc.val_questions
                                   else (records, []))
     items, val_items = flatten(train_records), flatten(val_records)
@@ -96,7 +119,6 @@ def train_verifier_command(args: TrainVerifierArgs) -> dict:
         history = trained.pop("history")
         summary = {**trained, "val_before": before, "val_after": after,
                    "train_loss": history[-1]["loss"] if history else None}
-        base = base_record(source)
         training = {"samples_dir": str(Path(args.samples_dir).resolve()), "samples": sampled,
                     "train_questions": len(train_records), "val_questions": len(val_records), "seed": args.seed,
                     "lora": {"r": lc.r, "alpha": lc.alpha, "dropout": lc.dropout, "targets": lc.lora_targets,

@@ -4,6 +4,10 @@ Our own loop instead of ``model.generate`` so that the stop rule (a finished GSM
 the padding and the sampling are explicit and tested: batched greedy decoding gives the same tokens as
 one prompt at a time, and the same tokens as ``model.generate(do_sample=False)``.
 
+The model's context (``max_position_embeddings``) bounds every sequence: a budget that cannot fit beside even a
+one-token prompt is refused (:func:`check_token_budget`, which commands also call on config.json before loading),
+and a prompt whose budget would run past the context generates only up to it, with a logged warning.
+
 Per decode step the loop costs O(1) besides the forward pass: one device -> host read (the new tokens), and a stop
 check that decodes only a few tokens (:class:`StopChecker`) instead of the whole text so far.
 """
@@ -12,11 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import DynamicCache
+
+from gptqlora.errors import UsageError
+from gptqlora.files import read_json_object
+
+log = logging.getLogger(__name__)
 
 # A line holding "####" and a digit, ended by a newline: the GSM8K final answer is complete.
 ANSWER_LINE_RE = re.compile(r"####[^\n]*\d[^\n]*\n")
@@ -174,6 +187,40 @@ def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     return ids
 
 
+def context_length(config: Any) -> int | None:
+    """The positions a model can attend over: ``max_position_embeddings`` of its config (a ``PretrainedConfig`` or
+    config.json's dict); None when the config does not say (then nothing is bounded)."""
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else getattr(
+        config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def model_dir_context(model_dir: str | os.PathLike | None) -> int | None:
+    """:func:`context_length` read from a model directory's config.json, without loading anything; None when there
+    is no directory (a hub id) or it has no config.json yet (an embedded model's cache before its conversion).
+
+    Raises:
+        UsageError: a config.json that is not a JSON object.
+    """
+    path = None if model_dir is None else Path(model_dir).expanduser() / "config.json"
+    return context_length(read_json_object(path)) if path is not None and path.is_file() else None
+
+
+def check_token_budget(max_new_tokens: int, context: int | None, model: str | os.PathLike = "the model") -> None:
+    """Refuse a budget that the model's context cannot hold beside a prompt of even one token.
+
+    Generating past the context runs on positions the model never saw (its text is noise) for as long as the budget
+    lasts: minutes for ``--max-new-tokens 100000``.
+
+    Raises:
+        UsageError: ``max_new_tokens >= context``, naming both and ``model``.
+    """
+    if context is not None and max_new_tokens >= context:
+        raise UsageError(f"max_new_tokens={max_new_tokens} does not fit the context of {model}: its config.json gives "
+                         f"max_position_embeddings {context}, and the prompt takes at least one of those positions; "
+                         f"give --max-new-tokens below {context}")
+
+
 @contextlib.contextmanager
 def contiguous_head_input(model: torch.nn.Module) -> Iterator[None]:
     """While active, the output head gets a contiguous input.
@@ -202,7 +249,8 @@ def contiguous_head_input(model: torch.nn.Module) -> Iterator[None]:
 def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                    pad_id: int, eos_ids: set[int], temperature: float = 0.0, top_p: float = 1.0,
                    generator: torch.Generator | None = None,
-                   stop_checks: Sequence[Callable[[int], bool]] | None = None) -> list[list[int]]:
+                   stop_checks: Sequence[Callable[[int], bool]] | None = None,
+                   context: int | None = None) -> list[list[int]]:
     """Decode one left-padded batch step by step with a KV cache.
 
     Each step reads one small tensor from the device, the new tokens: which rows have finished is kept on the
@@ -217,6 +265,9 @@ def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], 
         temperature, top_p, generator: see :func:`sample_next_token`.
         stop_checks: one per prompt, called with each new token of its sequence (eos excluded), in order, e.g.
             :meth:`StopChecker.push`; True ends that sequence (the token is kept).
+        context: the model's context (:func:`context_length`); a sequence ends when its prompt and new tokens fill
+            it, so a row gets ``min(max_new_tokens, context - len(prompt))`` tokens at most (none when its prompt
+            fills the context), whatever the batch.
     Returns:
         The generated ids per prompt, in order, without eos.
     Raises:
@@ -224,6 +275,11 @@ def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], 
     """
     if stop_checks is not None and len(stop_checks) != len(prompt_ids):
         raise ValueError(f"{len(stop_checks)} stop checks for {len(prompt_ids)} prompts: give one per prompt")
+    budgets = [max_new_tokens if context is None else max(0, min(max_new_tokens, context - len(p)))
+               for p in prompt_ids]
+    max_new_tokens = max(budgets)  # the loop's length: the longest any row may run
+    if max_new_tokens == 0:
+        return [[] for _ in prompt_ids]
     device = next(model.parameters()).device
     input_ids, attention_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))  # [B, L]
     batch = input_ids.shape[0]
@@ -231,8 +287,8 @@ def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], 
     cache_kw = _cache_kwarg(model)
     position_ids = position_ids_from_mask(attention_mask)  # [B, L]
     out = [[] for _ in range(batch)]
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
-    done = [False] * batch  # the host's copy of `finished`
+    done = [b == 0 for b in budgets]  # the host's copy of `finished`; a prompt that fills the context gets nothing
+    finished = torch.tensor(done, dtype=torch.bool, device=device)  # [B]
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         with contiguous_head_input(model):
@@ -249,7 +305,7 @@ def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], 
                 done[i] = True
                 continue
             out[i].append(tokens[i])
-            if stop_checks is not None and stop_checks[i](tokens[i]):
+            if (stop_checks is not None and stop_checks[i](tokens[i])) or len(out[i]) == budgets[i]:
                 done[i] = True
                 stopped.append(i)
         # A sequence that just finished feeds its last token once more, unmasked (its outputs are no longer read);
@@ -294,9 +350,15 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_toke
         The generated text per prompt, decoded with ``skip_special_tokens=True``, without eos.
     Raises:
         ValueError: for a bad budget, batch size or sampling setting, an empty prompt or no pad/eos token.
+        UsageError: a budget the model's context cannot hold (:func:`check_token_budget`), before anything is
+            generated. A prompt that leaves less room is not an error: its generation stops at the context (a
+            warning is logged), so it gets no tokens when it fills the context alone.
     """
     if max_new_tokens <= 0 or batch_size <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must be positive")
+    config = getattr(model, "config", None)  # None for a stand-in model: then nothing is bounded
+    context = context_length(config)
+    check_token_budget(max_new_tokens, context, getattr(config, "name_or_path", None) or "the model")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -306,6 +368,12 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_toke
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     if empty := [i for i, ids in enumerate(encoded) if not ids]:
         raise ValueError(f"prompts {empty[:5]} encode to no tokens: give non-empty prompts or add_special_tokens=True")
+    if context is not None and (clamped := [len(ids) for ids in encoded if len(ids) + max_new_tokens > context]):
+        log.warning("%d of %d prompts (the longest: %d tokens) leave fewer than max_new_tokens=%d positions in the "
+                    "model's context of %d tokens (max_position_embeddings): their generation stops where the context "
+                    "ends, %d of them fill it and get no tokens; use fewer --shots or a smaller --max-new-tokens",
+                    len(clamped), len(prompts), max(clamped), max_new_tokens, context,
+                    sum(n >= context for n in clamped))
 
     stops = stop_after_answer_line or any(stop_strings)  # else no stop check is needed
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # stable: equal lengths keep their order
@@ -324,7 +392,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_toke
                       if stops else None)
             new_ids = generate_batch(model, [encoded[i] for i in idx], max_new_tokens=max_new_tokens, pad_id=pad_id,
                                      eos_ids=eos_ids, temperature=temperature, top_p=top_p, generator=generator,
-                                     stop_checks=checks)
+                                     stop_checks=checks, context=context)
             for i, ids in zip(idx, new_ids):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 cut = stop_cut(text, stop_strings, stop_after_answer_line)

@@ -14,8 +14,10 @@ incorrect samples. Everything but :func:`load_verifier`, :func:`score_solutions`
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,10 @@ import torch
 from gptqlora.data.gsm8k import answers_match
 from gptqlora.errors import UsageError
 from gptqlora.eval.scoring import VOTE_DECIMALS, summarize
+from gptqlora.provenance import base_differences, describe_base
 from gptqlora.verifier.model import VerifierModel, encode_solution, load_head, pad_batch, read_verifier_config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,10 +46,30 @@ class LoadedVerifier:
 
 # ---------------------------------------------------------------------------------------------- loading and scoring
 
+def check_verifier_base(verifier_dir: str | os.PathLike, saved: dict[str, Any],
+                        scored: dict[str, Any] | None) -> str | None:
+    """Whether a verifier trained over ``saved`` reranks the samples of a model over that base: None when it does
+    (or ``scored`` is unknown), else a message naming both bases and the fields that differ.
+
+    Its scores are still computed on its own base, so nothing breaks; but it learned to judge the solutions of its
+    base's generator, and another base's solutions are not what it was trained on.
+    """
+    if scored is None or not (fields := base_differences(saved, scored)):
+        return None
+    return (f"the verifier {verifier_dir} was trained over {describe_base(saved)} but reranks the samples of a model "
+            f"over {describe_base(scored)} (they differ in {', '.join(fields)}); its scores may not fit these "
+            "solutions: rerank with a verifier trained over the evaluated base unless this is intended")
+
+
 def load_verifier(verifier_dir: str | os.PathLike, *, base_dir: str | os.PathLike | None = None,
-                  dtype: str = "auto", device: str = "auto", kernel: str = "auto") -> LoadedVerifier:
+                  dtype: str = "auto", device: str = "auto", kernel: str = "auto",
+                  scored_base: dict[str, Any] | None = None) -> LoadedVerifier:
     """Load a verifier onto its base: the recorded base path, or ``base_dir`` (a copy: its weights must match).
 
+    Args:
+        scored_base: the base record of the model whose samples the verifier will rerank; when the verifier was
+            trained over another base, a warning names both (``logging`` and ``warnings.warn``, as
+            ``load_adapter`` warns), before any weights load. Not an error: it may be intended.
     Raises:
         InputNotFoundError, UsageError: see ``read_verifier_config``; a base that is not the one the verifier was
             trained on (the fingerprints or quantization differ: its values would mean nothing there).
@@ -52,11 +77,14 @@ def load_verifier(verifier_dir: str | os.PathLike, *, base_dir: str | os.PathLik
     from gptqlora.eval.gsm8k_eval import check_quantized
     from gptqlora.lora.adapter import load_adapter
     from gptqlora.models import load_model
-    from gptqlora.provenance import base_differences, base_record, describe_base
+    from gptqlora.provenance import base_record
     from gptqlora.quant.kernels import set_kernel
 
     config = read_verifier_config(verifier_dir)
     saved = config["base"]
+    if mismatch := check_verifier_base(verifier_dir, saved, scored_base):
+        log.warning(mismatch)
+        warnings.warn(mismatch, stacklevel=2)
     base_path = Path(base_dir if base_dir is not None else saved["path"]).expanduser()
     if not base_path.is_dir():
         raise UsageError(f"the verifier's base {base_path} is not a directory: it was trained on "

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from gptqlora.data.gsm8k import build_prompt, encode_texts
 from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.files import read_json_object
+from gptqlora.quant.weights import check_directory_files
 
 HEAD_FILE, CONFIG_FILE = "value_head.safetensors", "verifier_config.json"
 FORMAT = "gptqlora-verifier"
@@ -129,7 +130,8 @@ def read_verifier_config(verifier_dir: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         InputNotFoundError: a missing directory or file.
-        UsageError: a config that is not a gptqlora verifier's, or of an unknown version.
+        UsageError: a config that is not a gptqlora verifier's, or of an unknown version; a file that leads out of
+            the directory or is not a regular file (``gptqlora.quant.weights.check_directory_files``).
     """
     d = Path(verifier_dir).expanduser()
     missing = [n for n in (CONFIG_FILE, HEAD_FILE, "adapter_config.json", "adapter_model.safetensors")
@@ -138,6 +140,7 @@ def read_verifier_config(verifier_dir: str | os.PathLike) -> dict[str, Any]:
         where = "" if d.is_dir() else " (the directory does not exist)"
         raise InputNotFoundError(f"{d} is not a verifier directory{where}: missing {', '.join(missing)}; train one "
                                  "with `gptqlora train-verifier`")
+    check_directory_files(d)  # a verifier's files are read only from inside it
     config = read_json_object(d / CONFIG_FILE)
     if config.get("format") != FORMAT or config.get("version") != VERSION:
         raise UsageError(f"{d / CONFIG_FILE} is not a version-{VERSION} gptqlora verifier config (format "
@@ -145,6 +148,9 @@ def read_verifier_config(verifier_dir: str | os.PathLike) -> dict[str, Any]:
     for key in ("base", "style", "max_length", "hidden_size"):
         if config.get(key) is None:
             raise UsageError(f"{d / CONFIG_FILE}: the field {key!r} is missing; train the verifier again")
+    if not isinstance(config["base"], dict):  # a base record, compared field by field with the base it loads onto
+        raise UsageError(f"{d / CONFIG_FILE}: 'base' is {type(config['base']).__name__}, not a base record (a JSON "
+                         "object); train the verifier again")
     return config
 
 

@@ -5,7 +5,8 @@ The output directory holds (as ``gptqlora eval``'s does, written and resumed by 
 :mod:`gptqlora.eval.records`):
 
 - ``sample_config.json``: the settings that determine the samples (``gptqlora.eval.gsm8k_eval.eval_settings``, the
-  split included) and the provenance of the model that sampled; written when a fresh run starts;
+  split included) and the provenance of the model that sampled (its base record: ``train-verifier`` warns when it
+  trains over another base, :func:`check_samples_base`); written when a fresh run starts;
 - ``samples.jsonl``: one record per question, ``{"index", "question", "gold", "samples", "sample_answers",
   "sample_correct"}``, appended and fsynced per generation batch; a resume keeps the complete batches and answers
   the rest, ending with the bytes an uninterrupted run writes (the batch whose first question has index ``i``
@@ -41,6 +42,7 @@ from gptqlora.eval.gsm8k_eval import build_eval_prompts, eval_settings, json_num
 from gptqlora.eval.records import RecordFiles, answer_batches, open_output
 from gptqlora.eval.scoring import summarize
 from gptqlora.files import read_json_object, write_atomic
+from gptqlora.provenance import base_differences, describe_base
 
 SAMPLE_FILES = RecordFiles(records="samples.jsonl", config="sample_config.json", what="sampling")
 SAMPLES, SAMPLE_CONFIG, SUMMARY = SAMPLE_FILES.records, SAMPLE_FILES.config, SAMPLE_FILES.summary
@@ -149,6 +151,28 @@ def sample_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: E
                    "resumed_from": resumed_from, "world_size": world.size}
         write_atomic(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return distributed.broadcast_object(summary)
+
+
+def samples_base(run_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The base record of the model that made the samples (``sample_config.json``'s provenance), or None when the
+    samples do not record one (sampled without provenance, or by an older gptqlora)."""
+    provenance = run_config.get("provenance")
+    base = provenance.get("base") if isinstance(provenance, dict) else None
+    return base if isinstance(base, dict) else None
+
+
+def check_samples_base(samples_dir: str | os.PathLike, sampled: dict[str, Any], base: dict[str, Any]) -> str | None:
+    """Whether a verifier over ``base`` trains on samples made over that base: None when it does, else a message
+    naming both bases (path, fingerprint, bits, group size) and the fields that differ.
+
+    Not an error (nothing is harmed, and a verifier over one base may be meant to judge another's solutions), but
+    usually a mistake: the verifier learns to judge the solutions of a model it will not rerank.
+    """
+    if not (fields := base_differences(sampled, base)):
+        return None
+    return (f"the samples in {samples_dir} were made by a model over {describe_base(sampled)} but the verifier "
+            f"trains over {describe_base(base)} (they differ in {', '.join(fields)}); it would learn to judge another "
+            "model's solutions: train it over the base that sampled unless this is intended")
 
 
 def read_samples(samples_dir: str | os.PathLike) -> tuple[list[dict], dict[str, Any]]:
