@@ -27,11 +27,13 @@ demo: setup
 	    --standalone --nproc-per-node 2 -m gptqlora.cli run --out $(OUT) --kernel dense --batch-size 1; \
 	fi
 
+# Everything: the embedded-model tests (slow) and those that launch processes (process); GPU tests skip without CUDA.
 test: setup
 	$(PY) -m pytest -q
 
+# The edit loop: in-process tests on tiny seeded models only.
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not process"
 
 clean:
 	rm -rf $(VENV) runs

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, object, dict]:
     """The row's model in eval mode, its tokenizer, and facts (quantize seconds, weight bytes)."""
-    from gptqlora.commands import weight_bytes
+    from gptqlora.workflows.base import weight_bytes
     from gptqlora.models import load_model
 
     dtype = "float32" if name.endswith("-fp32") else args.dtype
@@ -122,7 +122,7 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, object,
     if "4bit" in name:
         from gptqlora.lora.layer import inject_lora_layers, lora_modules
         from gptqlora.quant.driver import quantize_model_weights
-        from gptqlora.quant.kernels import set_kernel
+        from gptqlora.quant.linear import set_kernel
 
         start = time.perf_counter()
         quantize_model_weights(model, None, QuantConfig(method="rtn", bits=4, group_size=args.group_size,
@@ -208,8 +208,7 @@ def text_digest(text: str) -> str:
 def run_one(name: str, args: argparse.Namespace) -> dict:
     """Warm up, then decode every prompt once with one row's model and decoder; its figures."""
     from gptqlora.eval.generate import generate
-    from gptqlora.quant.kernels import kernels_used
-    from gptqlora.quant.linear import QuantizedLinear
+    from gptqlora.quant.linear import QuantizedLinear, kernels_used
 
     common.setup_child(args)
     model, tokenizer, facts = build_model(name, args)

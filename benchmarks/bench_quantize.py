@@ -71,7 +71,7 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from gptqlora.commands import weight_bytes
+    from gptqlora.workflows.base import weight_bytes
     from gptqlora.config import QuantConfig
     from gptqlora.eval.perplexity import gsm8k_answer_loss
     from gptqlora.models import embedded_model_dir, load_model

@@ -8,7 +8,7 @@ Llama-2's checkpoint, a small vocabulary so that the embeddings stay modest) is 
 ``save_file``, one shard per block plus one for the embeddings, norm and head, and a ``model.safetensors.index.json``.
 The 2- and 4-block models are views of the 8-block one (their own config and index over the same shard files).
 
-Each configuration runs in a fresh process (``common.run_child``): ``gptqlora.quant.checkpoint.quantize_streamed`` from
+Each configuration runs in a fresh process (``common.run_child``): ``gptqlora.quant.streamed.quantize_streamed`` from
 the sharded source to a sharded output, every block linear 4-bit, group size 128, on the CPU in float32 (what
 ``--dtype auto`` picks on a CPU), GPTQ calibrated on ``--calib-samples`` x ``--calib-seqlen`` random tokens. Measured:
 peak RSS over the quantization alone (``common.MemoryWindow`` resets it after the imports; its start is the bare
@@ -127,7 +127,8 @@ def write_source(root: Path, args: argparse.Namespace, blocks: tuple[int, ...]) 
 def child(args: argparse.Namespace) -> dict:
     from gptqlora.config import QuantConfig
     from gptqlora.models import resolve_device, resolve_dtype
-    from gptqlora.quant.checkpoint import float_skeleton, quantize_streamed
+    from gptqlora.quant.checkpoint import float_skeleton
+    from gptqlora.quant.streamed import quantize_streamed
 
     common.setup_child(args)
     method, n = args.one.split("-")

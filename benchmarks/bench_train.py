@@ -146,7 +146,7 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, nn.Modu
     Returns:
         (model to call, the Hugging Face model inside it, tokenizer, facts: quantize seconds, weight bytes).
     """
-    from gptqlora.commands import weight_bytes
+    from gptqlora.workflows.base import weight_bytes
     from gptqlora.models import load_model
 
     model, tokenizer = load_model(args.model, args.dtype, args.device)
@@ -195,7 +195,7 @@ class Trainer:
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         """One optimizer step on one batch; returns the mean label NLL."""
         from gptqlora.data.gsm8k import IGNORE_INDEX
-        from gptqlora.train.loop import label_nll
+        from gptqlora.loss import label_nll
 
         batch = {k: v.to(self.device) for k, v in batch.items()}  # [B, T] each
         n_labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

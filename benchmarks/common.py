@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from gptqlora.config import ATTN_TARGETS, DEFAULT_MODEL
+from gptqlora.config import DEFAULT_MODEL
+from gptqlora.targets import ATTN_TARGETS
 from gptqlora.hardware import release_free_heap
 
 MiB = 2 ** 20

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
 GSM8K_DIR = Path(os.environ.get("GSM8K_DIR", REPO.parent / "shared" / "data" / "gsm8k")).resolve()
 
 SMOLLM_CHAT_TEMPLATE = (
@@ -49,6 +50,28 @@ def make_tiny_llama(num_layers: int = 2, hidden: int = 64, intermediate: int = 1
                          pad_token_id=258)
     model = LlamaForCausalLM(config).eval()
     return model
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked ``gpu`` where torch sees no CUDA device: one gate, not a ``skipif`` on each."""
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(no_cuda)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a python child process of a test (a script, ``python -c``, torchrun and its workers).
+
+    This process's environment with tests/ and src/ first on PYTHONPATH, so the child imports the shared fixtures
+    and their siblings (``from conftest import ...``, ``from eval.eval_script import ...``) as pytest's
+    ``pythonpath`` lets the tests do, and PYTHONSAFEPATH=1, so that neither its working directory nor a script's own
+    folder comes before them (tests/train/tiny.py sits beside tests/train/conftest.py); ``extra`` goes on top.
+    """
+    paths = [str(TESTS), str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return os.environ | {"PYTHONPATH": os.pathsep.join(paths), "PYTHONSAFEPATH": "1"} | extra
 
 
 @pytest.fixture

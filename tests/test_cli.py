@@ -4,6 +4,7 @@ import pytest
 
 from gptqlora import cli
 from gptqlora import config as C
+from gptqlora import targets as T
 from gptqlora.commands import COMMANDS
 
 
@@ -58,7 +59,7 @@ def test_flags_and_seed_spellings():
                  "--act-order", "--lora-r", "8")
     assert args.train.batch_size == 4 and args.train.epochs == 3
     q = args.quant
-    assert q.bits == 3 and q.sym is False and q.act_order is True and q.target_names == C.ALL_TARGETS
+    assert q.bits == 3 and q.sym is False and q.act_order is True and q.target_names == T.ALL_TARGETS
     assert args.lora.r == 8
 
 
@@ -112,9 +113,9 @@ def test_data_defaults_to_env(monkeypatch):
 
 
 def test_one_target_grammar_for_quantization_and_lora():
-    assert C.parse_targets("attn,v_proj") == C.ATTN_TARGETS + ("v_proj",)
-    assert C.resolve_targets("attn,v_proj") == C.ATTN_TARGETS
-    assert C.parse_targets("q_proj, mlp") == ("q_proj",) + C.MLP_TARGETS
-    assert C.parse_targets("re:.*q_proj").pattern == ".*q_proj"
+    assert T.parse_targets("attn,v_proj") == T.ATTN_TARGETS + ("v_proj",)
+    assert T.resolve_targets("attn,v_proj") == T.ATTN_TARGETS
+    assert T.parse_targets("q_proj, mlp") == ("q_proj",) + T.MLP_TARGETS
+    assert T.parse_targets("re:.*q_proj").pattern == ".*q_proj"
     with pytest.raises(C.UsageError, match="quantization targets take names"):
-        C.resolve_targets("re:.*")
+        T.resolve_targets("re:.*")

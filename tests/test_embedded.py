@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gptqlora.commands import quantize_loaded
+from gptqlora.workflows.base import quantize_loaded
 from gptqlora.config import CalibConfig, QuantConfig
 from gptqlora.data.gsm8k import load_gsm8k
 from gptqlora.eval.perplexity import gsm8k_answer_loss

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from gptqlora import cli
+from gptqlora.data.gsm8k import answers_match
 from gptqlora.models import load_model
 from gptqlora.quant.linear import QuantizedLinear
 
@@ -27,8 +28,15 @@ def test_run_eval_merge_end_to_end(tmp_path, tiny_model_dir, gsm8k_dir, capsys):
     assert cli.main(argv + SMALL) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["rows"]) == ["float base", "gptq 4-bit base", "gptq 4-bit + LoRA"]
-    for row in results["rows"].values():
-        assert row["n"] == 3 and 0 <= row["greedy"]["accuracy"] <= 1 and row["answer_loss"] > 0
+    for name, row in results["rows"].items():
+        eval_dir = out / "eval" / name.replace(" ", "_")
+        records = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
+        # Each record's verdict from its own extracted answer, and the accuracy counted here from them.
+        assert [r["correct"] for r in records] == [answers_match(r["predicted_answer"], r["gold"]) for r in records]
+        correct = sum(r["correct"] for r in records)
+        assert row["n"] == len(records) == 3 and row["answer_loss"] > 0
+        assert (row["greedy"]["correct"], row["greedy"]["accuracy"]) == (correct, correct / 3)
+        assert json.loads((eval_dir / "summary.json").read_text())["greedy"] == row["greedy"]
     table = (out / "results.md").read_text()
     assert table.count("\n") == 5 and "gptq 4-bit + LoRA" in table
     assert json.loads((out / "run_config.json").read_text())["run.test_limit"] == 3
@@ -83,7 +91,7 @@ def test_eval_rejects_a_float_model_given_as_quantized(tiny_model_dir, gsm8k_dir
 
 def test_eval_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, gsm8k_dir,
                                                                         monkeypatch, capsys):
-    import gptqlora.commands.common as common
+    import gptqlora.workflows.scored as common
 
     q = tmp_path / "q"
     assert cli.main(["quantize", "--model", str(tiny_model_dir), "--data", str(gsm8k_dir), "--method", "rtn",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, error_of, make_tiny_llama, make_tiny_tokenizer
+from conftest import child_env, error_of, make_tiny_llama, make_tiny_tokenizer
 from gptqlora import cli
 from gptqlora.files import OutputLock
 
@@ -190,6 +190,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("command", ["quantize", "merge"])
 def test_kill_during_the_write_leaves_no_partial_output_and_the_rerun_succeeds(tmp_path, tiny_model_dir, gsm8k_dir,
                                                                               command):
@@ -205,7 +206,7 @@ def test_kill_during_the_write_leaves_no_partial_output_and_the_rerun_succeeds(t
         argv = ["merge", "--quantized", str(q), "--adapter", str(tmp_path / "ft" / "lora_adapter"), "--data",
                 str(gsm8k_dir), "--out", str(out), "--calib-samples", "2", "--calib-seqlen", "16", "--ppl-limit", "2"]
     before = sorted(p.name for p in tmp_path.iterdir())
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *argv], stdout=subprocess.PIPE, env=env, text=True)
     try:
         line = proc.stdout.readline()
@@ -242,6 +243,7 @@ def _report(out: Path) -> dict:
     return config.pop("gptqlora"), config
 
 
+@pytest.mark.process
 def test_quantize_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, gsm8k_dir):
     source = tmp_path / "float4"
     make_tiny_llama(num_layers=4).save_pretrained(source)
@@ -250,7 +252,7 @@ def test_quantize_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, g
             "--group-size", "32", "--calib-samples", "4", "--calib-seqlen", "16", "--max-shard-size", "40KB"]
     assert cli.main(argv + ["--out", str(tmp_path / "whole")]) == 0
     out = tmp_path / "out"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", KILL_AFTER_BLOCK, *argv, "--out", str(out)], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -391,7 +393,7 @@ def test_sigterm_stops_like_ctrl_c_releasing_the_lock(tmp_path, monkeypatch, cap
 
 SLOW_LOG = """
 import sys, time
-import gptqlora.commands.common as common
+import gptqlora.workflows.scored as common
 real = common.print_line
 def slow(line):  # a question's line comes once its batch is on disk; the pause lets SIGTERM arrive mid-run
     real(line)
@@ -402,7 +404,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_sigterm_during_eval_exits_143_with_the_resume_hint_and_a_resume_writes_the_uninterrupted_bytes(
         tmp_path, tiny_model_dir, gsm8k_dir, one_thread):
     argv = ["eval", "--model", str(tiny_model_dir), "--data", str(gsm8k_dir), "--limit", "5", "--batch-size", "2",
@@ -410,7 +412,7 @@ def test_sigterm_during_eval_exits_143_with_the_resume_hint_and_a_resume_writes_
     assert cli.main(argv + ["--output-dir", str(tmp_path / "whole")]) == 0
     part = tmp_path / "part"
     records = part / "predictions.jsonl"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env = child_env(OMP_NUM_THREADS="1")
     with (tmp_path / "stderr.txt").open("wb") as stderr:
         proc = subprocess.Popen([sys.executable, "-c", SLOW_LOG, *argv, "--output-dir", str(part)],
                                 stdout=subprocess.DEVNULL, stderr=stderr, env=env)

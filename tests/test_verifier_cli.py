@@ -11,13 +11,13 @@ import pytest
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from gptqlora import cli
 from gptqlora.config import EvalConfig, QuantConfig
-from gptqlora.data.gsm8k import load_gsm8k
-from gptqlora.eval.verifier import load_verifier, score_samples, score_solutions
+from gptqlora.data.gsm8k import answers_match, load_gsm8k
 from gptqlora.models import load_model
 from gptqlora.provenance import base_record
 from gptqlora.quant.checkpoint import save_quantized
 from gptqlora.quant.driver import quantize_model_weights
 from gptqlora.verifier import samples as samples_module
+from gptqlora.verifier.load import load_verifier, score_samples, score_solutions
 from gptqlora.verifier.samples import SAMPLE_CONFIG, SAMPLES, SUMMARY, sample_gsm8k
 
 from verifier.scripted import scripted_samples as scripted
@@ -186,7 +186,7 @@ def test_sample_refuses_the_test_split_and_never_reads_test_gold(tmp_path, quant
                      "--shots", "1", "--seed", str(seed), "--out", str(tmp_path / "s"), *SMALL]) == 0
     assert splits and set(splits) == {"train"}
     # The exemplar shown solved in every prompt is not among the sampled questions.
-    from gptqlora.commands.common import fewshot
+    from gptqlora.workflows.scored import fewshot
 
     (exemplar,) = fewshot(str(gsm8k_dir), 1, seed)
     train = load_gsm8k("train", str(gsm8k_dir))
@@ -263,8 +263,16 @@ def test_run_with_a_verifier_stage_adds_the_reranked_row_and_resumes(tmp_path, g
     results = json.loads((out / "results.json").read_text())
     row = results["rows"]["rtn 4-bit + LoRA + verifier"]
     assert row["n"] == 2
-    for key in ("self_consistency", "verifier_best_of_k", "verifier_weighted_vote", "pass_at_k"):
-        assert row[key]["k"] == 2 and 0 <= row[key]["accuracy"] <= 1, key
+    eval_dir = out / "eval" / "rtn_4-bit_+_LoRA_+_verifier"
+    records = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
+    # pass@k counted here from each record's sample answers; each rule's accuracy from the records' verdicts.
+    assert [r["pass_at_k"] for r in records] == [any(answers_match(a, r["gold"]) for a in r["sample_answers"])
+                                                for r in records]
+    for key, field in (("self_consistency", "voted_correct"), ("verifier_best_of_k", "best_of_k_correct"),
+                       ("verifier_weighted_vote", "weighted_correct"), ("pass_at_k", "pass_at_k")):
+        correct = sum(r[field] for r in records)
+        assert row[key]["k"] == 2 and (row[key]["correct"], row[key]["accuracy"]) == (correct, correct / 2), key
+    assert json.loads((eval_dir / "summary.json").read_text())["pass_at_k"] == row["pass_at_k"]
     assert row["provenance"]["verifier"]["path"] == str((out / "verifier" / "model").resolve())
     samples = [json.loads(line) for line in (out / "verifier" / "samples" / SAMPLES).read_text().splitlines()]
     assert len(samples) == 4 and all(r["sample_correct"] == [True, False] for r in samples)

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from gptqlora.errors import UsageError
+from gptqlora.errors import NonFiniteLossError, UsageError
 
 _SCALARS = {"int": int, "float": float, "str": str}
 
@@ -149,7 +149,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_command(argv: Sequence[str] | None = None) -> int:
     from gptqlora.commands import COMMANDS
     from gptqlora.files import is_disk_error
-    from gptqlora.train.loop import NonFiniteLossError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from gptqlora.errors import UsageError
+from gptqlora.errors import NonFiniteLossError, UsageError
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,8 @@ def joined() -> World:
 
 
 def from_main(fn, *args, wait: datetime.timedelta | None = None, **kwargs) -> Any:
-    """Run ``fn`` on rank 0 only and hand its result to every rank; a ``UsageError`` it raises is raised on all.
+    """Run ``fn`` on rank 0 only and hand its result to every rank; a ``UsageError`` (or a
+    ``NonFiniteLossError``) it raises is raised on all.
 
     For the steps one process must do alone (checking and preparing an output directory, resuming from files,
     training a verifier) while the others wait, without leaving them waiting forever when the step refuses.
@@ -206,7 +207,7 @@ def from_main(fn, *args, wait: datetime.timedelta | None = None, **kwargs) -> An
     if dist.get_rank() == 0:
         try:
             result = fn(*args, **kwargs)
-        except UsageError as e:
+        except (UsageError, NonFiniteLossError) as e:  # both are the user's to act on, on every rank
             error = e
     result, error = broadcast_object((result, error), group=group)
     if group is not None:

@@ -340,6 +340,13 @@ class OutputLock:
         self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> OutputLock:
+        """Take the lock (see the class); returns self."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = _open_own(self.path, os.O_RDWR | os.O_CREAT, "lock file")
@@ -358,7 +365,8 @@ class OutputLock:
         self._fd = fd
         return self
 
-    def __exit__(self, *exc) -> None:
+    def release(self) -> None:
+        """Drop the lock and remove its file (when the name is still ours); a no-op when not held."""
         if self._fd is not None:
             if _names(self._fd, self.path):  # the name is still our file, not something put there since
                 self.path.unlink(missing_ok=True)

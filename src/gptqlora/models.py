@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 
 from gptqlora.errors import InputNotFoundError, UsageError
-from gptqlora.files import staged_dir
+from gptqlora.files import read_json_object, staged_dir
 from gptqlora.quant.checkpoint import check_architecture, is_quantized_dir, load_quantized
 from gptqlora.quant.weights import check_directory_files, weight_files
 
@@ -189,10 +188,4 @@ def _check_model_dir(path: Path) -> None:
                          "one written by `gptqlora quantize` is expected)")
     weight_files(path)  # its weight files stay inside it and are safetensors, checked before any is read
     check_directory_files(path)  # the rest by name, before config.json is read: it may be a link out of it
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path / 'config.json'} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{path / 'config.json'} must hold a JSON object, not a {type(config).__name__}")
-    check_architecture(config, path / "config.json")
+    check_architecture(read_json_object(path / "config.json"), path / "config.json")

@@ -405,10 +405,10 @@ def test_a_mix_weight_that_selects_no_rows_names_the_source_and_weight(gsm8k):
 def _no_model_loads(monkeypatch):
     """Fail the test if a command loads a model's weights (whole, or streamed block by block)."""
     import gptqlora.models
-    import gptqlora.quant.checkpoint
+    import gptqlora.quant.streamed
 
     monkeypatch.setattr(gptqlora.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
-    monkeypatch.setattr(gptqlora.quant.checkpoint, "quantize_streamed", lambda *a, **k: pytest.fail("read weights"))
+    monkeypatch.setattr(gptqlora.quant.streamed, "quantize_streamed", lambda *a, **k: pytest.fail("read weights"))
 
 
 def test_a_calibration_corpus_of_test_questions_only_is_one_clear_error(gsm8k, tmp_path):

@@ -1,27 +1,22 @@
 """A tiny seeded GSM8K evaluation shared by the resume tests, and a script form for the subprocess (SIGKILL) test.
 
-As a script: ``python tests/eval/eval_script.py OUT [--samples K] [--slow SECONDS]`` evaluates the seeded tiny
-LLaMA on six made-up questions in batches of two; ``--slow`` sleeps after each logged question so a test can kill
-it mid-run.
+As a script, with tests/ on PYTHONPATH (``conftest.child_env``): ``python tests/eval/eval_script.py OUT [--samples K]
+[--slow SECONDS]`` evaluates the seeded tiny LLaMA on six made-up questions in batches of two; ``--slow`` sleeps after
+each logged question so a test can kill it mid-run.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer
 
-if __name__ == "__main__":  # run as a script: make the shared test fixtures importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
-
-from gptqlora.config import EvalConfig  # noqa: E402
+from gptqlora.config import EvalConfig
 
 ENTRIES = [
     {"question": "Tom has 2 apples and buys 2 more. How many?", "answer": "2 + 2 = 4\n#### 4"},

@@ -19,17 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__":  # run as a script by torchrun: make the shared test fixtures importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytest
+import torch
+from conftest import child_env, make_tiny_llama, make_tiny_tokenizer, one_torch_thread
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from conftest import make_tiny_llama, make_tiny_tokenizer, one_torch_thread  # noqa: E402
+from gptqlora import cli, distributed
+from gptqlora.eval.gsm8k_eval import EVAL_FILES
 
-from gptqlora import cli, distributed  # noqa: E402
-from gptqlora.eval.gsm8k_eval import EVAL_FILES  # noqa: E402
-
-from eval.eval_script import BATCH, ENTRIES, run_eval  # noqa: E402
+from eval.eval_script import BATCH, ENTRIES, run_eval
 
 TIMING = ("resumed_from", "seconds_this_run", "generated_tokens_this_run", "tokens_per_s_this_run", "world_size")
 
@@ -39,8 +36,8 @@ def untimed(summary: dict) -> dict:
 
 
 def torchrun(args: list[str], tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """Two processes on one thread each, the way a user would launch them."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """Two processes on one thread each, the way a user would launch them (this file among them: ``child_env``)."""
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     if check:
@@ -92,6 +89,7 @@ def cli_on_one_and_two_ranks(command: str, samples: int, out_flag: str, tmp_path
     return one, result_of(proc.stdout)
 
 
+@pytest.mark.process
 def test_cli_eval_on_two_ranks_writes_what_one_process_writes(tmp_path, one_thread, gsm8k_dir, capsys):
     # Sampled, so records hold the greedy answer and two samples each.
     one, two = cli_on_one_and_two_ranks("eval", 2, "--output-dir", tmp_path, gsm8k_dir, capsys)
@@ -103,6 +101,7 @@ def test_cli_eval_on_two_ranks_writes_what_one_process_writes(tmp_path, one_thre
     assert one["answer_loss"] > 0
 
 
+@pytest.mark.process
 def test_resume_after_a_rank_is_killed_equals_an_uninterrupted_run(tmp_path, one_thread, reference):
     out = tmp_path / "killed"
     # Rank 1 answers batch [2, 3] and dies once it is on disk; torchrun then stops rank 0 wherever it is: most

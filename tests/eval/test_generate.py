@@ -470,7 +470,6 @@ def test_one_host_read_per_decode_step(tok, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_one_device_sync_per_decode_step_on_cuda(tok):
     """Greedy decoding: 8 more steps cost 8 more syncs from the loop (the prompt's upload is a fixed cost). Sampling
     adds one inside ``torch.multinomial``, which checks its input with ``.item()``."""

@@ -1,6 +1,5 @@
 """The GSM8K driver: no leakage into prompts, a copying model scores 0 while an oracle scores 1, self-consistency
-wiring, output files, crash-safe resuming (an interrupted-then-resumed run writes what an uninterrupted one does),
-and the quantized-model check."""
+wiring, output files, crash-safe resuming (an interrupted-then-resumed run writes what an uninterrupted one does)."""
 
 from __future__ import annotations
 
@@ -18,17 +17,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer, one_torch_thread
+from conftest import child_env, make_tiny_tokenizer, one_torch_thread
 from torch import nn
 from transformers import LlamaConfig
 
-from gptqlora.config import EvalConfig, QuantConfig
+from gptqlora.config import EvalConfig
 from gptqlora.data.gsm8k import gold_answer, load_gsm8k, strip_calculator
 from gptqlora.errors import UsageError
 from gptqlora.eval import gsm8k_eval
 from gptqlora.eval.gsm8k_eval import (
     build_eval_prompts,
-    check_quantized,
     eval_settings,
     evaluate_gsm8k,
     fewshot_exemplars,
@@ -522,12 +520,13 @@ def test_each_batch_is_on_disk_before_it_is_logged_and_a_resume_completes_it(tmp
     assert_same_as_reference(out, ref, summary)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("samples", [0, 2])
 def test_resume_after_sigkill_writes_what_an_uninterrupted_run_writes(tmp_path, one_thread, reference, samples):
     out = tmp_path / "killed"
     with (tmp_path / "stderr.txt").open("wb") as stderr:
         proc = subprocess.Popen([sys.executable, str(EVAL_SCRIPT), str(out), "--samples", str(samples),
-                                 "--slow", "0.5"], stdout=subprocess.DEVNULL, stderr=stderr)
+                                 "--slow", "0.5"], stdout=subprocess.DEVNULL, stderr=stderr, env=child_env())
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and proc.poll() is None:
@@ -610,21 +609,3 @@ def test_resume_with_nothing_to_resume_is_refused(monkeypatch, tmp_path, referen
     with pytest.raises(UsageError, match="nothing to resume in .*run without --resume"):
         run_eval(tmp_path, resume=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(present)
-
-
-# ---------------------------------------------------------------------------------------------- quantized check
-
-def test_check_quantized():
-    from gptqlora.lora.layer import LoRALinear, inject_lora_layers
-    from gptqlora.quant.driver import quantize_model_weights
-
-    model = make_tiny_llama()
-    with pytest.raises(UsageError, match="holds no QuantizedLinear layers: pass a directory written by `gptqlora"):
-        check_quantized(model)
-    torch.manual_seed(0)
-    quantize_model_weights(model, torch.randint(0, 259, (4, 32)), QuantConfig(targets="attn", group_size=32),
-                           progress=False)
-    assert check_quantized(model) == 8  # 2 blocks x q/k/v/o
-    inject_lora_layers(model, "attn", r=2)
-    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 8
-    assert check_quantized(model) == 8  # found as the wrappers' .base

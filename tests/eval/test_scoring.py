@@ -1,12 +1,16 @@
-"""Majority voting, the Wilson interval and the summary record."""
+"""The selection rules (majority vote, best-of-K, weighted vote, pass@K), the AUC, the Wilson interval and the
+summary record: each a pure function, tested alone."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 
 import pytest
 
-from gptqlora.eval.scoring import accuracy_with_ci, majority_vote, summarize
+from gptqlora.eval.scoring import (accuracy_with_ci, best_of_k, majority_vote, pass_at_k, roc_auc, score_block,
+                                   summarize, weighted_vote)
 
 
 def test_majority_vote_counts_numeric_equals_together():
@@ -24,6 +28,57 @@ def test_majority_vote_ties_go_to_first_seen():
 def test_majority_vote_without_answers():
     assert majority_vote([]) is None
     assert majority_vote([None, None, float("nan")]) is None
+
+
+def test_best_of_k_takes_the_top_scored_sample_with_an_answer():
+    assert best_of_k([1.0, 2.0, 3.0], [0.1, 0.9, 0.5]) == 2.0
+    assert best_of_k([None, 2.0], [0.99, 0.1]) == 2.0  # a sample without an answer is never chosen
+    assert best_of_k([5.0, 6.0], [0.5, 0.5]) == 5.0  # ties: the earlier sample
+    assert best_of_k([None, float("nan")], [0.3, 0.4]) is None
+    with pytest.raises(ValueError, match="2 answers for 1 scores"):
+        best_of_k([1.0, 2.0], [0.5])
+
+
+def test_weighted_vote_sums_scores_per_answer():
+    # 3 wins by sum (0.3 + 0.3 + 0.3 = 0.9 > 0.8) though 7 has the single best sample; "3" and "3.0" agree.
+    assert weighted_vote([3.0, 7.0, 3.0, 3.00001], [0.3, 0.8, 0.3, 0.3]) == 3.0
+    assert weighted_vote([3.0, 7.0, 7.0], [0.9, 0.2, 0.2]) == 3.0
+    assert weighted_vote([None, None], [1.0, 1.0]) is None
+    with pytest.raises(ValueError, match="1 answers for 2 scores"):
+        weighted_vote([1.0], [0.5, 0.5])
+
+
+def test_weighted_vote_with_equal_scores_is_majority_vote():
+    rng = random.Random(0)
+    for _ in range(300):
+        answers = [rng.choice([None, 1.0, 2.0, 3.0, 4.0]) for _ in range(rng.randint(1, 8))]
+        assert weighted_vote(answers, [0.5] * len(answers)) == majority_vote(answers)
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 1, 4) == 1.0 and pass_at_k(4, 4, 1) == 1.0
+    # Against enumeration: the fraction of k-subsets of n samples (c correct) holding a correct one.
+    for n, c, k in [(5, 2, 2), (6, 1, 3), (7, 3, 1), (8, 0, 5)]:
+        samples = [True] * c + [False] * (n - c)
+        subsets = list(itertools.combinations(samples, k))
+        assert math.isclose(pass_at_k(n, c, k), sum(any(s) for s in subsets) / len(subsets))
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 2)
+
+
+def test_roc_auc_against_counting_pairs():
+    rng = random.Random(2)
+    for _ in range(50):
+        scores = [rng.choice([0.1, 0.2, 0.5, 0.7, 0.9]) for _ in range(12)]
+        labels = [rng.random() < 0.4 for _ in range(12)]
+        if all(labels) or not any(labels):
+            continue
+        pairs = [(p, q) for p, y in zip(scores, labels) if y for q, z in zip(scores, labels) if not z]
+        expected = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p, q in pairs) / len(pairs)
+        assert math.isclose(roc_auc(scores, labels), expected)
+    assert roc_auc([0.9, 0.1], [True, False]) == 1.0 and roc_auc([0.1, 0.9], [True, False]) == 0.0
+    with pytest.raises(ValueError):
+        roc_auc([0.1, 0.2], [True, True])
 
 
 def test_wilson_interval_known_values():
@@ -61,3 +116,9 @@ def test_summarize():
         summarize([{"pred": 3.0}])
     with pytest.raises(ValueError):
         summarize([])
+
+
+def test_score_block_is_the_summary_without_its_count():
+    flags = [True, False, True]
+    acc, lo, hi = accuracy_with_ci(flags)
+    assert score_block(flags) == {"correct": 2, "accuracy": acc, "ci95": [lo, hi]}

@@ -1,17 +1,12 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import make_tiny_llama
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_tiny_llama  # noqa: E402
-
-from gptqlora.config import QuantConfig  # noqa: E402
-from gptqlora.lora.layer import LoRALinear, inject_lora_layers  # noqa: E402
-from gptqlora.lora.merge import merge_into_quantized, unmerge_to_float  # noqa: E402
-from gptqlora.quant.driver import quantize_model_weights  # noqa: E402
-from gptqlora.quant.linear import QuantizedLinear  # noqa: E402
+from gptqlora.config import QuantConfig
+from gptqlora.lora.layer import LoRALinear, inject_lora_layers
+from gptqlora.lora.merge import merge_into_quantized, unmerge_to_float
+from gptqlora.quant.driver import quantize_model_weights
+from gptqlora.quant.linear import QuantizedLinear
 
 
 def calib(seed=0):

@@ -1,19 +1,15 @@
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
-
-from gptqlora.config import QuantConfig  # noqa: E402
-from gptqlora.models import load_model  # noqa: E402
-from gptqlora.quant.checkpoint import load_quantized, save_quantized  # noqa: E402
-from gptqlora.quant.driver import quantize_model_weights  # noqa: E402
-from gptqlora.quant.linear import QuantizedLinear  # noqa: E402
+from gptqlora.config import QuantConfig
+from gptqlora.models import load_model
+from gptqlora.quant.checkpoint import load_quantized, save_quantized
+from gptqlora.quant.driver import quantize_model_weights
+from gptqlora.quant.linear import QuantizedLinear
 
 
 def quantized_tiny(config: QuantConfig):

@@ -1,16 +1,12 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import make_tiny_llama
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_tiny_llama  # noqa: E402
-
-from gptqlora.config import ALL_TARGETS, QuantConfig  # noqa: E402
-from gptqlora.errors import UsageError  # noqa: E402
-from gptqlora.quant import driver  # noqa: E402
-from gptqlora.quant.linear import QuantizedLinear  # noqa: E402
+from gptqlora.config import QuantConfig
+from gptqlora.errors import UsageError
+from gptqlora.quant import driver
+from gptqlora.quant.linear import QuantizedLinear
+from gptqlora.targets import ALL_TARGETS
 
 
 def calib(n=8, t=32, seed=0):

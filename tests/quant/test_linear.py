@@ -1,6 +1,5 @@
 import collections
 import copy
-import warnings
 import weakref
 
 import pytest
@@ -11,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gptqlora.quant.gptq import HessianAccumulator, gptq_solve
 from gptqlora.quant.grid import rtn_quantize
-from gptqlora.quant.linear import QuantizedLinear
+from gptqlora.quant.linear import QuantizedLinear, check_quantized
 
 
 def make_layer(bits=4, group_size=32, act_order=False, n=64, k=128, bias=False):
@@ -70,8 +69,7 @@ def test_nothing_dense_is_kept_by_default():
     x = torch.randn(2, 128)
     layer(x)
     assert layer.kernel == "auto" and layer._cache is None
-    with pytest.warns(DeprecationWarning):
-        layer.set_cache(True)  # the deprecated alias of set_kernel("dense")
+    layer.set_kernel("dense")
     y = layer(x)
     assert layer._cache is not None and torch.equal(y, layer(x))
 
@@ -185,10 +183,8 @@ def _tiny_quantized_lora_model():
     from conftest import make_tiny_llama
 
     model = make_tiny_llama()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the driver still toggles set_cache
-        quantize_model_weights(model, None, QuantConfig(method="rtn", bits=4, group_size=32, targets="all"),
-                               progress=False)
+    quantize_model_weights(model, None, QuantConfig(method="rtn", bits=4, group_size=32, targets="all"),
+                           progress=False)
     torch.manual_seed(1)
     inject_lora_layers(model, "all", r=4, alpha=8.0, dropout=0.0)
     return model
@@ -213,7 +209,8 @@ def _train_step(model, checkpointing: bool) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("kernel", ["auto", "dequant"])
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_a_train_step_dequantizes_each_weight_at_most_twice(monkeypatch, kernel, checkpointing):
-    from gptqlora.quant.kernels import dequant, dequant_gemm, set_kernel
+    from gptqlora.quant.kernels import dequant, dequant_gemm
+    from gptqlora.quant.linear import set_kernel
 
     calls: list[int] = []  # qweight storage of each dequantization
     alive: list[weakref.ref] = []
@@ -260,3 +257,25 @@ def test_checkpointing_changes_no_gradient():
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- quantized check
+
+def test_check_quantized():
+    from conftest import make_tiny_llama
+
+    from gptqlora.config import QuantConfig
+    from gptqlora.errors import UsageError
+    from gptqlora.lora.layer import LoRALinear, inject_lora_layers
+    from gptqlora.quant.driver import quantize_model_weights
+
+    model = make_tiny_llama()
+    with pytest.raises(UsageError, match="holds no QuantizedLinear layers: pass a directory written by `gptqlora"):
+        check_quantized(model)
+    torch.manual_seed(0)
+    quantize_model_weights(model, torch.randint(0, 259, (4, 32)), QuantConfig(targets="attn", group_size=32),
+                           progress=False)
+    assert check_quantized(model) == 8  # 2 blocks x q/k/v/o
+    inject_lora_layers(model, "attn", r=2)
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 8
+    assert check_quantized(model) == 8  # found as the wrappers' .base

@@ -13,23 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import child_env, make_tiny_llama, make_tiny_tokenizer
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
-
-from gptqlora.config import QuantConfig  # noqa: E402
-from gptqlora.errors import OutputExistsError, UsageError  # noqa: E402
-from gptqlora.files import DirectoryOwner  # noqa: E402
-from gptqlora.quant import stream  # noqa: E402
-from gptqlora.quant.checkpoint import (load_quantized, quantize_streamed, save_quantized,  # noqa: E402
-                                       work_dir)
-from gptqlora.quant.driver import quantize_model_weights  # noqa: E402
-from gptqlora.quant.stream import ShardLayout, TensorSpec, parse_size, write_tensors  # noqa: E402
-from gptqlora.quant import weights  # noqa: E402
-
-TESTS = Path(__file__).resolve().parents[1]
+from gptqlora.config import QuantConfig
+from gptqlora.errors import OutputExistsError, UsageError
+from gptqlora.files import DirectoryOwner
+from gptqlora.quant import stream
+from gptqlora.quant.checkpoint import load_quantized, save_quantized
+from gptqlora.quant.driver import quantize_model_weights
+from gptqlora.quant.stream import ShardLayout, TensorSpec, parse_size, write_tensors
+from gptqlora.quant.streamed import quantize_streamed, work_dir
+from gptqlora.quant import weights
 
 
 def calib(n=8, t=32, seed=0):
@@ -170,17 +166,17 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path, met
     assert not work_dir(out).exists()
 
 
+@pytest.mark.process
 def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path):
     config = QuantConfig(targets="all", group_size=32)
     source = write_source(tmp_path / "src", layers=4)
     streamed(source, tmp_path / "whole", config)
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
-        import os, signal, sys, torch
-        sys.path.insert(0, {str(TESTS)!r})
+        import os, signal, torch
         from conftest import make_tiny_tokenizer
         from gptqlora.config import QuantConfig
-        from gptqlora.quant.checkpoint import quantize_streamed
+        from gptqlora.quant.streamed import quantize_streamed
         ids = torch.randint(0, 259, (8, 32), generator=torch.Generator().manual_seed(0))
         def on_block(i, _):
             if i == 2:
@@ -189,7 +185,7 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path):
                           tokenizer=make_tiny_tokenizer(), chunk_size=3, progress=False, on_block=on_block)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+                          env=child_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert json.loads((work_dir(out) / "state.json").read_text())["units_done"] == 4  # outside + blocks 0-2
     report = streamed(source, out, config, resume=True)
@@ -333,7 +329,7 @@ def assert_same_cli_outputs(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_cli_quantize_streams_and_equals_the_in_memory_path(tmp_path, gsm8k_dir, monkeypatch, method):
     from gptqlora import cli
-    from gptqlora.commands import quantize as command
+    from gptqlora.workflows import quantize as command
 
     source = write_source(tmp_path / "src", shard="60KB")
     argv = ["quantize", "--model", str(source), "--data", str(gsm8k_dir), "--method", method, "--group-size", "32",
@@ -361,7 +357,7 @@ def _spy_load(real, loads, self, names, convert):
 
 def test_cli_max_shard_size_is_checked_before_any_work(tmp_path, gsm8k_dir, capsys, monkeypatch):
     from gptqlora import cli
-    from gptqlora.commands import quantize as command
+    from gptqlora.workflows import quantize as command
 
     monkeypatch.setattr(command, "streamable_source", lambda *a: pytest.fail("started work"))
     with pytest.raises(SystemExit) as exit_:  # a bad flag value, like argparse's own refusals

@@ -12,7 +12,6 @@ An FSDP run killed mid-way is resumed by ``tiny.py`` (the float base, its frozen
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -23,15 +22,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import child_env, make_tiny_llama, make_tiny_tokenizer
 from gptqlora import distributed
 from gptqlora.cli import main
+from gptqlora.loss import rank_shard
 from gptqlora.train import latest_checkpoint
-from gptqlora.train.parallel import rank_shard
 from gptqlora.train.state import read_state
 from train.tiny import ENTRIES
 
-REPO = Path(__file__).resolve().parents[2]
 TINY_SCRIPT = Path(__file__).with_name("tiny.py")
 STEPS = 3
 # Three more examples, so that five are held out and five trained on.
@@ -59,7 +57,7 @@ def torchrun(argv: list[str], nproc: int = 2, program: tuple[str, ...] = ("-m", 
              ) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc-per-node N PROGRAM ARGV`` (the CLI by default) on a free port, one
     thread each."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env = child_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(free_port()), *program, *argv]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
@@ -101,6 +99,7 @@ def adapter_config(out: Path) -> dict:
     return {k: v for k, v in config.items() if k != "base_model_name_or_path"}
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("parallel", PARALLEL)
 def test_two_processes_train_the_adapter_of_one_with_the_global_batch(runs, parallel):
     one = load_file(runs["one"] / "lora_adapter" / "adapter_model.safetensors")
@@ -117,6 +116,7 @@ def test_two_processes_train_the_adapter_of_one_with_the_global_batch(runs, para
     assert q1.keys() == q2.keys() and all(torch.equal(q1[k], q2[k]) for k in q1)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("parallel", PARALLEL)
 def test_checkpoints_hold_the_tensors_of_one_process_whole(runs, parallel):
     # FSDP's shards (LoRA weights, AdamW moments) are gathered before rank 0 writes: the files a single process writes
@@ -129,6 +129,7 @@ def test_checkpoints_hold_the_tensors_of_one_process_whole(runs, parallel):
             torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("parallel", PARALLEL)
 def test_metrics_are_reduced_across_ranks(runs, parallel):
     m1, m2 = metrics(runs["one"]), metrics(runs[parallel])
@@ -143,6 +144,7 @@ def test_metrics_are_reduced_across_ranks(runs, parallel):
                 assert r2[key] == pytest.approx(r1[key], rel=1e-5), (key, r1, r2)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("parallel", PARALLEL)
 def test_rank_zero_alone_writes_and_prints(runs, parallel):
     names = lambda out: sorted(str(p.relative_to(out)) for p in out.rglob("*"))  # noqa: E731
@@ -159,6 +161,7 @@ def test_rank_zero_alone_writes_and_prints(runs, parallel):
     assert runs[f"{parallel}_run"].stdout.count('"quantized_base"') == 1  # one summary, rank 0's
 
 
+@pytest.mark.process
 def test_resume_needs_the_same_process_count(runs, capsys):
     argv = finetune_argv(runs["model"], runs["data"], runs["ddp"], 4, "--resume")
     assert main(argv) == 2
@@ -190,6 +193,7 @@ def test_rank_shards_put_back_together_are_the_global_batch():
     assert [distributed.shard_bounds(5, r, 2) for r in range(2)] == [(0, 2), (2, 5)]
 
 
+@pytest.mark.process
 def test_a_worker_leaves_with_its_status_and_its_output_flushed():
     # torchrun workers end by os._exit (distributed.exit_process), skipping finalization: what they printed into
     # pipes (block-buffered) must still arrive, and the status must be the command's.
@@ -199,6 +203,7 @@ def test_a_worker_leaves_with_its_status_and_its_output_flushed():
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "the result", "a warning")
 
 
+@pytest.mark.process
 def test_fsdp_without_torchrun_is_refused_in_one_line_before_any_work(runs, tmp_path, capsys):
     out = tmp_path / "one-fsdp"
     run_argv = ["run", "--model", str(runs["model"]), "--data", str(runs["data"]), "--out", str(out), "--fsdp"]
@@ -216,6 +221,7 @@ def curve(out: Path) -> list[tuple]:
             for r in metrics(out) if "loss" in r or "eval_loss" in r]
 
 
+@pytest.mark.process
 def test_an_fsdp_run_killed_and_resumed_ends_where_an_uninterrupted_one_does(tmp_path):
     # tiny.py: 8 steps, a checkpoint after each, LoRA dropout on (each rank's generator is restored).
     tiny = lambda out, *args: torchrun([str(out), *args], program=(str(TINY_SCRIPT),))  # noqa: E731

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from gptqlora.train.plot import plot_loss_curve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,7 +22,11 @@ def test_writes_a_png_of_train_and_eval_losses(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
-def test_empty_history_still_writes_a_png_without_importing_pyplot(tmp_path):
-    had_pyplot = "matplotlib.pyplot" in sys.modules
-    assert plot_loss_curve([], tmp_path / "empty.png").read_bytes()[:8] == PNG_MAGIC
-    assert had_pyplot or "matplotlib.pyplot" not in sys.modules  # the Agg canvas alone: no global backend switch
+@pytest.mark.parametrize("history", [[], [{"step": 1, "loss": 2.0, "lr": 1e-3}, {"step": 1, "eval_loss": 2.5}]],
+                         ids=["empty", "one-step"])
+def test_writes_a_png_without_importing_pyplot(tmp_path, monkeypatch, history):
+    # pyplot made unimportable (None in sys.modules; no attribute for `from matplotlib import pyplot`), whether or
+    # not an earlier test imported it: the Agg canvas alone, no global backend switch.
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    monkeypatch.delattr("matplotlib.pyplot", raising=False)
+    assert plot_loss_curve(history, tmp_path / "curve.png").read_bytes()[:8] == PNG_MAGIC

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import child_env
 from safetensors.torch import load_file, save_file
 
 from gptqlora import files
@@ -80,11 +81,12 @@ def test_resume_in_process_matches_the_uninterrupted_run(tmp_path):
     assert curve(tmp_path / "cut") == curve(tmp_path / "full")  # the log lost step 5's orphan line
 
 
+@pytest.mark.process
 def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     with (tmp_path / "stderr.txt").open("wb") as stderr:
         proc = subprocess.Popen([sys.executable, str(TINY_SCRIPT), str(killed), "--slow", "0.4"],
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+                                stdout=subprocess.DEVNULL, stderr=stderr, env=child_env())
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and proc.poll() is None:

@@ -4,7 +4,8 @@ As a script: ``python tests/train/tiny.py OUT [--resume] [--slow SECONDS] [--fsd
 float model with a checkpoint after every step; ``--slow`` sleeps after each logged step so a test can kill it
 mid-run. Under torchrun (``python -m torch.distributed.run --nproc-per-node 2 tests/train/tiny.py ...``) the processes
 train it together, by DDP or with ``--fsdp`` by FSDP2; ``--die-after K`` makes rank 0 SIGKILL itself as it logs step
-K + 1, so that step K's checkpoint is the latest.
+K + 1, so that step K's checkpoint is the latest. Either way in the environment of ``conftest.child_env``: tests/ on
+PYTHONPATH, and PYTHONSAFEPATH=1 so that ``conftest`` is tests/conftest.py, not this folder's.
 """
 
 from __future__ import annotations
@@ -12,20 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer
 
-if __name__ == "__main__":  # run as a script: make the shared test fixtures importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
-
-from gptqlora.config import TrainConfig  # noqa: E402
-from gptqlora.data.gsm8k import GSM8KCoTDataset  # noqa: E402
-from gptqlora.lora import inject_lora_layers  # noqa: E402
+from gptqlora.config import TrainConfig
+from gptqlora.data.gsm8k import GSM8KCoTDataset
+from gptqlora.lora import inject_lora_layers
 
 ENTRIES = [
     {"question": "Tom has 2 apples and buys 2 more. How many?", "answer": "2 + 2 = <<2+2=4>>4\n#### 4"},

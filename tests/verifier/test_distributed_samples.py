@@ -19,21 +19,18 @@ import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__":  # run as a script by torchrun: make the shared test fixtures importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytest
+import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer, one_torch_thread
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from conftest import make_tiny_llama, make_tiny_tokenizer, one_torch_thread  # noqa: E402
+from gptqlora import cli, distributed
+from gptqlora.config import EvalConfig
+from gptqlora.verifier import samples as samples_module
+from gptqlora.verifier.samples import SAMPLE_FILES, sample_gsm8k
 
-from gptqlora import cli, distributed  # noqa: E402
-from gptqlora.config import EvalConfig  # noqa: E402
-from gptqlora.verifier import samples as samples_module  # noqa: E402
-from gptqlora.verifier.samples import SAMPLE_FILES, sample_gsm8k  # noqa: E402
-
-from eval.eval_script import BATCH, ENTRIES  # noqa: E402
-from eval.test_distributed_eval import cli_on_one_and_two_ranks, torchrun  # noqa: E402
-from verifier.scripted import scripted_samples  # noqa: E402
+from eval.eval_script import BATCH, ENTRIES
+from eval.test_distributed_eval import cli_on_one_and_two_ranks, torchrun
+from verifier.scripted import scripted_samples
 
 CONFIG = EvalConfig(eval_batch_size=BATCH, max_new_tokens=12, samples=2, temperature=1.0, top_p=0.9)
 SEED = 5
@@ -70,6 +67,7 @@ def assert_same_samples(out: Path, ref: Path, world_size: int) -> dict:
     return summary
 
 
+@pytest.mark.process
 def test_cli_sample_on_two_ranks_writes_what_one_process_writes(tmp_path, one_thread, gsm8k_dir, capsys):
     one, two = cli_on_one_and_two_ranks("sample", 3, "--out", tmp_path, gsm8k_dir, capsys)
     assert_same_samples(tmp_path / "two", tmp_path / "one", world_size=2)
@@ -78,6 +76,7 @@ def test_cli_sample_on_two_ranks_writes_what_one_process_writes(tmp_path, one_th
     assert len({s for r in records for s in r["samples"]}) == 15  # sampled, not 15 copies of one text
 
 
+@pytest.mark.process
 def test_a_sampling_killed_on_two_ranks_resumes_to_an_uninterrupted_one(tmp_path, one_thread, reference):
     out = tmp_path / "killed"
     # Rank 1 samples batch [2, 3] and dies once it is on disk; torchrun then stops rank 0 wherever it is: most
@@ -112,6 +111,7 @@ def run_argv(model: Path, data: Path, out: Path, batch_size: int) -> list[str]:
             "float32", "--lora-dropout", "0", "--batch-size", str(batch_size)]
 
 
+@pytest.mark.process
 def test_run_with_the_verifier_stage_on_two_ranks(tmp_path, one_thread, gsm8k_dir, monkeypatch):
     make_tiny_llama().save_pretrained(tmp_path / "tiny")
     make_tiny_tokenizer().save_pretrained(tmp_path / "tiny")

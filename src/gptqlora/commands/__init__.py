@@ -1,9 +1,10 @@
 """The subcommands. Each module holds one command: its typed config (``*Args``, composed of the groups in
-``gptqlora.config`` plus its own fields) and its function, which the CLI calls with that config.
+``gptqlora.config`` plus its own fields) and its function, which the CLI calls with that config. A command's function
+calls the jobs of ``gptqlora.workflows``; commands never import each other.
 
 Every command follows the same order: check options (the config's ``__post_init__``), then inputs (paths, data),
-then outputs (``gptqlora.files.check_output``: refuse to replace, check writability), take the output's lock, and
-only then load models and work.
+then start its ``gptqlora.context.RunContext`` (device, torchrun's group) and claim its output (``run.output``:
+refuse to replace, check writability, take the output's lock), and only then load models and work.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from gptqlora.commands import evaluate, finetune, merge, perplexity, quantize, run, sample, train_verifier
-from gptqlora.commands.common import quantize_loaded, weight_bytes
 
 
 class Command(NamedTuple):
@@ -41,4 +41,4 @@ COMMANDS: dict[str, Command] = {
                               "samples.", train_verifier.TrainVerifierArgs, train_verifier.train_verifier_command),
 }
 
-__all__ = ["COMMANDS", "Command", "quantize_loaded", "weight_bytes"]
+__all__ = ["COMMANDS", "Command"]

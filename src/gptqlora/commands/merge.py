@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from gptqlora.commands.common import calib_inputs, check_calibration, check_quantized_input, local_data_dir
 from gptqlora.config import (CalibConfig, DataConfig, PromptConfig, adapter_field, group, opt, overwrite_field,
                              quantized_field, seed_field)
+from gptqlora.context import RunContext
 from gptqlora.errors import UsageError
-from gptqlora.files import OutputLock, check_output
+from gptqlora.workflows.base import calib_inputs, check_calibration, check_quantized_input, local_data_dir
 
 
 @dataclass
@@ -35,7 +35,9 @@ class MergeArgs:
             raise UsageError(f"ppl_limit={self.ppl_limit} must be positive")
 
 
-def merge(args: MergeArgs) -> dict:
+def merge(args: MergeArgs) -> dict | None:
+    """Check the base, the adapter and the calibration source, merge, re-quantize the changed layers, write ``--out``
+    whole; returns the report (answer-token perplexity before and after)."""
     from gptqlora.data.calibration import calibration_for
     from gptqlora.data.gsm8k import load_gsm8k
     from gptqlora.eval.perplexity import gsm8k_answer_loss
@@ -48,23 +50,24 @@ def merge(args: MergeArgs) -> dict:
     read_adapter_config(args.adapter)
     test = load_gsm8k("test", args.data.data)[: args.ppl_limit]
     check_calibration("gptq", args.calib, args.data.data, source)  # merging re-quantizes with GPTQ
-    out = check_output(args.out, inputs=[source, args.adapter, local_data_dir(args.data.data),
-                                         *calib_inputs(args.calib)], overwrite=args.overwrite)
-    with OutputLock(out):
-        model, tokenizer, qconfig = load_quantized(source)
-        base = base_record(source)
-        load_adapter(model, args.adapter, base=base)
-        style = args.prompt.prompt_style
-        before = gsm8k_answer_loss(model, tokenizer, test, style=style)
-        calib, _ = calibration_for(args.calib, tokenizer, args.data.data, args.seed)
-        start = time.perf_counter()
-        losses = merge_into_quantized(model, calib, qconfig)
-        seconds = time.perf_counter() - start
-        after = gsm8k_answer_loss(model, tokenizer, test, style=style)
-        used = {"base": base, "adapter": adapter_record(args.adapter)}
-        save_quantized(model, tokenizer, out, qconfig, extra={"merged_adapter": str(args.adapter),
-                                                              "base": str(args.quantized), "provenance": used},
-                       overwrite=args.overwrite)
-    return {"out": str(out), "requantized_layers": len(losses), "seconds": round(seconds, 1),
-            "perplexity_unmerged": before["perplexity"], "perplexity_merged": after["perplexity"],
-            "note": f"answer-token perplexity on the first {len(test)} GSM8K test solutions", "used": used}
+    with RunContext.start("cpu", args.seed, torchrun=False) as run:  # the base loads on the CPU (see MergeArgs)
+        with run.output(args.out, inputs=[source, args.adapter, local_data_dir(args.data.data),
+                                          *calib_inputs(args.calib)], overwrite=args.overwrite, staged=True) as out:
+            model, tokenizer, qconfig = load_quantized(source)
+            base = base_record(source)
+            load_adapter(model, args.adapter, base=base)
+            style = args.prompt.prompt_style
+            before = gsm8k_answer_loss(model, tokenizer, test, style=style)
+            calib, _ = calibration_for(args.calib, tokenizer, args.data.data, run.seed)
+            start = time.perf_counter()
+            losses = merge_into_quantized(model, calib, qconfig)
+            seconds = time.perf_counter() - start
+            after = gsm8k_answer_loss(model, tokenizer, test, style=style)
+            used = {"base": base, "adapter": adapter_record(args.adapter)}
+            save_quantized(model, tokenizer, out, qconfig, extra={"merged_adapter": str(args.adapter),
+                                                                  "base": str(args.quantized), "provenance": used},
+                           overwrite=args.overwrite)
+    return run.main_only({"out": str(out), "requantized_layers": len(losses), "seconds": round(seconds, 1),
+                          "perplexity_unmerged": before["perplexity"], "perplexity_merged": after["perplexity"],
+                          "note": f"answer-token perplexity on the first {len(test)} GSM8K test solutions",
+                          "used": used})

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gptqlora import distributed
-from gptqlora.commands.common import fewshot, local_data_dir
-from gptqlora.commands.evaluate import BATCH_ALIASES
-from gptqlora.config import (DataConfig, EvalConfig, ModelConfig, PromptConfig, adapter_field, group, opt,
-                             overwrite_field, quantized_field, seed_field)
+from gptqlora.config import (BATCH_ALIASES, DataConfig, EvalConfig, ModelConfig, PromptConfig, adapter_field,
+                             check_resume_flags, group, opt, overwrite_field, quantized_field, seed_field)
+from gptqlora.context import RunContext
 from gptqlora.errors import UsageError
-from gptqlora.files import check_output
+from gptqlora.workflows.base import local_data_dir
+from gptqlora.workflows.sample import sample_questions, sample_solutions
+from gptqlora.workflows.scored import check_scored_model
 
 
 @dataclass
@@ -45,7 +45,6 @@ class SampleArgs:
     overwrite: bool = overwrite_field()
 
     def __post_init__(self) -> None:
-        from gptqlora.commands.finetune import check_resume_flags
         from gptqlora.verifier.samples import check_train_split
 
         check_resume_flags(self.resume, self.overwrite)
@@ -59,38 +58,14 @@ class SampleArgs:
 
 
 def sample(args: SampleArgs) -> dict | None:
-    """The command: :func:`sample_joined` in the process group it joins (a world of one without torchrun), which it
-    leaves at the end; returns the summary (None on ranks other than 0, which print nothing)."""
-    try:
-        summary = sample_joined(args)
-    finally:
-        distributed.shutdown()
-    return summary if distributed.world().main else None
-
-
-def sample_joined(args: SampleArgs) -> dict:
-    """Check inputs and output, load the generator, sample and label; returns the summary and ``out`` on every rank.
-
-    Joins torchrun's process group when not yet in it, and stays in it: ``gptqlora run`` calls this between its
-    other stages.
-    """
-    from gptqlora.commands.evaluate import check_scored_model, load_scored_model, main_writes
-    from gptqlora.commands.finetune import join
-    from gptqlora.data.gsm8k import load_gsm8k
-    from gptqlora.models import resolve_device
-    from gptqlora.verifier.samples import sample_gsm8k
-
+    """Check inputs and output, load the generator, sample and label; returns the summary (None on ranks other than
+    0, which print nothing)."""
     source = check_scored_model(args.model, args.quantized, args.adapter, args.eval.max_new_tokens,
                                 args.prompt.prompt_style)
-    exemplars = fewshot(args.data.data, args.eval.shots, args.seed)
-    shown = {e["question"] for e in exemplars}  # solved in every prompt: not sampled
-    entries = [e for e in load_gsm8k(args.split, args.data.data) if e["question"] not in shown][: args.limit]
-    join(resolve_device(args.model.device))  # the group, and on a CPU each process's share of its cores
-    out = distributed.from_main(check_output, args.out, inputs=[source, args.adapter, local_data_dir(args.data.data)],
-                                overwrite=args.overwrite, resume=args.resume)
-    with main_writes(out, args.overwrite):
-        model, tokenizer, record = load_scored_model(args.model, args.quantized, args.adapter)
-        summary = sample_gsm8k(model, tokenizer, entries, args.eval, out, style=args.prompt.prompt_style,
-                               exemplars=exemplars, seed=args.seed, split=args.split, resume=args.resume,
-                               provenance=record, log=lambda line: print(line, flush=True))
-    return summary | {"out": str(out)}
+    entries, exemplars = sample_questions(args.data.data, args.split, args.limit, args.eval.shots, args.seed)
+    with RunContext.start(args.model.device, args.seed) as run:
+        with run.output(args.out, inputs=[source, args.adapter, local_data_dir(args.data.data)],
+                        overwrite=args.overwrite, resume=args.resume) as out:
+            summary = sample_solutions(run, out, args.model, args.quantized, args.adapter, entries, exemplars,
+                                       args.eval, args.prompt.prompt_style, split=args.split, resume=args.resume)
+    return run.main_only(summary | {"out": str(out)})

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gptqlora.data.corpora import drop_contaminated, load_corpus, read_text
+from gptqlora.data.corpora import drop_contaminated, load_corpus
 from gptqlora.data.gsm8k import MAX_TOKEN_CHARS, load_gsm8k, strip_calculator
+from gptqlora.data.jsonl import read_text
 from gptqlora.errors import InputNotFoundError, UsageError
 
 if TYPE_CHECKING:

@@ -19,7 +19,6 @@ contamination guard checks too, and ``program: True`` for a kept program-of-thou
 
 from __future__ import annotations
 
-import codecs
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,6 +29,7 @@ import torch
 
 from gptqlora.config import MIX_GSM8K, default_data_source
 from gptqlora.data.gsm8k import load_gsm8k, parse_number
+from gptqlora.data.jsonl import read_rows
 from gptqlora.errors import InputNotFoundError, UsageError
 
 # Each format's required fields; a file's first row decides its format, every later row must have the same fields.
@@ -39,8 +39,6 @@ SUFFIXES = (".json", ".jsonl")
 # Why rows are left out, as counted in the report.
 NO_NUMBER, PROGRAM, CONTAMINATED = "no_numeric_answer", "program_of_thought", "gsm8k_test_question"
 
-_DECODER = json.JSONDecoder()
-_SPACE = re.compile(r"\s*")
 _ANSWER_IS = re.compile(r"the answer is\s*:?\s*", re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _POT_SOURCE = re.compile(r"(?<![a-z])pot(?![a-z])", re.IGNORECASE)  # "data/PoT/gsm.json", not "teapot"
@@ -59,74 +57,7 @@ class Corpus:
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows
 
 
-# ---------------------------------------------------------------------------------------------- reading
-
-def read_text(path: Path) -> str:
-    """A UTF-8 text file's contents, without the byte-order mark some editors put first (read as ``utf-8-sig``).
-
-    The one reader of the text files a user gives (corpora, GSM8K splits, calibration text).
-
-    Raises:
-        UsageError: a byte that is not UTF-8, naming the file, the byte's 0-based offset and its line.
-    """
-    data = path.read_bytes()
-    # The BOM is skipped by hand, not by the utf-8-sig codec, whose error offsets would not count it.
-    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return str(memoryview(data)[bom:], "utf-8")
-    except UnicodeDecodeError as e:
-        at = bom + e.start
-        line = data.count(b"\n", 0, at) + 1
-        raise UsageError(f"{path}: byte 0x{data[at]:02x} at offset {at} (line {line}) is not UTF-8 ({e.reason}): "
-                         "save the file as UTF-8") from None
-
-
-def read_rows(path: Path) -> Iterator[tuple[object, str]]:
-    """``(row, "file:line")`` for each element of a JSON array file, or each line of a JSON Lines file.
-
-    A file whose first character (after white space) is ``[`` is an array, whatever its suffix, so a hub snapshot's
-    ``MathInstruct.json`` and a ``.jsonl`` export both read. Blank lines of a JSONL file are skipped.
-
-    Raises:
-        UsageError: invalid JSON or a broken array, naming the file and the 1-based line; a byte that is not UTF-8
-            (see ``read_text``).
-    """
-    text = read_text(path)
-    start = _SPACE.match(text).end()
-    if text.startswith("[", start):
-        yield from _array_rows(text, start, path)
-        return
-    # Lines end at "\n" only: str.splitlines would also split at U+2028 or U+0085, which JSON strings may hold raw.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        yield row, f"{path}:{lineno}"
-
-
-def _array_rows(text: str, start: int, path: Path) -> Iterator[tuple[object, str]]:
-    """The elements of a JSON array, each with the line it starts on (counted as the scan advances)."""
-    pos = _SPACE.match(text, start + 1).end()
-    line, counted = 1 + text.count("\n", 0, pos), pos
-    closed = text.startswith("]", pos)
-    while not closed:
-        line, counted = line + text.count("\n", counted, pos), pos
-        try:
-            row, end = _DECODER.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        yield row, f"{path}:{line}"
-        pos = _SPACE.match(text, end).end()
-        closed = text.startswith("]", pos)
-        if not closed and not text.startswith(",", pos):
-            raise UsageError(f"{path}:{1 + text.count(chr(10), 0, pos)}: expected ',' or ']' after an array element")
-        pos = _SPACE.match(text, pos + 1).end()
-    if pos < len(text) and text[pos:].strip():
-        raise UsageError(f"{path}:{1 + text.count(chr(10), 0, pos)}: text after the closing ']'")
-
+# ---------------------------------------------------------------------------------------------- formats
 
 def detect_format(row: object, where: str) -> str:
     """The corpus a row belongs to, from its fields (see ``FIELDS``).

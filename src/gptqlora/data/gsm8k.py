@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import math
 import re
-import signal
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from gptqlora.config import default_data_source
+from gptqlora.data.chat_template import check_chat_template, render_chat_template
+from gptqlora.data.jsonl import read_rows
 from gptqlora.errors import InputNotFoundError, UsageError
 
 SPLITS = ("train", "test")
@@ -76,8 +75,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise InputNotFoundError(f"{path} not found: pass --data DIR holding train.jsonl/test.jsonl "
                                 "(or set $GSM8K_DIR), or a hub dataset id such as openai/gsm8k")
-    from gptqlora.data.corpora import read_rows  # corpora builds on this module: import at call time
-
     return [_entry(row, where) for row, where in read_rows(path)]
 
 
@@ -192,102 +189,6 @@ def check_answers(entries: Sequence[dict], where: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- prompts
 
-# A chat template is code from the model's directory (tokenizer_config.json or chat_template.jinja), possibly a
-# stranger's. transformers renders it in jinja's sandbox, which blocks escapes (as a SecurityError) but neither time
-# nor size: nested range(100000) loops run for hours. So every render goes through render_chat_template, bounded by:
-CHAT_TEMPLATE_SECONDS = 5.0  # one GSM8K prompt renders in about a millisecond
-CHAT_TEMPLATE_MAX_CHARS = 1_000_000  # an 8-shot GSM8K chat prompt is ~6,000 characters
-# A conversation shaped as build_prompt's (system prompt, one solved exemplar, the question), rendered once when the
-# style is resolved, so a broken template fails before any prompt is built or any model runs.
-_PROBE_QUESTION = "What is 4 + 4?"
-_PROBE_CHAT = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "What is 2 + 3?"},
-               {"role": "assistant", "content": "2 + 3 = 5\n#### 5"}, {"role": "user", "content": _PROBE_QUESTION}]
-
-
-class _RenderTimeout(BaseException):
-    """Raised in a render by the timer's signal handler. Not an Exception, so no ``except Exception`` between the
-    template and render_chat_template (jinja's render has one) can take it for the template's own error."""
-
-
-def _within(seconds: float, call: Callable[[], str]) -> str:
-    """``call()``, stopped by _RenderTimeout after ``seconds``.
-
-    SIGALRM from ``setitimer(ITIMER_REAL)``; the previous handler and timer are put back afterwards, the timer with
-    what was left of it. Only the main thread receives signals, so elsewhere (gptqlora renders no prompts off it), or
-    when the SIGALRM handler was installed outside Python and could not be put back, the call runs unbounded.
-    """
-    old_handler = signal.getsignal(signal.SIGALRM) if hasattr(signal, "setitimer") else None
-    if threading.current_thread() is not threading.main_thread() or old_handler is None:
-        return call()
-    armed = True
-
-    def on_alarm(signum, frame):
-        if armed:  # an alarm caught just after the call returned is ignored
-            raise _RenderTimeout
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
-    start = time.monotonic()
-    try:
-        return call()
-    finally:
-        armed = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_handler)
-        if old_delay:  # someone else's timer: re-arm it with what is left (a tick if it fell due meanwhile)
-            signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - start), 1e-6), old_interval)
-
-
-def _template_source(tokenizer) -> str:
-    """Where a tokenizer's chat template came from, for messages."""
-    where = getattr(tokenizer, "name_or_path", "") or ""
-    return (f"the chat template of {where} (from its tokenizer_config.json or chat_template.jinja)" if where
-            else "the tokenizer's chat template")
-
-
-def render_chat_template(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    """The tokenizer's chat template applied to ``messages`` (text, not ids), within bounds.
-
-    Every render of a chat template goes through here: at most CHAT_TEMPLATE_SECONDS and CHAT_TEMPLATE_MAX_CHARS.
-
-    Raises:
-        UsageError: one line naming the template's source (the tokenizer's name_or_path) and the cause: a render
-            past the time bound, an output past the size bound, a sandbox violation (jinja2's SecurityError), a
-            template error (a syntax error, ``raise_exception(...)``) or any other exception the template raised.
-    """
-    fix = "fix or remove the template, or pass --prompt-style plain"
-    try:
-        text = _within(CHAT_TEMPLATE_SECONDS, lambda: tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt))
-    except _RenderTimeout:
-        raise UsageError(f"{_template_source(tokenizer)} took more than {CHAT_TEMPLATE_SECONDS:g} s to render one "
-                         f"prompt (a runaway loop?): {fix}") from None
-    except Exception as e:  # the template is a stranger's code: whatever it raises is its fault, said in one line
-        from jinja2.exceptions import SecurityError, TemplateError  # a dependency of transformers' chat templates
-
-        cause = ("broke the sandbox's rules" if isinstance(e, SecurityError) else
-                 "failed" if isinstance(e, TemplateError) else f"raised {type(e).__name__}")
-        detail = " ".join(str(e).split())[:300]  # one line, and a bounded one
-        raise UsageError(f"{_template_source(tokenizer)} {cause} ({detail}): {fix}") from e
-    if len(text) > CHAT_TEMPLATE_MAX_CHARS:
-        raise UsageError(f"{_template_source(tokenizer)} rendered {len(text):,} characters for one prompt, more than "
-                         f"{CHAT_TEMPLATE_MAX_CHARS:,}: {fix}")
-    return text
-
-
-def check_chat_template(tokenizer) -> None:
-    """Render a small conversation shaped as ``build_prompt``'s, so a template that hangs, errs, escapes its
-    sandbox or drops the question fails before any work.
-
-    Raises:
-        UsageError: see ``render_chat_template``; also a template that leaves the question out of the prompt.
-    """
-    if _PROBE_QUESTION not in render_chat_template(tokenizer, _PROBE_CHAT):
-        raise UsageError(f"{_template_source(tokenizer)} renders a conversation without its last question "
-                         f"({_PROBE_QUESTION!r}), so no prompt would hold the question: fix the template, or pass "
-                         "--prompt-style plain")
-
-
 def resolve_style(style: str, tokenizer=None) -> str:
     """``"auto"`` -> ``"chat"`` when the tokenizer has a chat template, else ``"plain"``; others pass checked.
 
@@ -300,7 +201,7 @@ def resolve_style(style: str, tokenizer=None) -> str:
     """
     resolved = _checked_style(style, tokenizer)
     if resolved == "chat":
-        check_chat_template(tokenizer)
+        check_chat_template(tokenizer, SYSTEM_PROMPT)
     return resolved
 
 
@@ -365,14 +266,19 @@ def format_gsm8k_entry(entry: dict, style: str = "plain", tokenizer=None, strip_
     return build_prompt(entry["question"], style, tokenizer, exemplars), target
 
 
-def encode_texts(tokenizer, texts: Sequence[str], style: str) -> list[list[int]]:
-    """Token ids of prompts (or prompt + target) as training and generation both see them.
+def prompt_gets_bos(tokenizer, style: str) -> bool:
+    """Whether a prompt starts with the bos token, for training, generation, sampling and the verifier alike.
 
-    A chat template writes its own special tokens, so nothing is added for ``"chat"``; a plain prompt gets
-    the bos token only when the tokenizer adds one by default (``add_bos_token``, as LLaMA's does).
+    A chat template writes its own special tokens, so nothing is added for ``"chat"``; a plain prompt gets the bos
+    token only when the tokenizer adds one by default (``add_bos_token``, as LLaMA's does) and has one.
     """
+    return style == "plain" and bool(getattr(tokenizer, "add_bos_token", False)) and tokenizer.bos_token_id is not None
+
+
+def encode_texts(tokenizer, texts: Sequence[str], style: str) -> list[list[int]]:
+    """Token ids of prompts (or prompt + target) as training and generation both see them (``prompt_gets_bos``)."""
     ids = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    if style == "plain" and getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+    if prompt_gets_bos(tokenizer, style):
         ids = [[tokenizer.bos_token_id] + x for x in ids]
     return ids
 
@@ -431,6 +337,12 @@ class GSM8KCoTDataset(Dataset):
         labels = input_ids.clone()
         labels[:n_prompt] = IGNORE_INDEX
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with, everywhere (training, generation, perplexity, the verifier): the tokenizer's
+    pad token, else its eos (LLaMA-family tokenizers often have no pad token; padding is masked out anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

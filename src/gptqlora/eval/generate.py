@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from gptqlora.data.gsm8k import pad_token_id
 from gptqlora.errors import UsageError
 from gptqlora.files import read_json_object
 
@@ -361,7 +362,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_toke
     check_token_budget(max_new_tokens, context, getattr(config, "name_or_path", None) or "the model")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token")
     eos_ids = eos_token_ids(model, tokenizer)

@@ -30,20 +30,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from gptqlora import distributed
 from gptqlora.config import EvalConfig
-from gptqlora.data.gsm8k import answers_match, build_prompt, extract_answer, gold_answer, resolve_style
+from gptqlora.data.gsm8k import (answers_match, build_prompt, extract_answer, gold_answer, prompt_gets_bos,
+                                 resolve_style)
 from gptqlora.errors import UsageError
 from gptqlora.eval.generate import generate, generate_samples
-from gptqlora.eval.scoring import majority_vote, summarize
 from gptqlora.eval.records import RecordFiles, answer_batches, open_output, record_line
-from gptqlora.eval.verifier import score_samples, verifier_fields, verifier_scores
+from gptqlora.eval.rerank import Rerank, rerank_fields, rerank_scores
+from gptqlora.eval.scoring import majority_vote, score_block
 from gptqlora.files import write_atomic
-from gptqlora.quant.kernels import kernels_used
-from gptqlora.quant.linear import QuantizedLinear
+from gptqlora.seeding import permutation
+from gptqlora.quant.linear import kernels_used
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -66,8 +66,7 @@ def fewshot_exemplars(train_entries: Sequence[dict], k: int, seed: int = 0) -> l
         raise UsageError(f"shots={k} asks for more exemplars than the {len(train_entries)} train entries given")
     if k == 0:
         return []
-    order = torch.randperm(len(train_entries), generator=torch.Generator().manual_seed(seed))[:k]  # [k]
-    return [dict(train_entries[i]) for i in order.tolist()]
+    return [dict(train_entries[i]) for i in permutation(len(train_entries), seed)[:k]]
 
 
 def build_eval_prompts(entries: Sequence[dict], style: str, tokenizer, exemplars: Sequence[dict] = ()) -> list[str]:
@@ -120,11 +119,6 @@ def format_number(x: float | None) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _score_block(correct: Sequence[bool]) -> dict[str, Any]:
-    s = summarize(correct)
-    return {"correct": s["correct"], "accuracy": s["accuracy"], "ci95": s["ci95"]}
-
-
 # ---------------------------------------------------------------------------------------------- records
 
 EVAL_FILES = RecordFiles(records="predictions.jsonl", config="eval_config.json", what="evaluation")
@@ -170,10 +164,10 @@ def generated_tokens(tokenizer, records: Sequence[dict]) -> int:
 
 def score_records(records: Sequence[dict], config: EvalConfig) -> dict[str, Any]:
     """``{"greedy"}`` and, when sampling, ``"self_consistency"``: scores over all the given records."""
-    scores: dict[str, Any] = {"greedy": _score_block([r["correct"] for r in records])}
+    scores: dict[str, Any] = {"greedy": score_block([r["correct"] for r in records])}
     if config.samples:
         scores["self_consistency"] = {"k": config.samples, "temperature": config.temperature, "top_p": config.top_p,
-                                      **_score_block([r["voted_correct"] for r in records])}
+                                      **score_block([r["voted_correct"] for r in records])}
     return scores
 
 
@@ -224,12 +218,13 @@ def _golds(entries: Sequence[dict]) -> list[float]:
 def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: EvalConfig, *, style: str = "auto",
                    exemplars: Sequence[dict] = (), out_dir: str | os.PathLike | None = None,
                    log: Callable[[str], Any] = print, seed: int = 0, split: str | None = None,
-                   resume: bool = False, provenance: dict | None = None, verifier=None) -> dict[str, Any]:
+                   resume: bool = False, provenance: dict | None = None,
+                   rerank: Rerank | None = None) -> dict[str, Any]:
     """Evaluate a causal LM on GSM8K entries: greedy accuracy, and self-consistency when ``config.samples > 0``.
 
-    With ``verifier`` (a ``gptqlora.eval.verifier.LoadedVerifier``) and samples, each question's samples are also
-    scored by the verifier and reranked (best-of-K and verifier-weighted vote, next to pass@K) in its record and in
-    the summary.
+    With ``rerank`` (e.g. a verifier, ``gptqlora.verifier.load.VerifierRerank``) and samples, each question's
+    samples are also scored by it and reranked (best-of-K and weighted vote, next to pass@K) in its record and in
+    the summary (see :mod:`gptqlora.eval.rerank`).
 
     Questions go in batches of ``config.eval_batch_size``; each batch is decoded greedily (stopping after a complete
     ``#### <number>`` line), then sampled ``config.samples`` times per question when asked; its records are appended
@@ -256,6 +251,8 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
         resume: continue the evaluation in ``out_dir``: keep its complete batches, answer only the rest.
         provenance: what is evaluated, e.g. ``{"model": ..., "adapter": ...}`` (any JSON object); saved in
             eval_config.json and summary.json, and a resume must pass an equal one.
+        rerank: scores each generation batch's samples (``rerank(questions, samples) -> scores``); None: no
+            reranking.
     Returns:
         ``{"n", "style", "shots", "greedy": {"correct", "accuracy", "ci95"}}``, plus
         ``"self_consistency": {"k", "temperature", "top_p", "correct", "accuracy", "ci95"}`` when sampling, then
@@ -273,8 +270,7 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
     style = resolve_style(style, tokenizer)
     golds = _golds(entries)
     prompts = build_eval_prompts(entries, style, tokenizer, exemplars)
-    # As training saw them (encode_texts): a plain prompt gets the bos only when the tokenizer adds one by default.
-    add_special = style == "plain" and bool(getattr(tokenizer, "add_bos_token", False))
+    add_special = prompt_gets_bos(tokenizer, style)  # as training saw them (encode_texts)
     gen_kw = dict(max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size,
                   stop_after_answer_line=True, add_special_tokens=add_special)
     k, batch = config.samples, config.eval_batch_size
@@ -297,10 +293,10 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
                                     top_p=config.top_p, seed=seed + start, **gen_kw) if k else None)
         scored = [make_record(start + j, entries[start + j]["question"], golds[start + j], text,
                               samples[j] if samples is not None else None) for j, text in enumerate(texts)]
-        if verifier is not None and samples is not None:
-            scores = score_samples(verifier, [e["question"] for e in entries[start:start + batch]], samples, batch)
+        if rerank is not None and samples is not None:
+            scores = rerank([e["question"] for e in entries[start:start + batch]], samples)
             for j, (record, _) in enumerate(scored):
-                record |= verifier_fields(record["sample_answers"], scores[j], golds[start + j])
+                record |= rerank_fields(record["sample_answers"], scores[j], golds[start + j])
         return scored
 
     start_time = time.perf_counter()
@@ -312,7 +308,7 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
         records += new_records
         n_tokens = generated_tokens(tokenizer, new_records)
         summary = {"n": len(records), "style": style, "shots": len(exemplars), **score_records(records, config),
-                   **(verifier_scores(records, k, verifier.record) if verifier is not None else {}),
+                   **(rerank_scores(records, k, rerank.record) if rerank is not None else {}),
                    "settings": settings, "provenance": provenance, "resumed_from": resumed_from,
                    # quantized layers per backend that ran (tests may pass a stand-in for the model)
                    "kernels": (kernels_used(model) or None) if isinstance(model, nn.Module) else None,
@@ -322,19 +318,3 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
             write_atomic(out / EVAL_FILES.summary, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return distributed.broadcast_object(summary)
 
-
-# ---------------------------------------------------------------------------------------------- checks
-
-def check_quantized(model: nn.Module) -> int:
-    """Count the model's ``QuantizedLinear`` layers (those wrapped by LoRA included).
-
-    Returns:
-        The count, > 0.
-    Raises:
-        UsageError: when the model holds none, i.e. a float model was given where a quantized one was asked for.
-    """
-    n = sum(isinstance(m, QuantizedLinear) for m in model.modules())
-    if n == 0:
-        raise UsageError(f"the model ({type(model).__name__}) holds no QuantizedLinear layers: pass a directory "
-                         "written by `gptqlora quantize` (or leave out --quantized to evaluate a float model)")
-    return n

@@ -8,8 +8,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gptqlora import distributed
-from gptqlora.data.gsm8k import GSM8KCoTDataset, collate, load_gsm8k
-from gptqlora.eval.loss import IGNORE_INDEX, answer_token_loss
+from gptqlora.data.gsm8k import IGNORE_INDEX, GSM8KCoTDataset, collate, load_gsm8k, pad_token_id
+from gptqlora.loss import answer_token_loss
 
 
 def gsm8k_answer_loss(model: nn.Module, tokenizer, entries: list[dict] | None = None, source: str | None = None,
@@ -34,7 +34,7 @@ def gsm8k_answer_loss(model: nn.Module, tokenizer, entries: list[dict] | None = 
         entries = load_gsm8k(split, source)
     entries = entries[:limit] if limit else entries
     dataset = GSM8KCoTDataset(entries, tokenizer, style=style, max_length=max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda b: collate(b, pad_id))
     world = distributed.joined()
     if not world.distributed:

@@ -22,18 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from gptqlora.config import parse_targets
 from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.files import fsync_path, read_json_object, staged_dir, write_atomic
 from gptqlora.lora.layer import (PEFT_PREFIX, LoRALinear, adapter_state_dict, find_targets, get_adapter_params,
                                  inject_lora_layers, is_linear, linear_layer_names, lora_modules)
 from gptqlora.provenance import base_differences, describe_base
-from gptqlora.quant.weights import check_directory_files
+from gptqlora.quant.weights import check_directory_files, read_tensors
+from gptqlora.targets import parse_targets
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +175,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         UsageError: a file that leads out of the directory or is not a regular file
             (``gptqlora.quant.weights.check_directory_files``); an unreadable config, a non-LoRA adapter, DoRA, a trained bias, or other PEFT
             features gptqlora does not implement; a target_modules regex that is invalid or could take too long
-            to match (``gptqlora.config.check_target_regex``).
+            to match (``gptqlora.targets.check_target_regex``).
     """
     d = Path(adapter_dir)
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (d / n).is_file()]
@@ -213,19 +211,6 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file (never a pickle), with a clear error for a damaged or non-finite file."""
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise UsageError(f"cannot read {path}: the file is truncated or corrupt ({e}); save the adapter again") from e
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise UsageError(f"{path} holds NaN or infinite values (in {len(bad)} tensors, e.g. {bad[0]}): the training "
-                         "that wrote it diverged or the file is damaged; use another adapter or train it again")
-    return tensors
-
-
 def _targets_from_config(target_modules: list[str] | str) -> list[str] | str:
     """PEFT's target_modules as our targets: a list is matched as name suffixes, a string is a full-match regex."""
     if isinstance(target_modules, str):
@@ -255,7 +240,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool 
     """
     d = Path(adapter_dir)
     config = read_adapter_config(d)
-    tensors = _read_tensors(d / WEIGHTS_NAME)
+    tensors = read_tensors(d / WEIGHTS_NAME, fix="save or train the adapter again, or use another one")
     mismatch = check_adapter_base(d, base) if base is not None else None
     if mismatch:
         log.warning(mismatch)

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptqlora.config import parse_targets
 from gptqlora.distributed import full_tensor
 from gptqlora.errors import UsageError
+from gptqlora.targets import parse_targets
 
 # PEFT stores adapter tensors under the Hugging Face module name with this prefix (PeftModel -> LoraModel -> model).
 PEFT_PREFIX = "base_model.model."
@@ -239,7 +239,7 @@ def _describe_linears(names: Sequence[str]) -> str:
 def _select_targets(names: Sequence[str], targets: str | Sequence[str], where: str) -> list[str]:
     """The names among ``names`` (full module names) that ``targets`` selects; see ``inject_lora_layers``.
 
-    The spec is read by ``gptqlora.config.parse_targets``, the grammar quantization targets use too; it refuses a
+    The spec is read by ``gptqlora.targets.parse_targets``, the grammar quantization targets use too; it refuses a
     regex whose matching could hang before the regex meets any name.
     """
     parsed = parse_targets(targets, where)
@@ -271,7 +271,7 @@ def find_targets(model: nn.Module, targets: str | Sequence[str], where: str = "-
     Raises:
         UsageError: if nothing is selected, or an explicitly named target matches nothing (the message lists the
             model's linear layers); a regex that is invalid or could take too long to match
-            (``gptqlora.config.check_target_regex``).
+            (``gptqlora.targets.check_target_regex``).
     """
     names = linear_layer_names(model)
     chosen = _select_targets(names, targets, where)

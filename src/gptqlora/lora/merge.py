@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from gptqlora.config import QuantConfig
 from gptqlora.lora.layer import LoRALinear, lora_modules
-from gptqlora.quant.driver import _set, decoder_layers, quantize_model_weights
+from gptqlora.quant.driver import decoder_layers, quantize_model_weights
 from gptqlora.quant.linear import QuantizedLinear
 
 
@@ -36,7 +36,7 @@ def unmerge_to_float(model: nn.Module) -> list[str]:
         linear.weight.copy_(weight)
         if base.bias is not None:
             linear.bias.copy_(base.bias.float())
-        _set(model, full_name, linear.to(weight.device))
+        model.set_submodule(full_name, linear.to(weight.device))
         rel = full_name.split(".layers.", 1)[1].split(".", 1)[1]
         if rel not in names:
             names.append(rel)

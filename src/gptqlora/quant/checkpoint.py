@@ -7,38 +7,33 @@ qweight/qzeros/scales/g_idx (+bias); everything else keeps its plain tensors in 
 unpickled.
 
 Two ways to make one, with the same bytes on the same inputs: ``save_quantized`` writes a model quantized in memory;
-``quantize_streamed`` quantizes a float checkpoint block by block (``gptqlora.quant.stream``), never holding more than
+``gptqlora.quant.streamed.quantize_streamed`` quantizes a float checkpoint block by block, never holding more than
 one decoder block's float weights, and can resume after a crash. ``load_quantized`` builds the model on the meta
 device and assigns the tensors it reads, so no float copy of the weights is ever made.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import re
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from gptqlora.config import ALL_TARGETS, ATTN_TARGETS, QuantConfig
-from gptqlora.errors import InputNotFoundError, OutputExistsError, UsageError
+from gptqlora.config import QuantConfig
+from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.files import read_json_object, staged_dir
-from gptqlora.quant.driver import STAGES, _set, decoder_layers, position_inputs, quantize_blocks
+from gptqlora.quant.driver import STAGES, decoder_layers
 from gptqlora.quant.linear import QuantizedLinear
-from gptqlora.quant.stream import (DEFAULT_MAX_SHARD_SIZE, SafetensorsSource, ShardLayout, TensorSpec, WorkDir,
-                                   parse_size, write_tensors)
+from gptqlora.quant.stream import DEFAULT_MAX_SHARD_SIZE, SafetensorsSource, write_tensors
 from gptqlora.quant.weights import INDEX_FILE, SINGLE_FILE, check_directory_files, weight_files
+from gptqlora.targets import ALL_TARGETS, ATTN_TARGETS
 
 QUANT_BUFFERS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
-
-
 
 
 def gptq_config_dict(config: QuantConfig) -> dict:
@@ -202,12 +197,12 @@ def quantized_skeleton(config, qconfig: QuantConfig, dtype: torch.dtype = torch.
     for block in decoder_layers(model):
         for name in qconfig.target_names:
             lin = block.get_submodule(name)
-            _set(block, name, QuantizedLinear(lin.in_features, lin.out_features, qconfig.bits, qconfig.group_size,
-                                              bias=lin.bias is not None, device="meta"))
+            block.set_submodule(name, QuantizedLinear(lin.in_features, lin.out_features, qconfig.bits,
+                                                      qconfig.group_size, bias=lin.bias is not None, device="meta"))
     return model
 
 
-def _saved_state(model: nn.Module) -> dict[str, Tensor]:
+def saved_state(model: nn.Module) -> dict[str, Tensor]:
     """What a checkpoint stores: the state dict without a tied lm_head (safetensors refuses shared storage)."""
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
@@ -215,7 +210,7 @@ def _saved_state(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def _units(names: Sequence[str]) -> list[list[str]]:
+def tensor_units(names: Sequence[str]) -> list[list[str]]:
     """Tensor names grouped as written: everything outside the blocks (embeddings, norm, head), then each block."""
     blocks: dict[int, list[str]] = {}
     outside = []
@@ -228,7 +223,9 @@ def _units(names: Sequence[str]) -> list[list[str]]:
     return [outside] + [blocks[i] for i in sorted(blocks)]
 
 
-def _write_configs(directory: Path, model_config, config: QuantConfig, dtype: torch.dtype, extra: dict | None) -> None:
+def write_configs(directory: Path, model_config, config: QuantConfig, dtype: torch.dtype, extra: dict | None) -> None:
+    """Write config.json (the model's config with its ``quantization_config`` and ``dtype``) and quantize_config.json
+    (the same block, with ``extra`` under ``"gptqlora"``) into ``directory``."""
     block = gptq_config_dict(config)
     cfg = model_config.to_dict()
     cfg["quantization_config"] = block
@@ -257,9 +254,9 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, conf
         OutputExistsError: ``out_dir`` exists and ``overwrite`` is false.
     """
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
-        state = {k: v.detach().contiguous() for k, v in _saved_state(model).items()}
-        write_tensors(tmp, [{n: state[n] for n in unit} for unit in _units(list(state))], max_shard_size)
-        _write_configs(tmp, model.config, config, next(model.parameters()).dtype, extra)
+        state = {k: v.detach().contiguous() for k, v in saved_state(model).items()}
+        write_tensors(tmp, [{n: state[n] for n in unit} for unit in tensor_units(list(state))], max_shard_size)
+        write_configs(tmp, model.config, config, next(model.parameters()).dtype, extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
@@ -296,7 +293,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu"):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = quantized_skeleton(config, qconfig, getattr(torch, raw.get("dtype") or raw.get("torch_dtype") or "float32"))
-    expected = _saved_state(model)
+    expected = saved_state(model)
     missing = sorted(set(expected) - set(weights.names))
     unexpected = sorted(set(weights.names) - set(expected))
     if missing or unexpected:
@@ -328,167 +325,3 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu"):
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model, tokenizer, qconfig
-
-
-# ---------------------------------------------------------------------------------------------- streamed quantization
-
-def work_dir(out_dir: str | os.PathLike) -> Path:
-    """Where ``quantize_streamed`` keeps finished blocks until the output is complete: ``.NAME.quantizing``."""
-    out = Path(out_dir)
-    return out.with_name(f".{out.name}.quantizing")
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # the work directory keeps its files until the output is in place
-    except OSError:
-        import shutil
-
-        shutil.copyfile(src, dst)
-
-
-def _embed(weight: Tensor, ids: Tensor, chunk_size: int, dtype: torch.dtype) -> list[Tensor]:
-    """The first block's calibration inputs on the CPU, in chunks of [b, T, D] (what the model's embedding gives)."""
-    return [torch.nn.functional.embedding(c, weight).to(dtype) for c in ids.to("cpu", torch.int64).split(chunk_size)]
-
-
-@torch.no_grad()
-def quantize_streamed(source: str | os.PathLike, out_dir: str | os.PathLike, config: QuantConfig,
-                      calibration: Tensor | None = None, *, tokenizer=None, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu", max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                      resume: bool = False, overwrite: bool = False, extra: dict | None = None, chunk_size: int = 8,
-                      name_or_path: str | None = None, progress: bool = True,
-                      on_block: Callable[[int, dict[str, float]], None] | None = None) -> dict:
-    """Quantize a float safetensors checkpoint into a GPTQ directory one decoder block at a time.
-
-    The model is built on the meta device. The embeddings, final norm and head are read alone and written at once;
-    then each block is read (memory-mapped) when its turn comes, moved to ``device``, calibrated on the previous
-    block's outputs (kept on the CPU, sent to ``device`` chunk by chunk), quantized, written to its place in the
-    output shards and freed. The result equals ``quantize_model_weights`` + ``save_quantized`` on the same inputs,
-    bit for bit (same device and dtype).
-
-    Finished blocks are kept in ``work_dir(out_dir)``, which survives a crash; with ``resume`` a rerun with the same
-    inputs and settings continues after the last finished block, without it a rerun discards them and starts again
-    (``stream.WorkDir.open``). When all blocks are done the directory is staged and renamed into place as
-    ``save_quantized`` does, and the work directory is deleted: a killed run never leaves a partial ``out_dir``.
-
-    Args:
-        source: a Hugging Face model directory (config.json + model.safetensors, or shards and their index).
-        calibration: token ids [n_samples, seqlen] (full windows, no padding); unused for RTN.
-        tokenizer: saved with the model when given (as ``save_pretrained`` writes it).
-        dtype: the model's dtype: calibration passes and unquantized tensors use it, as in a model loaded in it.
-        device: where each block is calibrated and quantized.
-        max_shard_size: bytes (or "5GB") per output file; blocks are never split across files.
-        resume: continue an interrupted run on the same output (refused if its inputs or settings differ).
-        overwrite: replace an existing output.
-        extra: recorded under "gptqlora" in quantize_config.json, with this function's report.
-        chunk_size: calibration sequences per forward chunk.
-        name_or_path: recorded as config.json's ``_name_or_path`` (default: as the source's config says).
-        on_block: called with (block index, GPTQ losses) once a block is durably written.
-    Returns:
-        A report: method, bits, group_size, targets, seconds (this run), gptq_loss_total, layer_losses (all blocks,
-        resumed ones included), blocks, resumed_blocks, shards.
-    Raises:
-        OutputExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
-        UsageError: the work directory belongs to a run still going (another process); a source that is not a
-            float checkpoint of a LLaMA-family model, or whose weight files fail ``weights.weight_files``' checks;
-            missing calibration for GPTQ; a resume over work made from other settings or other source bytes (each
-            difference named: "bits: run 4, now 3"); a block whose forward the driver does not reproduce.
-    """
-    from transformers import AutoConfig
-
-    begin = time.perf_counter()
-    source, out, device = Path(source), Path(out_dir), torch.device(device)
-    weights = SafetensorsSource(source)
-    if config.method == "gptq" and (calibration is None or calibration.ndim != 2):
-        raise UsageError("GPTQ needs calibration token ids of shape [n_samples, seqlen]")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out} exists and is not empty: choose a new directory, or pass overwrite "
-                                "(--overwrite) to replace it (nothing was written)")
-    check_architecture(read_json_object(source / "config.json"), source / "config.json")
-    hf_config = AutoConfig.from_pretrained(source)
-    if getattr(hf_config, "quantization_config", None) is not None:
-        raise UsageError(f"{source} is already quantized (its config.json has a quantization_config): pass a float "
-                         "model to quantize")
-    model = float_skeleton(hf_config, dtype)
-    if name_or_path is not None:
-        model.config.name_or_path = name_or_path
-    layers = decoder_layers(model)
-    float_state = _saved_state(model)
-    specs = {n: TensorSpec.of(n, t) for n, t in _saved_state(quantized_skeleton(hf_config, config, dtype)).items()}
-    units = _units(list(specs))
-    layout = ShardLayout([[specs[n] for n in unit] for unit in units], max_shard_size)
-    # The source's bytes, not only its sizes: a model rewritten in place since the interrupted run must not be
-    # resumed over. Hashing reads the weights once per run: sha256 ran at ~600 MB/s on one core here, ~20 s for a
-    # 7B model's 13 GB (longer where the disk reads slower).
-    fingerprint = json.loads(json.dumps({
-        "format": 2, "source": str(source.resolve()), "source_sha256": weights.sha256(),
-        "source_config_sha256": hashlib.sha256((source / "config.json").read_bytes()).hexdigest(),
-        "quant": dataclasses.asdict(config), "dtype": str(dtype), "device": device.type, "chunk_size": chunk_size,
-        "max_shard_size": parse_size(max_shard_size),
-        "calibration": None if config.method == "rtn" else hashlib.sha256(
-            calibration.to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()}))
-    work = WorkDir.open(work_dir(out), layout, fingerprint, resume=resume)
-    try:
-        resumed = work.units_done
-
-        def read(names: Sequence[str], to: torch.device) -> dict[str, Tensor]:
-            """Source tensors, checked against the config and converted to the model's dtype on ``to``."""
-
-            def convert(n: str, t: Tensor) -> Tensor:
-                if t.shape != float_state[n].shape:
-                    raise UsageError(f"{weights.path}: {n} has shape {tuple(t.shape)} but config.json implies "
-                                     f"{tuple(float_state[n].shape)}")
-                return t.to(device=to, dtype=float_state[n].dtype)
-
-            return weights.load(names, convert)
-
-        xs = None
-        if resumed == 0:  # embeddings, final norm, head: read alone, written at once, freed
-            outside = read(units[0], torch.device("cpu"))
-            if config.method == "gptq":
-                xs = _embed(outside["model.embed_tokens.weight"], calibration, chunk_size, dtype)
-            work.commit(0, outside, {}, xs)
-            del outside
-        elif config.method == "gptq" and resumed <= len(layers):
-            xs = work.activations()
-            if xs is None:
-                raise UsageError(f"cannot resume from {work.path}: the calibration inputs of block {resumed - 1} are "
-                                 "missing; rerun without resume (--resume) to start again")
-        rope, mask = (None, None) if xs is None else position_inputs(model.model.rotary_emb.to(device), model.config,
-                                                                     xs[0].to(device))
-
-        def load_block(i: int) -> nn.Module:
-            prefix = f"model.layers.{i}."
-            tensors = read([prefix + k for k in layers[i].state_dict()], device)
-            layers[i].load_state_dict({k.removeprefix(prefix): t for k, t in tensors.items()}, assign=True)
-            return layers[i]
-
-        def sink(i: int, block: nn.Module, block_losses: dict[str, float], next_xs: list[Tensor] | None) -> None:
-            prefix = f"model.layers.{i}."
-            tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-            last = i == len(layers) - 1
-            work.commit(1 + i, tensors, {prefix + k: v for k, v in block_losses.items()}, None if last else next_xs)
-            block.to("meta")  # frees the block
-            if on_block is not None:
-                on_block(i, block_losses)
-
-        quantize_blocks(len(layers), load_block, xs, rope, mask, config, start=max(resumed - 1, 0), on_block=sink,
-                        progress=progress)
-        del xs
-        losses = work.losses
-        report = {"method": config.method, "bits": config.bits, "group_size": config.group_size,
-                  "targets": list(config.target_names), "seconds": round(time.perf_counter() - begin, 2),
-                  "gptq_loss_total": round(sum(losses.values()), 4), "blocks": len(layers),
-                  "resumed_blocks": max(resumed - 1, 0), "shards": len(layout.files),
-                  "layer_losses": {k: round(v, 6) for k, v in losses.items()}}
-        with staged_dir(out, overwrite=overwrite) as tmp:
-            for file in layout.output_files():
-                _link_or_copy(work.path / file, tmp / file)
-            _write_configs(tmp, model.config, config, dtype, (extra or {}) | report)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        work.remove()
-    finally:
-        work.close()  # a run stopped by an error leaves its work for --resume
-    return report

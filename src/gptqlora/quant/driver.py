@@ -11,7 +11,7 @@ and 2-3x cheaper.
 
 Memory: blocks come from a source and go to a sink (``quantize_blocks``). For a model in memory the source is its own
 layers (``quantize_model_weights``); for a checkpoint larger than memory,
-``gptqlora.quant.checkpoint.quantize_streamed`` loads each block from safetensors when its turn comes and writes it
+``gptqlora.quant.streamed.quantize_streamed`` loads each block from safetensors when its turn comes and writes it
 out when done. Calibration activations stay where they are given (the CPU, when streaming) and go to the block's
 device one chunk at a time; each Hessian is accumulated chunk by chunk and scaled in place, so a block holds its
 input, one residual-stream-sized list and one Hessian, never every stage's input. The dequantized ('dense') weights
@@ -69,15 +69,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _get(block: nn.Module, name: str) -> nn.Module:
-    return block.get_submodule(name)
-
-
-def _set(block: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(block.get_submodule(parent), child, module)
-
-
 def quantize_linears(block: nn.Module, names: Sequence[str], H: HessianSource | None, config: QuantConfig
                      ) -> dict[str, float]:
     """Quantize linears of ``block`` that share one input (and so one Hessian) and swap in QuantizedLinear layers.
@@ -107,7 +98,7 @@ def quantize_linears(block: nn.Module, names: Sequence[str], H: HessianSource | 
         part = QuantResult(result.codes[rows], result.scales[:, rows], result.zeros[:, rows], result.g_idx)
         q = QuantizedLinear.from_result(part, config.bits, config.group_size, bias=bias).to(device)
         q.set_kernel("dense")  # the block's remaining calibration passes reuse its weight; released when it is done
-        _set(block, name, q)
+        block.set_submodule(name, q)
         losses[name] = result.loss * out_features / result.codes.shape[0]
         start += out_features
     del result
@@ -124,18 +115,18 @@ def _take_weights(block: nn.Module, names: Sequence[str]) -> tuple[Tensor, list[
     one linear at a time, each linear leaving the block as soon as its rows are in: the copy never coexists with
     all of them (q/k/v of 7B: 64 MiB above the linears instead of 192).
     """
-    first = _get(block, names[0]).weight
-    n_rows = sum(_get(block, n).out_features for n in names)
+    first = block.get_submodule(names[0]).weight
+    n_rows = sum(block.get_submodule(n).out_features for n in names)
     W = first.detach() if len(names) == 1 else first.new_empty(n_rows, first.shape[1])  # pages filled as copied in
     del first
     kept, start = [], 0
     for name in names:
-        lin = _get(block, name)
+        lin = block.get_submodule(name)
         if len(names) > 1:
             W[start:start + lin.out_features] = lin.weight.detach()
         kept.append((lin.out_features, lin.bias, lin.weight.device))
         start += lin.out_features
-        _set(block, name, _Quantizing())
+        block.set_submodule(name, _Quantizing())
         del lin  # its weight is freed here: W holds its rows
     return W, kept
 
@@ -231,7 +222,7 @@ def _drop_dense(block: nn.Module, names: Iterable[str]) -> None:
     """Free the dequantized weights the 'dense' kernel keeps for these (quantized) linears; a later pass that needs
     one makes it again, with the same values."""
     for name in names:
-        layer = _get(block, name)
+        layer = block.get_submodule(name)
         if isinstance(layer, QuantizedLinear):
             layer.set_kernel("auto")
             layer.set_kernel("dense")
@@ -300,7 +291,7 @@ def _block_forward(block: nn.Module, xs: Sequence[Tensor], rope: Rope, mask: Ten
     device = _block_device(block)
     handles = []
     for name, acc in (hooks or {}).items():
-        handles.append(_get(block, name).register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
+        handles.append(block.get_submodule(name).register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
     try:
         out = []
         for x in xs:
@@ -476,7 +467,7 @@ def _one_pass_block(block: nn.Module, xs: Sequence[Tensor], rope: Rope, mask: Te
     for stage in STAGES:
         names = [n for n in stage if n in targets]
         if names:  # linears of one stage see the same input: hook the first, share its Hessian
-            accs[names[0]] = HessianAccumulator(_get(block, names[0]).in_features, device)
+            accs[names[0]] = HessianAccumulator(block.get_submodule(names[0]).in_features, device)
     _block_forward(block, xs, rope, mask, hooks=accs)
     losses: dict[str, float] = {}
     for stage in STAGES:

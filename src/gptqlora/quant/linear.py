@@ -7,7 +7,7 @@ rounded to bf16; the output is computed in the input's dtype.
 
 Forward is the one place that picks a kernel: it asks ``kernels.registry.select_backend`` for the backend that runs this
 call (device, dtype, M = rows of x, whether the input gradient is needed, the layer's preference ``kernel``, 'auto' by
-default; ``kernels.set_kernel(model, name)`` sets it for a whole model). At first use the layer repacks its buffers
+default; ``set_kernel(model, name)`` below sets it for a whole model). At first use the layer repacks its buffers
 into that backend's layout (kept per backend and dtype, never saved, dropped when buffers are loaded or moved).
 
 Backward: the layer is frozen, so its weight needs no gradient, but the input does. Backends that dequantize compute
@@ -19,17 +19,16 @@ times (forward, recompute). The triton backend reads the packed codes in backwar
 
 from __future__ import annotations
 
-import warnings
 from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from gptqlora.errors import UsageError
 from gptqlora.hardware import release_free_heap
 from gptqlora.quant.grid import QuantResult, num_groups
 from gptqlora.quant.kernels import dequant
-from gptqlora.quant.kernels.dequant import dequantize_packed  # noqa: F401  (kept importable from here)
 from gptqlora.quant.kernels.dense import DenseState
 from gptqlora.quant.kernels.registry import (GPTQWeight, LayerFacts, check_kernel, implementation, layer_facts,
                                              select_backend)
@@ -78,7 +77,7 @@ class QuantizedLinear(nn.Module):
         bits, group_size: the grid the codes were made on (group_size -1 = K).
         bias: whether a bias buffer exists.
 
-    ``kernel`` is the layer's preference (see ``gptqlora.quant.kernels``), ``last_kernel`` the backend that ran its
+    ``kernel`` is the layer's preference (see ``gptqlora.quant.kernels.registry``), ``last_kernel`` the backend that ran its
     latest call. Layouts are rebuilt after ``load_state_dict`` and moves; code that edits the buffers in place after a
     first call must call ``_forget_layouts()``.
     """
@@ -105,7 +104,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device))
         else:
             self.bias = None
-        self.kernel = "auto"  # the kernel preference (see gptqlora.quant.kernels)
+        self.kernel = "auto"  # the kernel preference (see gptqlora.quant.kernels.registry)
         self.last_kernel: str | None = None  # the backend that ran the latest call
         self.kernels_seen: set[str] = set()  # the backends that ran since the preference was last set
         self._forget_layouts()
@@ -167,7 +166,7 @@ class QuantizedLinear(nn.Module):
         return hit
 
     def set_kernel(self, name: str) -> None:
-        """Prefer kernel ``name`` (see ``gptqlora.quant.kernels.KERNELS``); layouts of the old choice are dropped."""
+        """Prefer kernel ``name`` (one of ``gptqlora.config.KERNELS``); layouts of the old choice are dropped."""
         check_kernel(name)
         self.kernels_seen.clear()
         self.last_kernel = None  # so that the next call records its backend in kernels_seen
@@ -225,22 +224,9 @@ class QuantizedLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
-    # ------------------------------------------------------------------------------------ deprecated
-
-    def set_cache(self, enabled: bool) -> None:
-        """Deprecated: ``set_kernel('dense')`` (True) or ``set_kernel('auto')`` (False)."""
-        warnings.warn("QuantizedLinear.set_cache is deprecated: use gptqlora.quant.kernels.set_kernel(model, 'dense') "
-                      "or layer.set_kernel('dense' / 'auto')", DeprecationWarning, stacklevel=2)
-        self.set_kernel("dense" if enabled else "auto")
-
-    @property
-    def cache_dequantized(self) -> bool:
-        """Deprecated: whether the 'dense' kernel (a kept dequantized weight) is preferred."""
-        return self.kernel == "dense"
-
     @property
     def _cache(self) -> Tensor | None:
-        """Deprecated: the kept dequantized weight [N, K] of the 'dense' kernel, if one was made."""
+        """The kept dequantized weight [N, K] of the 'dense' kernel, if one was made (for tests and benchmarks)."""
         return next((s.weight for s in self._layouts.values() if isinstance(s, DenseState)), None)
 
     @property
@@ -251,3 +237,53 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, kernel={self.kernel!r}")
+
+
+# ---------------------------------------------------------------------------------------------- whole models
+
+def check_quantized(model: nn.Module) -> int:
+    """Count the model's ``QuantizedLinear`` layers (those wrapped by LoRA included).
+
+    Returns:
+        The count, > 0.
+    Raises:
+        UsageError: when the model holds none, i.e. a float model was given where a quantized one was asked for.
+    """
+    n = sum(isinstance(m, QuantizedLinear) for m in model.modules())
+    if n == 0:
+        raise UsageError(f"the model ({type(model).__name__}) holds no QuantizedLinear layers: pass a directory "
+                         "written by `gptqlora quantize` (or leave out --quantized to evaluate a float model)")
+    return n
+
+
+def set_kernel(model: nn.Module, name: str) -> int:
+    """Set every QuantizedLinear's kernel preference in ``model``; layers drop layouts they no longer need.
+
+    Args:
+        name: one of ``gptqlora.config.KERNELS``; a layer a backend cannot run falls back to ``dequant`` (with a
+            warning).
+    Returns:
+        The number of QuantizedLinear layers set.
+    Raises:
+        UsageError: an unknown name.
+    """
+    check_kernel(name)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    for layer in layers:
+        layer.set_kernel(name)
+    return len(layers)
+
+
+def kernels_used(model: nn.Module) -> dict[str, int]:
+    """How many QuantizedLinear layers of ``model`` ran each backend since their kernel was last set (for run
+    summaries: a decode uses one backend for the prompt and another per new token, so a layer can count twice).
+
+    Returns:
+        Backend name -> layer count, plus ``"none"`` for layers not called since; empty when there are no such layers.
+    """
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            for key in sorted(m.kernels_seen) or ["none"]:
+                counts[key] = counts.get(key, 0) + 1
+    return counts

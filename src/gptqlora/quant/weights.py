@@ -14,8 +14,9 @@ The index itself must be a regular file inside the directory too, and so must ev
 top level (config.json, the tokenizer's files, an adapter's files: ``check_directory_files``), which transformers
 and we read by name. While checking, nothing is read but the index and
 the first 9 bytes of each regular file found inside; a file that fails a rule is refused in one line naming the index
-(or the file), the entry and why. ``weight_files`` applies these rules, ``files_sha256`` hashes what it returns; this
-module needs no torch, so the provenance records that hash weights import it freely.
+(or the file), the entry and why. ``weight_files`` applies these rules, ``files_sha256`` hashes what it returns;
+``read_tensors`` reads a whole small safetensors file (an adapter, a training checkpoint). This module imports no
+torch (``read_tensors`` loads it when called), so the provenance records that hash weights import it freely.
 """
 
 from __future__ import annotations
@@ -125,6 +126,32 @@ def files_sha256(files: Iterable[str | os.PathLike]) -> str:
             while chunk := f.read(CHUNK_BYTES):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def read_tensors(path: str | os.PathLike, fix: str) -> dict:
+    """All tensors of a safetensors file (never a pickle), each floating one checked to be finite.
+
+    Args:
+        path: the file.
+        fix: what the user can do about a damaged file, the end of both messages ("train the adapter again").
+    Returns:
+        Tensor name -> tensor (on the CPU).
+    Raises:
+        UsageError: a truncated or corrupt file; a floating tensor holding NaN or infinity (a run that diverged, or
+            damage), naming the file and the first such tensor.
+    """
+    from safetensors import SafetensorError  # torch is loaded only here (see the module's docstring)
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"cannot read {path}: the file is truncated or corrupt ({e}); {fix}") from e
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise UsageError(f"{path} holds NaN or infinite values (in {len(bad)} tensors, e.g. {bad[0]}): the run that "
+                         f"wrote it diverged or the file is damaged; {fix}")
+    return tensors
 
 
 def _allowed_roots(directory: Path) -> list[Path]:

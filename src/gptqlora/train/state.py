@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from gptqlora import distributed
@@ -45,6 +44,7 @@ from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.files import staged_dir
 from gptqlora.lora.layer import PEFT_PREFIX, adapter_state_dict, get_adapter_params
 from gptqlora.provenance import base_differences, describe_base
+from gptqlora.quant.weights import read_tensors
 
 FORMAT_VERSION = 1
 ADAPTER_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE = ("adapter.safetensors", "optimizer.safetensors",
@@ -319,18 +319,7 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: str
     return accepted
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint file's tensors; floating ones must be finite (a diverged run is never saved)."""
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise UsageError(f"cannot read {path}: the file is truncated or corrupt ({e}); resume from an earlier "
-                         "checkpoint or start again with --overwrite") from e
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise UsageError(f"{path} holds NaN or infinite values (in {', '.join(bad[:3])}): the checkpoint is "
-                         "damaged; start again with --overwrite, or in a new --out")
-    return tensors
+_DAMAGED = "resume from an earlier checkpoint, or start again with --overwrite or in a new --out"
 
 
 def load_checkpoint(checkpoint: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -358,14 +347,14 @@ def load_checkpoint(checkpoint: str | os.PathLike, model: nn.Module, optimizer: 
     meta = read_state(d)
     changed = check_fingerprint(meta["fingerprint"], fingerprint, d, may_change)
     params = get_adapter_params(model)
-    adapter = _read_tensors(d / ADAPTER_FILE)
+    adapter = read_tensors(d / ADAPTER_FILE, _DAMAGED)
     expected = {PEFT_PREFIX + k: tuple(p.shape) for k, p in params.items()}
     if {k: tuple(t.shape) for k, t in adapter.items()} != expected:
         raise UsageError(f"{d / ADAPTER_FILE} does not match this model's LoRA layers (names or shapes differ)")
     if meta["optimizer"]["param_names"] != list(params):
         raise UsageError(f"{d}: the optimizer state was saved for other parameters or another order")
-    flat = _read_tensors(d / OPTIMIZER_FILE)
-    rng = _read_tensors(d / RNG_FILE)
+    flat = read_tensors(d / OPTIMIZER_FILE, _DAMAGED)
+    rng = read_tensors(d / RNG_FILE, _DAMAGED)
     if rank:
         prefix = f"rank{rank}."
         rng = {k[len(prefix):]: t for k, t in rng.items() if k.startswith(prefix)}

@@ -2,7 +2,9 @@
 solution and predicts, at every solution token, whether that solution ends with the right answer.
 
 - ``model``: the verifier itself (a LoRA-adapted quantized base plus a scalar value head), its input encoding and
-  its files; at the level of ``gptqlora.lora`` (evaluation loads it through ``gptqlora.eval.verifier``).
+  its files.
+- ``load``: loading one onto its base and scoring solutions; ``VerifierRerank`` is the reranker ``gptqlora eval``
+  receives (evaluation never imports this package).
 - ``samples``: labelled samples from the train split (``gptqlora sample``), appended per batch and resumable.
 - ``train``: the token-level loss and the training loop (``gptqlora train-verifier``).
 

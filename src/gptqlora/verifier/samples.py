@@ -35,7 +35,7 @@ from torch import nn
 
 from gptqlora import distributed
 from gptqlora.config import EvalConfig
-from gptqlora.data.gsm8k import answers_match, extract_answer, gold_answer, resolve_style
+from gptqlora.data.gsm8k import answers_match, extract_answer, gold_answer, prompt_gets_bos, resolve_style
 from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.eval.generate import generate_samples
 from gptqlora.eval.gsm8k_eval import build_eval_prompts, eval_settings, json_number
@@ -124,7 +124,7 @@ def sample_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: E
         golds.append(gold)
     style = resolve_style(style, tokenizer)
     prompts = build_eval_prompts(entries, style, tokenizer, exemplars)
-    add_special = style == "plain" and bool(getattr(tokenizer, "add_bos_token", False))  # as eval and training do
+    add_special = prompt_gets_bos(tokenizer, style)  # as eval and training do
     k, batch = config.samples, config.eval_batch_size
     settings = eval_settings(entries, config, style, exemplars, seed, split)
     run_config = {"settings": settings, "provenance": json.loads(json.dumps(provenance, allow_nan=False))}

@@ -7,12 +7,12 @@ batch's samples weighted by class (``balance``: each class by ``n / (2 n_class)`
 much as the common incorrect ones). With ``lm_loss_weight > 0`` the next-token NLL of correct solutions is added.
 
 Only the verifier's LoRA and head are trained; the base stays frozen. The data order is a seeded permutation per
-epoch (``seed + epoch``), the learning rate warms up then decays (``gptqlora.train.schedule.get_lr``).
+epoch (``seed + epoch``), the learning rate warms up then decays (``gptqlora.train.schedule.get_lr``), and each
+update is the LoRA trainer's (``gptqlora.train.step.apply_update``: clipping, the finite check, AdamW).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -23,13 +23,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptqlora.config import VerifierTrainConfig
+from gptqlora.data.gsm8k import pad_token_id
 from gptqlora.errors import UsageError
 from gptqlora.hardware import resolve_bf16
 from gptqlora.lora.layer import get_adapter_params
+from gptqlora.seeding import permutation
 from gptqlora.train.schedule import count_total_steps, get_lr
+from gptqlora.train.step import apply_update
 from gptqlora.verifier.model import VerifierModel, encode_solution, pad_batch
 
 MIN_LR_RATIO = 0.1  # the cosine's floor, as a fraction of the peak
+# NonFiniteLossError's advice: the verifier directory is written whole at the end, and there is no --resume.
+NOTHING_WRITTEN = "nothing was written: train again with a lower --lr or another --max-grad-norm"
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -48,7 +53,7 @@ def split_questions(records: Sequence[dict], n_val: int, seed: int) -> tuple[lis
     """
     if n_val >= len(records):
         raise UsageError(f"val_questions={n_val} holds out all {len(records)} sampled questions: use fewer")
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = permutation(len(records), seed)
     val = set(order[:n_val])
     return [r for i, r in enumerate(records) if i not in val], [r for i, r in enumerate(records) if i in val]
 
@@ -140,7 +145,8 @@ def train_verifier(model: VerifierModel, tokenizer, items: Sequence[tuple[str, s
     Returns:
         ``{"steps", "examples", "class_weights", "history", "seconds", "bf16"}``.
     Raises:
-        UsageError: no items, or only one class; a non-finite loss (the update is not applied).
+        UsageError: no items, or only one class.
+        NonFiniteLossError: a non-finite loss or gradient norm (the update is not applied).
     """
     if not items:
         raise UsageError("no labelled samples to train on")
@@ -148,7 +154,7 @@ def train_verifier(model: VerifierModel, tokenizer, items: Sequence[tuple[str, s
     labels = [y for _, _, y in items]
     w_neg, w_pos = class_weights(labels, config.balance)
     encoded = encode_all(tokenizer, items, style, config.max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     device = params[0].device
     bf16 = resolve_bf16(config.bf16, device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
@@ -160,7 +166,7 @@ def train_verifier(model: VerifierModel, tokenizer, items: Sequence[tuple[str, s
     def batches():
         epoch = 0
         while True:
-            order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+            order = permutation(len(items), seed + epoch)
             for start in range(0, len(order), config.batch_size):
                 yield order[start:start + config.batch_size]
             epoch += 1
@@ -171,10 +177,6 @@ def train_verifier(model: VerifierModel, tokenizer, items: Sequence[tuple[str, s
     stream = batches()
     try:
         for step in range(total):
-            lr = get_lr(step, peak_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=total,
-                        min_lr_ratio=MIN_LR_RATIO)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             idx = next(stream)
             batch = {k: v.to(device) for k, v in pad_batch([encoded[i] for i in idx], pad_id).items()}
             y = torch.tensor([float(labels[i]) for i in idx], device=device)  # [B]
@@ -186,14 +188,11 @@ def train_verifier(model: VerifierModel, tokenizer, items: Sequence[tuple[str, s
                           if config.lm_loss_weight > 0 else torch.zeros((), device=device))
                 loss = v_loss + config.lm_loss_weight * l_loss
             loss.backward()
-            max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             loss_value = float(loss.detach())
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                raise UsageError(f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step {step + 1}:"
-                                 " the update was not applied; train again with a lower --lr")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr = get_lr(step, peak_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=total,
+                        min_lr_ratio=MIN_LR_RATIO)
+            grad_norm = apply_update(optimizer, params, lr=lr, loss=loss_value, max_grad_norm=config.max_grad_norm,
+                                     step=step + 1, fix=NOTHING_WRITTEN)
             record = {"step": step + 1, "loss": loss_value, "value_loss": float(v_loss.detach()),
                       "lm_loss": float(l_loss.detach()), "lr": lr, "grad_norm": grad_norm}
             history.append(record)
@@ -210,7 +209,8 @@ def validate(model: VerifierModel, tokenizer, items: Sequence[tuple[str, str, bo
              batch_size: int = 16) -> dict[str, Any]:
     """Scores of held-out samples: their AUC (correct above incorrect; None with one class only), and the
     accuracy of thresholding the score at 0.5."""
-    from gptqlora.eval.verifier import LoadedVerifier, roc_auc, score_solutions
+    from gptqlora.eval.scoring import roc_auc
+    from gptqlora.verifier.load import LoadedVerifier, score_solutions
 
     scorer = LoadedVerifier(model, tokenizer, style, max_length, {})
     scores = score_solutions(scorer, [q for q, _, _ in items], [s for _, s, _ in items], batch_size)

@@ -29,20 +29,17 @@ def test_keeps_one_weight_per_dtype_until_another_kernel_is_chosen():
     assert layer._cache is None  # the memory is given back
 
 
-def test_set_cache_is_a_deprecated_alias():
+def test_dense_keeps_a_weight_until_auto_is_set_again():
     layer = random_layer(n=64, k=192)
-    with pytest.warns(DeprecationWarning, match="set_kernel"):
-        layer.set_cache(True)
-    assert layer.kernel == "dense" and layer.cache_dequantized
+    layer.set_kernel("dense")
+    assert layer.kernel == "dense"
     layer(torch.randn(2, 192))
     assert layer._cache is not None
-    with pytest.warns(DeprecationWarning):
-        layer.set_cache(False)
-    assert layer.kernel == "auto" and not layer.cache_dequantized and layer._cache is None
+    layer.set_kernel("auto")
+    assert layer.kernel == "auto" and layer._cache is None
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_on_cuda(dtype):
     layer = random_layer(n=256, k=576, bits=4, group_size=64, act_order=True, bias=True)

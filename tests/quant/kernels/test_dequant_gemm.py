@@ -67,7 +67,6 @@ def test_group_not_a_multiple_of_a_word_falls_back():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

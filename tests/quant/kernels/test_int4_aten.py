@@ -8,8 +8,6 @@ from gptqlora.quant.pack import unpack_qzeros
 
 from quant.kernels.layers import assert_matches, check_forward_and_input_grad, exact_output, random_layer, run
 
-CUDA = torch.cuda.is_available()
-
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("act_order", [False, True])
@@ -85,7 +83,6 @@ def test_act_order_needs_full_contiguous_groups():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 def test_tinygemm_equals_exact_product_on_cuda(act_order, group_size):

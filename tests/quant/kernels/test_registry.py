@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from gptqlora.config import KERNELS
 from gptqlora.errors import UsageError
-from gptqlora.quant.kernels import KERNELS, kernels_used, layer_facts, select_backend, set_kernel
-from gptqlora.quant.kernels.registry import CPU_INT4_MAX_M, auto_order
+from gptqlora.quant.kernels.registry import BACKENDS, CPU_INT4_MAX_M, auto_order, layer_facts, select_backend
+from gptqlora.quant.linear import kernels_used, set_kernel
 
 from quant.kernels.layers import assert_matches, exact_output, random_layer, run
 
@@ -69,6 +70,11 @@ def test_unknown_kernel_names_are_usage_errors():
     with pytest.raises(UsageError, match="unknown kernel"):
         set_kernel(nn.Sequential(layer), "marlin")
     assert KERNELS[0] == "auto"
+
+
+def test_every_kernel_name_is_auto_or_a_registry_row():
+    """--kernel's names are validated by config (layer 1), the rows that run them are the registry's: one each."""
+    assert KERNELS == ("auto", *BACKENDS)
 
 
 def test_set_kernel_sets_every_quantized_layer_of_a_model():

@@ -66,7 +66,6 @@ def test_not_on_the_cpu_without_the_interpreter(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -1,4 +1,4 @@
-"""dense: the dequantized weight, made once per layer and dtype and kept (the old ``set_cache(True)``).
+"""dense: the dequantized weight, made once per layer and dtype and kept while 'dense' is the preference.
 
 The fastest path when memory does not matter (a float model's own matmul), and what the GPTQ driver uses while it
 calibrates a block. It costs K*N elements of the compute dtype per layer: the 4-bit memory saving is gone while it is

@@ -1,4 +1,4 @@
-"""The target-module grammar (config.parse_targets): a regex whose matching could hang is refused before it meets a
+"""The target-module grammar (targets.parse_targets): a regex whose matching could hang is refused before it meets a
 name, naming where it came from; the regexes people write and the ones our adapters write are accepted."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 
 from conftest import deadline, make_tiny_llama, make_tiny_tokenizer
 from gptqlora import cli
-from gptqlora.config import ALL_TARGETS, MAX_TARGET_REGEX_CHARS, check_target_regex, parse_targets
 from gptqlora.errors import UsageError
+from gptqlora.targets import ALL_TARGETS, MAX_TARGET_REGEX_CHARS, check_target_regex, parse_targets
 
 # Regexes that backtrack for hours on a module name: nested repeats, a repeated alternation, too many '.*' in a row.
 HANGING = [r"(.*.*)*X", r"(a|ab)*c", r"(\w+\.)*X", r".*.*.*.*.*.*.*.*.*.*X",

@@ -1,4 +1,5 @@
-"""Teacher-forced answer-token loss: matches a manual computation, ignores prompt and padding, token-weighted."""
+"""The answer-token loss: matches a manual computation, ignores prompt and padding, token-weighted; the training
+NLL is the evaluation's; a world of one's shard is the whole batch."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptqlora.eval.loss import answer_token_loss, label_nll_sum
+from gptqlora.distributed import World
+from gptqlora.loss import answer_token_loss, label_count, label_nll, label_nll_sum, rank_shard
 
 
 def make_batch(seqs: list[list[int]], prompt_lens: list[int], pad_id: int = 258) -> dict[str, torch.Tensor]:
@@ -89,3 +91,23 @@ def test_restores_mode_and_rejects_no_labels(tiny_llama, data):
     assert tiny_llama.training
     with pytest.raises(ValueError, match="no labelled tokens"):
         answer_token_loss(tiny_llama, [make_batch(seqs[:2], [len(s) for s in seqs[:2]])])
+
+
+def test_the_training_nll_is_the_evaluations(tiny_llama, data):
+    seqs, prompt_lens = data
+    batch = make_batch(seqs, prompt_lens)
+    with torch.no_grad():
+        train_nll = label_nll(tiny_llama.eval(), batch).item()  # summed; differentiable when grads are on
+    out = answer_token_loss(tiny_llama, [batch])
+    assert out["tokens"] == label_count(batch) == 7 + 4 + 5 + 7
+    assert out["loss"] == train_nll / out["tokens"]  # the same logits, rows and sum, to the bit
+
+
+def test_a_world_of_one_scores_every_batch_whole_and_gets_the_same_bits(tiny_llama, data):
+    seqs, prompt_lens = data
+    batches = [make_batch(seqs[:2], prompt_lens[:2]), make_batch(seqs[2:], prompt_lens[2:])]
+    part, counts = rank_shard(batches[0], 0, 1)
+    assert part is batches[0] and counts
+    assert answer_token_loss(tiny_llama, batches, world=World()) == answer_token_loss(tiny_llama, batches)
+    unlabelled = make_batch(seqs[:1], [len(seqs[0])])  # a prompt only
+    assert rank_shard(unlabelled, 0, 1) == (unlabelled, False)
