@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -32,6 +33,14 @@ def _flag_names(name: str, aliases: Sequence[str]) -> list[str]:
     return names + [a for a in aliases if a != "--asym"]
 
 
+def _choices(choices: tuple | str | None) -> tuple | None:
+    """A field's choices: a tuple, or the dotted name of one that a higher layer owns (``config.opt``)."""
+    if not isinstance(choices, str):
+        return choices
+    module, _, name = choices.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, dest: str, aliases: Sequence[str]) -> None:
     meta = f.metadata
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -44,7 +53,7 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, dest: str, 
         if "--asym" in meta.get("aliases", ()):
             group.add_argument("--asym", dest=dest, action="store_false", help="Same as --no-sym.")
     else:
-        group.add_argument(*names, dest=dest, type=_SCALARS[kind], default=None, choices=meta.get("choices"),
+        group.add_argument(*names, dest=dest, type=_SCALARS[kind], default=None, choices=_choices(meta.get("choices")),
                            help=help_text, metavar=f.name.upper(), required=required)
 
 

@@ -22,18 +22,19 @@ DEFAULT_HUB_DATASET = "openai/gsm8k"
 
 # Group sizes the GPTQ ecosystem reads (gptqmodel's kernels; vLLM's Marlin takes -1, 32, 64 and 128).
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
-# --kernel's names: 'auto', then one per backend row of gptqlora.quant.kernels.registry (which says what each supports
-# and what auto picks, and imports these names; a test ties the two). They live here, in layer 1, so that a wrong
-# --kernel is refused while the command line is parsed, before any model loads.
-KERNELS = ("auto", "dequant", "dequant-gemm", "int4-aten", "triton", "dense")
+DTYPES = ("float32", "bfloat16", "float16")  # the compute and storage dtypes a model may ask for (and --dtype, + auto)
 DEFAULT_TEMPERATURE = 0.7  # self-consistency sampling, used only with --samples
 DEFAULT_TOP_P = 0.95
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, aliases: tuple[str, ...] = (),
+def opt(default: Any = None, help: str = "", *, choices: tuple | str | None = None, aliases: tuple[str, ...] = (),
         factory: Any = None, required: bool = False) -> Any:
-    """A dataclass field carrying its CLI help (the field's docstring), choices and extra flag spellings."""
+    """A dataclass field carrying its CLI help (the field's docstring), choices and extra flag spellings.
+
+    ``choices`` is a tuple, or the dotted name (``"package.module.NAME"``) of a tuple a higher layer owns, which the
+    command line (the top layer) reads when it builds the parser: e.g. the kernel names of the kernel registry.
+    """
     meta = {"help": help, "choices": choices, "aliases": aliases, "required": required}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -93,22 +94,20 @@ class ModelConfig:
                                     "directory, or a hub id such as meta-llama/Llama-2-7b-hf.")
     dtype: str = opt("auto", "Compute dtype: 'auto' (bfloat16 on CUDA; on a CPU float32, or bfloat16 for evaluating a "
                              "float model where the CPU runs it natively), 'float32' or 'bfloat16'.",
-                     choices=("auto", "float32", "bfloat16", "float16"))
+                     choices=("auto", *DTYPES))
     device: str = opt("auto", "Device: 'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.")
     cache_dir: str | None = opt(None, "Where the embedded model is cached as safetensors "
                                       "(default $GPTQLORA_CACHE or ~/.cache/gptqlora).")
     kernel: str = opt("auto", "Kernel of the quantized layers: 'auto' (per device, dtype and tokens per call, the "
                               "fastest measured), 'int4-aten', 'dequant-gemm', 'triton' (CUDA), 'dequant' (the "
                               "reference) or 'dense' (keeps a dequantized copy of every weight: fast, but the memory "
-                              "saving is gone).", choices=KERNELS)
+                              "saving is gone).", choices="gptqlora.quant.kernels.registry.KERNELS")
 
     def __post_init__(self) -> None:
         if not _DEVICE_RE.match(self.device):
             raise UsageError(f"device {self.device!r} is unknown: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UsageError(f"dtype {self.dtype!r} is unknown: use auto, float32, bfloat16 or float16")
-        if self.kernel not in KERNELS:
-            raise UsageError(f"kernel {self.kernel!r} is unknown: choose one of {', '.join(KERNELS)}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise UsageError(f"dtype {self.dtype!r} is unknown: use auto, {', '.join(DTYPES)}")
         if not self.model:
             raise UsageError("--model is empty: give the alias 'smollm2-135m', a model directory or a hub id")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gptqlora.config import DTYPES
 from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.files import read_json_object, staged_dir
 from gptqlora.quant.checkpoint import check_architecture, is_quantized_dir, load_quantized
@@ -44,8 +45,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: str, inference: bool = False
         from gptqlora.hardware import resolve_bf16
 
         return torch.bfloat16 if inference and resolve_bf16(None, torch.device("cpu")) else torch.float32
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"dtype {dtype!r} is unknown: use auto, float32, bfloat16 or float16")
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype {dtype!r} is unknown: use auto, {', '.join(DTYPES)}")
     return getattr(torch, dtype)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from gptqlora.config import QuantConfig
+from gptqlora.config import DTYPES, QuantConfig
 from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.files import read_json_object, staged_dir
 from gptqlora.quant.driver import STAGES, decoder_layers
@@ -159,8 +159,8 @@ def read_quantized_config(path: str | os.PathLike) -> tuple[dict, QuantConfig]:
     block = raw.get("quantization_config")
     qconfig = quant_config_from_dict(block, f"{path / 'config.json'} quantization_config")
     dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"{path / 'config.json'}: dtype {dtype!r} is unknown: use float32, bfloat16 or float16")
+    if dtype not in DTYPES:
+        raise UsageError(f"{path / 'config.json'}: dtype {dtype!r} is unknown: use {', '.join(DTYPES)}")
     side = path / "quantize_config.json"
     if side.is_file():
         other = read_json_object(side)

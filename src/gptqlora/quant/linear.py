@@ -166,7 +166,7 @@ class QuantizedLinear(nn.Module):
         return hit
 
     def set_kernel(self, name: str) -> None:
-        """Prefer kernel ``name`` (one of ``gptqlora.config.KERNELS``); layouts of the old choice are dropped."""
+        """Prefer kernel ``name`` (one of ``gptqlora.quant.kernels.registry.KERNELS``); layouts of the old choice are dropped."""
         check_kernel(name)
         self.kernels_seen.clear()
         self.last_kernel = None  # so that the next call records its backend in kernels_seen
@@ -260,7 +260,7 @@ def set_kernel(model: nn.Module, name: str) -> int:
     """Set every QuantizedLinear's kernel preference in ``model``; layers drop layouts they no longer need.
 
     Args:
-        name: one of ``gptqlora.config.KERNELS``; a layer a backend cannot run falls back to ``dequant`` (with a
+        name: one of ``gptqlora.quant.kernels.registry.KERNELS``; a layer a backend cannot run falls back to ``dequant`` (with a
             warning).
     Returns:
         The number of QuantizedLinear layers set.

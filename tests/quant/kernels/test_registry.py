@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from gptqlora.config import KERNELS
 from gptqlora.errors import UsageError
-from gptqlora.quant.kernels.registry import BACKENDS, CPU_INT4_MAX_M, auto_order, layer_facts, select_backend
+from gptqlora.quant.kernels.registry import BACKENDS, CPU_INT4_MAX_M, KERNELS, auto_order, layer_facts, select_backend
 from gptqlora.quant.linear import kernels_used, set_kernel
 
 from quant.kernels.layers import assert_matches, exact_output, random_layer, run
@@ -72,9 +71,16 @@ def test_unknown_kernel_names_are_usage_errors():
     assert KERNELS[0] == "auto"
 
 
-def test_every_kernel_name_is_auto_or_a_registry_row():
-    """--kernel's names are validated by config (layer 1), the rows that run them are the registry's: one each."""
+def test_the_command_lines_kernel_names_are_the_registrys():
+    """One list of kernel names, the registry's ('auto', then one per backend row); every command's --kernel offers
+    exactly those, so a new backend row is a new choice and a wrong name is refused while parsing."""
+    from gptqlora.cli import build_parser
+
     assert KERNELS == ("auto", *BACKENDS)
+    commands = build_parser()._subparsers._group_actions[0].choices
+    offered = {name: next(a.choices for a in sub._actions if "--kernel" in a.option_strings)
+               for name, sub in commands.items() if any("--kernel" in a.option_strings for a in sub._actions)}
+    assert offered and all(tuple(choices) == KERNELS for choices in offered.values()), offered
 
 
 def test_set_kernel_sets_every_quantized_layer_of_a_model():

@@ -47,7 +47,6 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from gptqlora.config import KERNELS
 from gptqlora.errors import UsageError
 from gptqlora.quant.pack import unpack_qzeros
 
@@ -147,6 +146,11 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("dense", "gptqlora.quant.kernels.dense", {"*": _ANY_FLOAT}, frozenset({2, 3, 4, 8}),
             doc="the dequantized weight kept per layer (fast, but the 4-bit memory saving is gone)"),
 )}
+
+
+# --kernel's names: 'auto', then one per backend row above. The command line reads them for --kernel's choices, so a
+# wrong name is refused while parsing, before any model loads; a library caller gets check_kernel's error.
+KERNELS = ("auto", *BACKENDS)
 
 
 def check_kernel(name: str) -> str:
