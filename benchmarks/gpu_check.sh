@@ -5,6 +5,8 @@
 #   3. a tiny end-to-end run through the CLI on the device: quantize (GPTQ 4-bit) a small random LLaMA built here
 #      (byte-level tokenizer; the embedded model's 0.5 GB cache cannot travel to an offline machine), fine-tune it
 #      for 5 steps, evaluate 8 GSM8K test questions; accuracy means nothing here, that every stage runs does;
+#      and, where a vLLM environment is there (GPU_CHECK_VLLM_PYTHON, else python3 when it imports vllm, else
+#      .venv-vllm/bin/python), the same evaluation with --engine vllm (its stage is "skipped" otherwise);
 #   4. one JSON line on stdout, last: {"check": "gpu", ...} with the test outcome, the benchmark's JSON and the
 #      end-to-end stages' exit codes, seconds, and the eval summary's kernels.
 # GSM8K comes from $GSM8K_DIR, else ../shared/data/gsm8k, else runs/gpu_data/gsm8k (copy it there and carry it).
@@ -97,7 +99,7 @@ CLI=("$PY" -m gptqlora.cli)
 stage() {  # stage NAME ARGS...: run one CLI stage, log it, record "NAME rc seconds"
     local name=$1; shift
     local t0=$(date +%s%N)
-    timeout 120 "${CLI[@]}" "$@" >"$E2E/$name.log" 2>&1
+    timeout "${STAGE_TIMEOUT:-120}" "${CLI[@]}" "$@" >"$E2E/$name.log" 2>&1
     local rc=$?
     echo "$name $rc $(( ($(date +%s%N) - t0) / 1000000 ))" >>"$E2E/stages.txt"  # milliseconds
     tail -n 3 "$E2E/$name.log" >&2
@@ -108,6 +110,16 @@ stage finetune finetune --quantized "$E2E/quantized" --device "$DEVICE" --out "$
     --train-limit 40 --eval-holdout 4 --batch-size 2 --max-length 128
 stage eval eval --quantized "$E2E/quantized" --adapter "$E2E/finetune/lora_adapter" --device "$DEVICE" \
     --limit 8 --max-new-tokens 32 --batch-size 8 --output-dir "$E2E/eval"
+VLLM_PY="${GPU_CHECK_VLLM_PYTHON:-}"
+if [ -z "$VLLM_PY" ] && python3 -c "import vllm" >/dev/null 2>&1; then VLLM_PY=$(command -v python3); fi
+if [ -z "$VLLM_PY" ] && [ -x .venv-vllm/bin/python ]; then VLLM_PY=.venv-vllm/bin/python; fi
+if [ -n "$VLLM_PY" ]; then  # vLLM's server start takes a minute or two
+    STAGE_TIMEOUT=400 stage eval_vllm eval --quantized "$E2E/quantized" --adapter "$E2E/finetune/lora_adapter" \
+        --device "$DEVICE" --limit 8 --max-new-tokens 32 --batch-size 8 --output-dir "$E2E/eval_vllm" \
+        --engine vllm --vllm-python "$VLLM_PY"
+else
+    echo "eval_vllm skipped: no vLLM environment on this machine" >>"$E2E/skipped.txt"
+fi
 
 # ---------------------------------------------------------------------------------------------- 4. one JSON line
 "$PY" - "$OUT_DIR" "$TESTS_RC" "$BENCH_RC" "$START" "$INSTALL" <<'EOF'
@@ -139,6 +151,15 @@ try:
     e2e["eval"] |= {"n": summary["n"], "kernels": summary.get("kernels"), "dtype": summary["provenance"]["dtype"]}
 except (OSError, ValueError, KeyError) as e:
     e2e["report_error"] = str(e)
+if (out / "e2e" / "skipped.txt").is_file():
+    e2e["eval_vllm"] = {"skipped": (out / "e2e" / "skipped.txt").read_text().strip()}
+elif "eval_vllm" in e2e:
+    try:
+        summary = json.loads((out / "e2e" / "eval_vllm" / "summary.json").read_text())
+        e2e["eval_vllm"] |= {"n": summary["n"], "engine": summary["provenance"].get("engine"),
+                             "accuracy": summary["greedy"]["accuracy"]}
+    except (OSError, ValueError, KeyError) as e:
+        e2e["eval_vllm"]["report_error"] = str(e)
 e2e_ok = [e2e.get(s, {}).get("exit_code") for s in ("quantize", "finetune", "eval")] == [0, 0, 0]
 print(json.dumps({"check": "gpu", "ok": tests_rc == 0 and bench_rc == 0 and e2e_ok, "install": install,
                   "torch": torch.__version__, "cuda": torch.version.cuda,

@@ -16,6 +16,7 @@ from gptqlora.models import load_model
 from gptqlora.provenance import base_record
 from gptqlora.quant.checkpoint import save_quantized
 from gptqlora.quant.driver import quantize_model_weights
+from gptqlora.eval import engine as engine_module
 from gptqlora.verifier import samples as samples_module
 from gptqlora.verifier.load import load_verifier, score_samples, score_solutions
 from gptqlora.verifier.samples import SAMPLE_CONFIG, SAMPLES, SUMMARY, sample_gsm8k
@@ -36,7 +37,7 @@ def quantized_dir(tmp_path):
 @pytest.fixture
 def scripted_samples(monkeypatch, gsm8k_dir):
     """Sampling that writes the gold answer in a sample's text when its index is even, a wrong one otherwise."""
-    monkeypatch.setattr(samples_module, "generate_samples", scripted(gsm8k_dir))
+    monkeypatch.setattr(engine_module, "generate_samples", scripted(gsm8k_dir))
 
 
 def test_sample_train_verifier_score_end_to_end(tmp_path, quantized_dir, gsm8k_dir, scripted_samples, capsys):

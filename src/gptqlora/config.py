@@ -383,6 +383,34 @@ class EvalConfig:
                              f"(got {self.temperature}, {self.top_p})")
 
 
+ENGINES = ("ours", "vllm")
+
+
+@dataclass
+class EngineConfig:
+    engine: str = opt("ours", "What generates: 'ours' (our decoding loop, the reference) or 'vllm' (a vLLM server "
+                              "started from the environment `make vllm-env` builds, or the one at --engine-url).",
+                      choices=ENGINES)
+    engine_url: str | None = opt(None, "With --engine vllm: a running vLLM server (http://HOST:PORT) serving the model "
+                                       "(and the adapter as a LoRA module) to use instead of starting one.")
+    vllm_python: str | None = opt(None, "With --engine vllm: the Python of the vLLM environment (default "
+                                        "$GPTQLORA_VLLM_PYTHON, else .venv-vllm/bin/python).")
+    tensor_parallel_size: int = opt(1, "With --engine vllm on GPUs: the GPUs vLLM splits the model over.")
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise UsageError(f"engine {self.engine!r} is unknown: use {' or '.join(ENGINES)}")
+        if self.engine != "vllm":
+            given = [n for n in ("engine_url", "vllm_python") if getattr(self, n)]
+            if given or self.tensor_parallel_size != 1:
+                name = given[0] if given else "tensor_parallel_size"
+                raise UsageError(f"--{name.replace('_', '-')} is for --engine vllm")
+        if self.tensor_parallel_size < 1:
+            raise UsageError(f"tensor_parallel_size ({self.tensor_parallel_size}) must be >= 1")
+        if self.engine_url and not re.match(r"^https?://[^/\s]+/?$", self.engine_url):
+            raise UsageError(f"--engine-url {self.engine_url!r}: give http://HOST:PORT")
+
+
 @dataclass
 class RunConfig:
     test_limit: int = opt(250, "Test questions `gptqlora run` evaluates each model on (0 = the whole test split).")

@@ -55,3 +55,8 @@ def resolve_bf16(requested: bool | None, device: torch.device) -> bool:
     except RuntimeError:
         ok = False
     return native and ok
+
+
+def cpu_has_avx512() -> bool:
+    """Whether this CPU runs AVX-512 (torch's dispatch level, as vLLM's CPU build picks its ``_C_AVX512`` library)."""
+    return "AVX512" in torch.backends.cpu.get_cpu_capability()

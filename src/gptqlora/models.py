@@ -162,6 +162,12 @@ def model_input_path(name_or_path: str, cache_dir: str | os.PathLike | None = No
     return path if looks_local else None
 
 
+def local_model_dir(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """:func:`model_input_path`, with an embedded model converted to its cache first (for a reader outside this
+    process, such as a vLLM server); None for a hub id."""
+    return embedded_model_dir(name_or_path, cache_dir) if name_or_path in EMBEDDED else model_input_path(name_or_path)
+
+
 def check_model_source(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
     """Check, without loading weights, that a model name can be read; returns its local directory (None: hub id).
 

@@ -31,3 +31,13 @@ def seed_everything(seed: int) -> None:
     except ImportError:  # NumPy is optional: nothing of ours draws from it
         return
     np.random.seed(seed % 2**32)  # NumPy takes 32-bit seeds
+
+
+def request_seed(seed: int, *parts: int) -> int:
+    """A 31-bit seed for one request of an engine that seeds each request apart (vLLM's per-request ``seed``): a
+    hash of ``seed`` and ``parts`` (e.g. a question's place in its batch and a sample's number), so every request
+    draws apart from the others and from what ran before it."""
+    import hashlib
+
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF

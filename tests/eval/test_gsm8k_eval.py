@@ -24,6 +24,7 @@ from transformers import LlamaConfig
 from gptqlora.config import EvalConfig
 from gptqlora.data.gsm8k import gold_answer, load_gsm8k, strip_calculator
 from gptqlora.errors import UsageError
+from gptqlora.eval import engine as engine_module
 from gptqlora.eval import gsm8k_eval
 from gptqlora.eval.gsm8k_eval import (
     build_eval_prompts,
@@ -153,8 +154,8 @@ def run_scripted(monkeypatch, tok, samples: int, out_dir=None, batch: int = 3, s
                  provenance: dict | None = None):
     calls: list[dict] = []
     fake_generate, fake_samples = scripted_generate(SC_GREEDY, SC_SAMPLES, calls)
-    monkeypatch.setattr(gsm8k_eval, "generate", fake_generate)
-    monkeypatch.setattr(gsm8k_eval, "generate_samples", fake_samples)
+    monkeypatch.setattr(engine_module, "generate", fake_generate)
+    monkeypatch.setattr(engine_module, "generate_samples", fake_samples)
     lines: list[str] = []
     summary = evaluate_gsm8k(None, tok, SC_ENTRIES, scripted_config(samples, batch), style="plain", out_dir=out_dir,
                              log=lines.append, seed=seed, split="test", provenance=provenance)
@@ -206,7 +207,7 @@ def test_no_solution_leaks_into_prompts(monkeypatch, tok, test_entries, train_en
     assert not {e["answer"].strip().splitlines()[-1].strip() for e in exemplars} & set(gold_lines)
 
     captured: list[str] = []
-    monkeypatch.setattr(gsm8k_eval, "generate", lambda m, t, prompts, **kw: captured.extend(prompts) or [""] * len(prompts))
+    monkeypatch.setattr(engine_module, "generate", lambda m, t, prompts, **kw: captured.extend(prompts) or [""] * len(prompts))
     evaluate_gsm8k(None, tok, entries, EvalConfig(eval_batch_size=4), style=style, exemplars=exemplars,
                    log=lambda line: None)
     assert captured == build_eval_prompts(entries, style, tok, exemplars)
@@ -380,8 +381,8 @@ def test_eval_settings_change_with_what_changes_the_records(tok):
 
 def test_records_are_strict_json_even_for_an_out_of_range_answer(monkeypatch, tok, tmp_path):
     huge = "#### " + "9" * 400  # beyond float range: no answer (JSON has no inf), so the vote ignores it
-    monkeypatch.setattr(gsm8k_eval, "generate", lambda m, t, prompts, **kw: [huge] * len(prompts))
-    monkeypatch.setattr(gsm8k_eval, "generate_samples", lambda m, t, ps, k, **kw: [[huge, "#### 5"]] * len(ps))
+    monkeypatch.setattr(engine_module, "generate", lambda m, t, prompts, **kw: [huge] * len(prompts))
+    monkeypatch.setattr(engine_module, "generate_samples", lambda m, t, ps, k, **kw: [[huge, "#### 5"]] * len(ps))
     lines: list[str] = []
     evaluate_gsm8k(None, tok, SC_ENTRIES[:1], scripted_config(2), style="plain", out_dir=tmp_path, log=lines.append)
     assert lines == ["[0] predicted=None gold=5 correct=False voted=5 voted_correct=True"]
@@ -412,7 +413,7 @@ def test_write_results_keeps_the_old_files_on_failure(monkeypatch, tmp_path):
 
 
 def test_evaluate_checks_before_generating(monkeypatch, tok, tmp_path):
-    monkeypatch.setattr(gsm8k_eval, "generate", lambda *a, **kw: pytest.fail("generated before checking"))
+    monkeypatch.setattr(engine_module, "generate", lambda *a, **kw: pytest.fail("generated before checking"))
     with pytest.raises(UsageError, match="no GSM8K entries"):
         evaluate_gsm8k(None, tok, [], EvalConfig(), style="plain")
     with pytest.raises(UsageError, match="entry 1 cannot be scored.*#### <number>"):
@@ -569,7 +570,7 @@ def test_resuming_a_finished_run_only_rescores(monkeypatch, tmp_path, reference)
     ref = reference(2)
     out = copy_of(ref, tmp_path / "done")
     (out / "summary.json").unlink()
-    monkeypatch.setattr(gsm8k_eval, "generate", lambda *a, **kw: pytest.fail("generated with nothing left"))
+    monkeypatch.setattr(engine_module, "generate", lambda *a, **kw: pytest.fail("generated with nothing left"))
     lines: list[str] = []
     summary = run_eval(out, 2, resume=True, log=lines.append)
     assert lines == [f"resuming: 6 of 6 questions answered in {out / 'predictions.jsonl'}"]
@@ -590,7 +591,7 @@ def test_resuming_a_finished_run_only_rescores(monkeypatch, tmp_path, reference)
 def test_resume_with_other_settings_is_refused_and_changes_nothing(monkeypatch, tmp_path, reference, change, named):
     out = copy_of(reference(0), tmp_path / "cut", keep_lines=3, torn=9)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(gsm8k_eval, "generate", lambda *a, **kw: pytest.fail("generated despite other settings"))
+    monkeypatch.setattr(engine_module, "generate", lambda *a, **kw: pytest.fail("generated despite other settings"))
     with pytest.raises(UsageError, match="other settings.*" + re.escape(named)):
         run_eval(out, resume=True, **change)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -599,7 +600,7 @@ def test_resume_with_other_settings_is_refused_and_changes_nothing(monkeypatch, 
 @pytest.mark.parametrize("present", [(), ("predictions.jsonl",), ("eval_config.json",), None],
                          ids=["empty", "no-config", "no-predictions", "no-out-dir"])
 def test_resume_with_nothing_to_resume_is_refused(monkeypatch, tmp_path, reference, present):
-    monkeypatch.setattr(gsm8k_eval, "generate", lambda *a, **kw: pytest.fail("generated with nothing to resume"))
+    monkeypatch.setattr(engine_module, "generate", lambda *a, **kw: pytest.fail("generated with nothing to resume"))
     if present is None:
         with pytest.raises(UsageError, match="resume needs the output directory"):
             run_eval(None, resume=True)

@@ -13,6 +13,7 @@ from conftest import make_tiny_tokenizer
 
 from gptqlora.config import EvalConfig
 from gptqlora.errors import UsageError
+from gptqlora.eval import engine as engine_module
 from gptqlora.eval import gsm8k_eval
 from gptqlora.eval.gsm8k_eval import evaluate_gsm8k
 from gptqlora.eval.rerank import rerank_fields, rerank_scores
@@ -76,8 +77,8 @@ def test_the_evaluator_reranks_each_batch_with_the_callable_it_is_given(monkeypa
     def question(prompt: str) -> str:
         return next(q for q in SAMPLES if q in prompt)
 
-    monkeypatch.setattr(gsm8k_eval, "generate", lambda model, tok, prompts, **kw: ["#### 0"] * len(prompts))
-    monkeypatch.setattr(gsm8k_eval, "generate_samples", lambda model, tok, prompts, k, **kw: [
+    monkeypatch.setattr(engine_module, "generate", lambda model, tok, prompts, **kw: ["#### 0"] * len(prompts))
+    monkeypatch.setattr(engine_module, "generate_samples", lambda model, tok, prompts, k, **kw: [
         [text for text, _ in SAMPLES[question(p)]][:k] for p in prompts])
     rerank = StandInRerank()
     config = EvalConfig(eval_batch_size=2, max_new_tokens=8, samples=3, temperature=0.5, top_p=0.9)

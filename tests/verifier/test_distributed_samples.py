@@ -25,6 +25,7 @@ from conftest import make_tiny_llama, make_tiny_tokenizer, one_torch_thread
 
 from gptqlora import cli, distributed
 from gptqlora.config import EvalConfig
+from gptqlora.eval import engine as engine_module
 from gptqlora.verifier import samples as samples_module
 from gptqlora.verifier.samples import SAMPLE_FILES, sample_gsm8k
 
@@ -116,7 +117,7 @@ def test_run_with_the_verifier_stage_on_two_ranks(tmp_path, one_thread, gsm8k_di
     make_tiny_llama().save_pretrained(tmp_path / "tiny")
     make_tiny_tokenizer().save_pretrained(tmp_path / "tiny")
     one, two = tmp_path / "one", tmp_path / "two"
-    monkeypatch.setattr(samples_module, "generate_samples", scripted_samples(gsm8k_dir))
+    monkeypatch.setattr(engine_module, "generate_samples", scripted_samples(gsm8k_dir))
     assert cli.main(run_argv(tmp_path / "tiny", gsm8k_dir, one, batch_size=2)) == 0
     # Two processes with the global batch of one (1 x 2 processes).
     proc = torchrun([__file__, "cli", str(gsm8k_dir), *run_argv(tmp_path / "tiny", gsm8k_dir, two, batch_size=1)],
@@ -155,7 +156,7 @@ def test_run_with_the_verifier_stage_on_two_ranks(tmp_path, one_thread, gsm8k_di
 
 def main() -> None:
     if sys.argv[1] == "cli":  # cli DATA_DIR ARGV...: the CLI with scripted samples
-        samples_module.generate_samples = scripted_samples(sys.argv[2])
+        engine_module.generate_samples = scripted_samples(sys.argv[2])
         sys.exit(cli.main(sys.argv[3:]))
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["sample"])

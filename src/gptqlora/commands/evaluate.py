@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptqlora.config import (BATCH_ALIASES, DataConfig, EvalConfig, ModelConfig, PromptConfig, SplitConfig,
+from gptqlora.config import (BATCH_ALIASES, DataConfig, EngineConfig, EvalConfig, ModelConfig, PromptConfig, SplitConfig,
                              adapter_field, check_resume_flags, group, opt, overwrite_field, quantized_field,
                              seed_field)
 from gptqlora.context import RunContext
@@ -26,6 +26,7 @@ class EvalArgs:
     prompt: PromptConfig = group(PromptConfig)
     split: SplitConfig = group(SplitConfig)
     eval: EvalConfig = group(EvalConfig, aliases=BATCH_ALIASES)
+    engine: EngineConfig = group(EngineConfig)
     seed: int = seed_field()
     quantized: str | None = quantized_field()
     adapter: str | None = adapter_field()
@@ -54,7 +55,7 @@ def evaluate(args: EvalArgs) -> dict | None:
     from gptqlora.verifier.model import read_verifier_config
 
     source = check_scored_model(args.model, args.quantized, args.adapter, args.eval.max_new_tokens,
-                                args.prompt.prompt_style)
+                                args.prompt.prompt_style, args.engine)
     if args.verifier:
         read_verifier_config(args.verifier)
     entries = load_gsm8k(args.split.split, args.data.data)[: args.split.limit]
@@ -65,5 +66,5 @@ def evaluate(args: EvalArgs) -> dict | None:
                         overwrite=args.overwrite, resume=args.resume, what="--output-dir") as out:
             summary = evaluate_model(run, args.model, args.quantized, args.adapter, args.verifier, entries, exemplars,
                                      args.eval, args.prompt.prompt_style, out, split=args.split.split,
-                                     resume=args.resume)
+                                     resume=args.resume, engine=args.engine)
     return run.main_only(summary | {"output_dir": str(out)})

@@ -29,12 +29,13 @@ import time
 from dataclasses import dataclass
 
 from gptqlora import distributed
-from gptqlora.config import (CalibConfig, DataConfig, EvalConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig,
+from gptqlora.config import (CalibConfig, DataConfig, EngineConfig, EvalConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig,
                              RunConfig, TrainConfig, TrainDataConfig, check_resume_flags, group, overwrite_field,
                              seed_field)
 from gptqlora.context import RunContext
 from gptqlora.workflows.base import calib_inputs, check_calibration, local_data_dir, prepare_base, quantizes
-from gptqlora.workflows.pipeline import Evaluations, check_resumable, flat_settings, verifier_stage
+from gptqlora.workflows.pipeline import (Evaluations, check_resumable, check_served_quantization, flat_settings,
+                                        verifier_stage)
 from gptqlora.workflows.scored import check_scored_model, fewshot
 from gptqlora.workflows.training import check_lora_targets, gsm8k_source, load_training_data, train_on_base
 
@@ -50,6 +51,7 @@ class RunArgs:
     train: TrainConfig = group(TrainConfig)
     train_data: TrainDataConfig = group(TrainDataConfig)
     eval: EvalConfig = group(EvalConfig)
+    engine: EngineConfig = group(EngineConfig)
     run: RunConfig = group(RunConfig)
     seed: int = seed_field()
     overwrite: bool = overwrite_field()
@@ -69,7 +71,8 @@ def run(args: RunArgs) -> dict | None:
     mc, qc, tc, style = args.model, args.quant, args.train, args.prompt.prompt_style
     check_fsdp(tc.fsdp, distributed.world())
     # its quantized copy has the float model's context and tokenizer
-    source = check_scored_model(mc, None, None, args.eval.max_new_tokens, style)
+    source = check_scored_model(mc, None, None, args.eval.max_new_tokens, style, args.engine)
+    check_served_quantization(args.engine, mc, qc, source)  # the base it will quantize, before any work
     check_lora_targets(source, args.lora.lora_targets)
     train, held, data_report = load_training_data(args.data, args.train_data, tc, args.seed)
     calib_data = gsm8k_source(args.data, args.train_data)
@@ -82,7 +85,8 @@ def run(args: RunArgs) -> dict | None:
         with run.output(tc.out, inputs=[source, local_data_dir(args.data.data), *calib_inputs(args.calib)],
                         overwrite=args.overwrite, resume=tc.resume,
                         check=functools.partial(check_resumable, settings=settings) if tc.resume else None) as out:
-            evals = Evaluations(run, out, mc, args.eval, style, test, exemplars, resume=tc.resume)
+            evals = Evaluations(run, out, mc, args.eval, style, test, exemplars, resume=tc.resume,
+                                engine=args.engine)
             evals.start(settings)
             if not args.run.skip_float_eval:
                 evals.evaluate("float base")
@@ -104,7 +108,7 @@ def run(args: RunArgs) -> dict | None:
             if args.run.verifier_questions:
                 start = time.perf_counter()
                 verifier = verifier_stage(run, out, base_dir, adapter, mc, args.data.data, style, args.lora,
-                                          args.eval, args.run)
+                                          args.eval, args.run, args.engine)
                 evals.timings["verifier: sample and train"] = round(time.perf_counter() - start, 1)
                 evals.evaluate(f"{qc.method} {qc.bits}-bit + LoRA + verifier", base_dir, adapter, verifier,
                                samples=args.run.verifier_samples)

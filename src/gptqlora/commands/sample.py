@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gptqlora.config import (BATCH_ALIASES, DataConfig, EvalConfig, ModelConfig, PromptConfig, adapter_field,
+from gptqlora.config import (BATCH_ALIASES, DataConfig, EngineConfig, EvalConfig, ModelConfig, PromptConfig,
+                             adapter_field,
                              check_resume_flags, group, opt, overwrite_field, quantized_field, seed_field)
 from gptqlora.context import RunContext
 from gptqlora.errors import UsageError
@@ -33,6 +34,7 @@ class SampleArgs:
     data: DataConfig = group(DataConfig)
     prompt: PromptConfig = group(PromptConfig)
     eval: EvalConfig = group(EvalConfig, aliases=BATCH_ALIASES)
+    engine: EngineConfig = group(EngineConfig)
     split: str = opt("train", "GSM8K split to sample: only 'train' (labels are training data; test gold must never "
                               "reach training).", choices=("train", "test"))
     limit: int | None = opt(None, "Sample the first N questions only (default: the whole split).")
@@ -61,11 +63,12 @@ def sample(args: SampleArgs) -> dict | None:
     """Check inputs and output, load the generator, sample and label; returns the summary (None on ranks other than
     0, which print nothing)."""
     source = check_scored_model(args.model, args.quantized, args.adapter, args.eval.max_new_tokens,
-                                args.prompt.prompt_style)
+                                args.prompt.prompt_style, args.engine)
     entries, exemplars = sample_questions(args.data.data, args.split, args.limit, args.eval.shots, args.seed)
     with RunContext.start(args.model.device, args.seed) as run:
         with run.output(args.out, inputs=[source, args.adapter, local_data_dir(args.data.data)],
                         overwrite=args.overwrite, resume=args.resume) as out:
             summary = sample_solutions(run, out, args.model, args.quantized, args.adapter, entries, exemplars,
-                                       args.eval, args.prompt.prompt_style, split=args.split, resume=args.resume)
+                                       args.eval, args.prompt.prompt_style, split=args.split, resume=args.resume,
+                                       engine=args.engine)
     return run.main_only(summary | {"out": str(out)})

@@ -179,10 +179,12 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
-    """The tokenizer's eos plus any eos ids in the model's generation config (as ``model.generate`` stops on)."""
+def eos_token_ids(model: torch.nn.Module | None, tokenizer, generation_config: Any = None) -> set[int]:
+    """The tokenizer's eos plus any eos ids in the model's generation config (as ``model.generate`` stops on); a
+    ``generation_config`` given (a model served elsewhere) stands for the model's."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    generation_config = generation_config or getattr(model, "generation_config", None)
+    gen_eos = getattr(generation_config, "eos_token_id", None)
     if gen_eos is not None:
         ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
     return ids

@@ -37,13 +37,12 @@ from gptqlora.config import EvalConfig
 from gptqlora.data.gsm8k import (answers_match, build_prompt, extract_answer, gold_answer, prompt_gets_bos,
                                  resolve_style)
 from gptqlora.errors import UsageError
-from gptqlora.eval.generate import generate, generate_samples
+from gptqlora.eval.engine import Engine, as_engine
 from gptqlora.eval.records import RecordFiles, answer_batches, open_output, record_line
 from gptqlora.eval.rerank import Rerank, rerank_fields, rerank_scores
 from gptqlora.eval.scoring import majority_vote, score_block
 from gptqlora.files import write_atomic
 from gptqlora.seeding import permutation
-from gptqlora.quant.linear import kernels_used
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -215,7 +214,8 @@ def _golds(entries: Sequence[dict]) -> list[float]:
     return golds
 
 
-def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: EvalConfig, *, style: str = "auto",
+def evaluate_gsm8k(model: nn.Module | Engine, tokenizer, entries: Sequence[dict], config: EvalConfig, *,
+                   style: str = "auto",
                    exemplars: Sequence[dict] = (), out_dir: str | os.PathLike | None = None,
                    log: Callable[[str], Any] = print, seed: int = 0, split: str | None = None,
                    resume: bool = False, provenance: dict | None = None,
@@ -237,7 +237,8 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
     questions' lines, and rank 0 writes the shared files, which end with the bytes of a one-process run.
 
     Args:
-        model: a Hugging Face causal LM (float, quantized, with or without LoRA).
+        model: a Hugging Face causal LM (float, quantized, with or without LoRA), decoded by our loop; or an
+            engine that serves one (``gptqlora.eval.vllm.VLLMEngine``).
         tokenizer: its tokenizer.
         entries: the GSM8K entries to evaluate (already limited by the caller).
         config: batch size, token budget and self-consistency settings.
@@ -257,7 +258,8 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
         ``{"n", "style", "shots", "greedy": {"correct", "accuracy", "ci95"}}``, plus
         ``"self_consistency": {"k", "temperature", "top_p", "correct", "accuracy", "ci95"}`` when sampling, then
         ``"settings"`` (see :func:`eval_settings`), ``"provenance"``, ``"resumed_from"`` (records kept from earlier
-        runs), ``"kernels"``, ``"world_size"`` (processes that generated) and ``"seconds_this_run"``,
+        runs), ``"engine"`` (``"ours"`` or ``"vllm"``), ``"kernels"``, ``"world_size"`` (processes that
+        generated) and ``"seconds_this_run"``,
         ``"generated_tokens_this_run"``, ``"tokens_per_s_this_run"`` (this run's generation only, all ranks).
         Scores cover every record, kept and new. Every rank returns the same summary.
     Raises:
@@ -271,8 +273,9 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
     golds = _golds(entries)
     prompts = build_eval_prompts(entries, style, tokenizer, exemplars)
     add_special = prompt_gets_bos(tokenizer, style)  # as training saw them (encode_texts)
+    engine = as_engine(model, tokenizer)
     gen_kw = dict(max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size,
-                  stop_after_answer_line=True, add_special_tokens=add_special)
+                  add_special_tokens=add_special)
     k, batch = config.samples, config.eval_batch_size
     settings = eval_settings(entries, config, style, exemplars, seed, split)
     provenance = json.loads(json.dumps(provenance, allow_nan=False))  # as eval_config.json will hold it
@@ -288,9 +291,9 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
 
     def answer(start: int) -> list[tuple[dict, str]]:
         batch_prompts = prompts[start:start + batch]
-        texts = generate(model, tokenizer, batch_prompts, **gen_kw)
-        samples = (generate_samples(model, tokenizer, batch_prompts, k=k, temperature=config.temperature,
-                                    top_p=config.top_p, seed=seed + start, **gen_kw) if k else None)
+        texts = engine.greedy(batch_prompts, **gen_kw)
+        samples = (engine.samples(batch_prompts, k=k, temperature=config.temperature, top_p=config.top_p,
+                                  seed=seed + start, **gen_kw) if k else None)
         scored = [make_record(start + j, entries[start + j]["question"], golds[start + j], text,
                               samples[j] if samples is not None else None) for j, text in enumerate(texts)]
         if rerank is not None and samples is not None:
@@ -310,8 +313,7 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config:
         summary = {"n": len(records), "style": style, "shots": len(exemplars), **score_records(records, config),
                    **(rerank_scores(records, k, rerank.record) if rerank is not None else {}),
                    "settings": settings, "provenance": provenance, "resumed_from": resumed_from,
-                   # quantized layers per backend that ran (tests may pass a stand-in for the model)
-                   "kernels": (kernels_used(model) or None) if isinstance(model, nn.Module) else None,
+                   "engine": engine.name, "kernels": engine.kernels(),  # quantized layers per backend that ran
                    "world_size": world.size, "seconds_this_run": seconds, "generated_tokens_this_run": n_tokens,
                    "tokens_per_s_this_run": n_tokens / seconds if seconds > 0 else 0.0}
         if out is not None:

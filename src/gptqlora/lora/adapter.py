@@ -162,6 +162,23 @@ def check_adapter_base(adapter_dir: str | os.PathLike, base: dict[str, Any]) -> 
             "load it onto the base it was trained on unless this is intended")
 
 
+def adapter_modules(adapter_dir: str | os.PathLike) -> set[str]:
+    """The full names of the modules an adapter's weights file holds LoRA tensors for, read from its header alone.
+
+    Raises:
+        UsageError: a weights file that is not safetensors.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path} is not a readable safetensors file ({e}): save or train the adapter again") from None
+    return {m["module"] for key in keys if (m := _KEY_RE.fullmatch(key))}
+
+
 def adapter_record(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """What a summary says about an adapter: ``{"path": absolute directory, "base": its base record or None}``."""
     return {"path": str(Path(adapter_dir).resolve()), "base": read_adapter_base(adapter_dir)}

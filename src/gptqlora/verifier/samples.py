@@ -37,7 +37,7 @@ from gptqlora import distributed
 from gptqlora.config import EvalConfig
 from gptqlora.data.gsm8k import answers_match, extract_answer, gold_answer, prompt_gets_bos, resolve_style
 from gptqlora.errors import InputNotFoundError, UsageError
-from gptqlora.eval.generate import generate_samples
+from gptqlora.eval.engine import Engine, as_engine
 from gptqlora.eval.gsm8k_eval import build_eval_prompts, eval_settings, json_number
 from gptqlora.eval.records import RecordFiles, answer_batches, open_output
 from gptqlora.eval.scoring import summarize
@@ -84,7 +84,7 @@ def sample_summary(records: Sequence[dict], k: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def sample_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: EvalConfig, out_dir: str | os.PathLike,
+def sample_gsm8k(model: nn.Module | Engine, tokenizer, entries: Sequence[dict], config: EvalConfig, out_dir: str | os.PathLike,
                  *, style: str = "auto", exemplars: Sequence[dict] = (), seed: int = 0, split: str = TRAIN_SPLIT,
                  resume: bool = False, provenance: dict | None = None,
                  log: Callable[[str], Any] = print) -> dict[str, Any]:
@@ -94,7 +94,8 @@ def sample_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: E
     samples its share of the batches; rank 0 writes the shared files (see the module docstring).
 
     Args:
-        model, tokenizer: the generator (any causal LM: float, quantized, with an adapter).
+        model, tokenizer: the generator (any causal LM: float, quantized, with an adapter), or an engine serving
+            one (``gptqlora.eval.vllm.VLLMEngine``).
         entries: GSM8K train entries (already limited by the caller).
         config: batch size, token budget, K (``samples`` >= 1), temperature and top-p.
         out_dir: the output directory (see the module docstring); the caller checks and locks it.
@@ -126,6 +127,7 @@ def sample_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: E
     prompts = build_eval_prompts(entries, style, tokenizer, exemplars)
     add_special = prompt_gets_bos(tokenizer, style)  # as eval and training do
     k, batch = config.samples, config.eval_batch_size
+    engine = as_engine(model, tokenizer)
     settings = eval_settings(entries, config, style, exemplars, seed, split)
     run_config = {"settings": settings, "provenance": json.loads(json.dumps(provenance, allow_nan=False))}
     out = Path(out_dir)
@@ -137,9 +139,9 @@ def sample_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: E
             + (" (an incomplete batch was cut off, to be sampled again)" if cut else ""))
 
     def answer(start: int) -> list[tuple[dict, str]]:
-        texts = generate_samples(model, tokenizer, prompts[start:start + batch], k=k, temperature=config.temperature,
-                                 top_p=config.top_p, seed=seed + start, max_new_tokens=config.max_new_tokens,
-                                 batch_size=batch, stop_after_answer_line=True, add_special_tokens=add_special)
+        texts = engine.samples(prompts[start:start + batch], k=k, temperature=config.temperature, top_p=config.top_p,
+                               seed=seed + start, max_new_tokens=config.max_new_tokens, batch_size=batch,
+                               add_special_tokens=add_special)
         new = [label_samples(start + j, entries[start + j]["question"], golds[start + j], per_q)
                for j, per_q in enumerate(texts)]
         return [(r, f"[{r['index']}] correct {sum(r['sample_correct'])}/{k}") for r in new]
@@ -148,7 +150,7 @@ def sample_gsm8k(model: nn.Module, tokenizer, entries: Sequence[dict], config: E
     summary = None
     if world.main:
         summary = {**sample_summary(records, k), "settings": settings, "provenance": run_config["provenance"],
-                   "resumed_from": resumed_from, "world_size": world.size}
+                   "resumed_from": resumed_from, "engine": engine.name, "world_size": world.size}
         write_atomic(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return distributed.broadcast_object(summary)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from gptqlora import distributed
-from gptqlora.config import EvalConfig, LoRAConfig, ModelConfig, RunConfig, VerifierTrainConfig
+from gptqlora.config import (EngineConfig, EvalConfig, LoRAConfig, ModelConfig, QuantConfig, RunConfig,
+                             VerifierTrainConfig)
 from gptqlora.context import RunContext
 from gptqlora.errors import UsageError
 from gptqlora.files import read_json_object, write_atomic
@@ -31,7 +32,8 @@ from gptqlora.workflows.verifier import make_verifier, read_verifier_data
 VERIFIER_TRAINING_WAIT = datetime.timedelta(hours=24)
 
 # Settings a resumed run may change: the flags that say how to start, and those train_lora allows (with a warning).
-RESUMABLE_CHANGES = ("overwrite", "train.resume", "train.lr", "train.max_grad_norm", "train.fsdp")
+RESUMABLE_CHANGES = ("overwrite", "train.resume", "train.lr", "train.max_grad_norm", "train.fsdp", "engine.engine_url",
+                     "engine.vllm_python")
 
 RUN_CONFIG, ROWS = "run_config.json", "rows.json"
 
@@ -79,6 +81,24 @@ def check_resumable(out: Path, settings: dict) -> None:
     check_same_run(read_json_object(out / RUN_CONFIG), settings, out)
 
 
+def check_served_quantization(engine: EngineConfig, mc: ModelConfig, qc: QuantConfig, source: Path | None) -> None:
+    """With ``--engine vllm``: that vLLM will serve the base this run is about to quantize (its bits, symmetry and
+    group size, on the float model's shapes), before anything is quantized.
+
+    Raises:
+        UsageError: see ``gptqlora.eval.vllm.check_servable``.
+    """
+    if engine.engine != "vllm":
+        return
+    from gptqlora.eval.vllm import check_servable
+    from gptqlora.models import resolve_device
+
+    config = read_json_object(source / "config.json") if source is not None and (source / "config.json").is_file() \
+        else {}
+    config = config | {"quantization_config": {"bits": qc.bits, "sym": qc.sym, "group_size": qc.group_size}}
+    check_servable(f"the {qc.bits}-bit base of {mc.model}", config, None, resolve_device(mc.device), mc.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- evaluations
 
 def results_table(rows: dict[str, dict]) -> str:
@@ -114,6 +134,7 @@ class Evaluations:
     test: list[dict]
     exemplars: list[dict]
     resume: bool
+    engine: EngineConfig | None = None
     rows: dict[str, dict] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -142,7 +163,8 @@ class Evaluations:
         run.say(f"\n== evaluating {name}{' (resumed)' if resume else ''} ==", flush=True)
         ec = self.ec if samples is None else dataclasses.replace(self.ec, samples=samples)
         self.rows[name] = evaluate_model(run, self.mc, quantized and str(quantized), adapter and str(adapter),
-                                         verifier, self.test, self.exemplars, ec, self.style, eval_dir, resume=resume)
+                                         verifier, self.test, self.exemplars, ec, self.style, eval_dir, resume=resume,
+                                         engine=self.engine)
         self.timings[f"eval {name}"] = round(time.perf_counter() - start, 1)
         if run.world.main:
             write_atomic(self.out / ROWS, json.dumps(self.rows, indent=2, default=str) + "\n")
@@ -162,7 +184,7 @@ class Evaluations:
 # ---------------------------------------------------------------------------------------------- the verifier stage
 
 def verifier_stage(run: RunContext, out: Path, base_dir: Path, adapter: Path, mc: ModelConfig, data: str,
-                   style: str, lc: LoRAConfig, ec: EvalConfig, rc: RunConfig) -> Path:
+                   style: str, lc: LoRAConfig, ec: EvalConfig, rc: RunConfig, engine: EngineConfig | None = None) -> Path:
     """In ``out/verifier``: labelled samples of ``rc.verifier_questions`` train questions from base + adapter
     (``samples``; an interrupted sampling is resumed, a finished one kept), then a verifier trained on them with
     train-verifier's defaults (``model``; kept when already written). Returns its directory.
@@ -182,11 +204,11 @@ def verifier_stage(run: RunContext, out: Path, base_dir: Path, adapter: Path, mc
         run.say(f"\n== sampling {rc.verifier_samples} solutions for {rc.verifier_questions} train questions"
                 f"{' (resumed)' if resume else ''} ==", flush=True)
         sample_ec = dataclasses.replace(ec, samples=rc.verifier_samples)
-        source = check_scored_model(mc, str(base_dir), str(adapter), sample_ec.max_new_tokens, style)
+        source = check_scored_model(mc, str(base_dir), str(adapter), sample_ec.max_new_tokens, style, engine)
         entries, exemplars = sample_questions(data, "train", rc.verifier_questions, sample_ec.shots, run.seed)
         with run.output(samples_dir, inputs=[source, str(adapter), local_data_dir(data)], resume=resume) as where:
             sample_solutions(run, where, mc, str(base_dir), str(adapter), entries, exemplars, sample_ec, style,
-                             split="train", resume=resume)
+                             split="train", resume=resume, engine=engine)
 
     def train() -> None:  # rank 0 alone
         if (model_dir / VERIFIER_CONFIG).is_file():

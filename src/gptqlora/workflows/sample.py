@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gptqlora.config import EvalConfig, ModelConfig
+from gptqlora.config import EngineConfig, EvalConfig, ModelConfig
 from gptqlora.context import RunContext
-from gptqlora.workflows.scored import fewshot, load_scored_model, print_line
+from gptqlora.workflows.scored import fewshot, open_scored_model, print_line
 
 
 def sample_questions(data: str, split: str, limit: int | None, shots: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -30,11 +30,12 @@ def sample_questions(data: str, split: str, limit: int | None, shots: int, seed:
 
 def sample_solutions(run: RunContext, out: Path, mc: ModelConfig, quantized: str | None, adapter: str | None,
                      entries: list[dict], exemplars: list[dict], ec: EvalConfig, style: str, *, split: str,
-                     resume: bool) -> dict:
-    """Load the generator onto ``run.device``, sample ``ec.samples`` solutions per question with ``run.seed`` and
-    label them into ``out`` (claimed by the caller); every rank samples its share and returns the summary."""
+                     resume: bool, engine: EngineConfig | None = None) -> dict:
+    """Open the generator (``open_scored_model``: on ``run.device``, or served by vLLM), sample ``ec.samples``
+    solutions per question with ``run.seed`` and label them into ``out`` (claimed by the caller); every rank samples
+    its share and returns the summary."""
     from gptqlora.verifier.samples import sample_gsm8k
 
-    model, tokenizer, record = load_scored_model(mc, quantized, adapter, run.device)
-    return sample_gsm8k(model, tokenizer, entries, ec, out, style=style, exemplars=exemplars, seed=run.seed,
-                        split=split, resume=resume, provenance=record, log=print_line)
+    with open_scored_model(run, mc, quantized, adapter, engine) as (model, tokenizer, record):
+        return sample_gsm8k(model, tokenizer, entries, ec, out, style=style, exemplars=exemplars, seed=run.seed,
+                            split=split, resume=resume, provenance=record, log=print_line)

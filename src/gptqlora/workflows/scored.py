@@ -4,11 +4,12 @@ sampling) checks before touching its output, loads onto this rank's device, and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gptqlora.config import EvalConfig, ModelConfig
+from gptqlora.config import EngineConfig, EvalConfig, ModelConfig
 from gptqlora.context import RunContext
 from gptqlora.errors import UsageError
 from gptqlora.workflows.base import check_quantized_input, load_quantized_base
@@ -32,10 +33,11 @@ def fewshot(data: str, shots: int, seed: int) -> list[dict]:
 
 
 def check_scored_model(mc: ModelConfig, quantized: str | None, adapter: str | None, max_new_tokens: int,
-                       prompt_style: str) -> Path | None:
-    """What :func:`load_scored_model` will load, checked without loading it: the model's directory, the adapter's
-    files, that the generation budget fits the model's context (config.json's ``max_position_embeddings``), and that
-    the prompts can be built (a chat template is rendered once on a probe, from the tokenizer alone).
+                       prompt_style: str, engine: EngineConfig | None = None) -> Path | None:
+    """What :func:`open_scored_model` will load, checked without loading it: the model's directory, the adapter's
+    files, that the generation budget fits the model's context (config.json's ``max_position_embeddings``), that
+    the prompts can be built (a chat template is rendered once on a probe, from the tokenizer alone), and, with
+    ``--engine vllm``, that vLLM can serve the model and adapter (:func:`vllm_plan`).
 
     Returns:
         The model's local directory (None for a hub id, whose context and template are checked once it is loaded).
@@ -57,7 +59,33 @@ def check_scored_model(mc: ModelConfig, quantized: str | None, adapter: str | No
         from gptqlora.data.gsm8k import resolve_style
 
         resolve_style(prompt_style, AutoTokenizer.from_pretrained(source))
+    if engine is not None and engine.engine == "vllm":
+        from gptqlora.eval.vllm import VLLMClient, served_model, vllm_python
+
+        plan = vllm_plan(mc, quantized, adapter, source)
+        if engine.engine_url is None:
+            vllm_python(engine.vllm_python)
+        else:  # the running server serves this model and adapter
+            served_model(VLLMClient(engine.engine_url), plan)
     return source
+
+
+def vllm_plan(mc: ModelConfig, quantized: str | None, adapter: str | None, source: Path | None):
+    """How vLLM will serve the scored model (``gptqlora.eval.vllm.ServePlan``): its directory (or hub id), the
+    dtype (``--dtype`` as our engine resolves it, GPTQ in bfloat16), the context and the adapter's rank.
+
+    Raises:
+        UsageError: a model or adapter vLLM cannot serve, named with why (``gptqlora.eval.vllm.check_servable``).
+    """
+    from gptqlora.eval.vllm import check_servable
+    from gptqlora.files import read_json_object
+    from gptqlora.models import resolve_device, resolve_dtype
+
+    config = read_json_object(source / "config.json") if source is not None and (source / "config.json").is_file() \
+        else None
+    device = resolve_device(mc.device)
+    dtype = mc.dtype if quantized else str(resolve_dtype(mc.dtype, device, inference=True)).removeprefix("torch.")
+    return check_servable(str(source or mc.model), config, adapter, device, dtype)
 
 
 def load_scored_model(mc: ModelConfig, quantized: str | None, adapter: str | None, device: str):
@@ -88,6 +116,44 @@ def load_scored_model(mc: ModelConfig, quantized: str | None, adapter: str | Non
     return model, tokenizer, record
 
 
+@contextlib.contextmanager
+def open_scored_model(run: RunContext, mc: ModelConfig, quantized: str | None, adapter: str | None,
+                      engine: EngineConfig | None = None) -> Iterator[tuple[Any, Any, dict]]:
+    """The scored model on this rank, ready to generate: loaded here (``load_scored_model``), or, with ``--engine
+    vllm``, served by a vLLM server this rank starts (or the one at ``--engine-url``) and stopped on exit.
+
+    Yields:
+        (model or engine, tokenizer, record): what ``evaluate_loaded`` and ``sample_gsm8k`` take; the record is
+        ``load_scored_model``'s plus ``"engine"`` (``"ours"``, or ``"vllm VERSION"``).
+    """
+    if engine is None or engine.engine == "ours":
+        model, tokenizer, record = load_scored_model(mc, quantized, adapter, run.device)
+        yield model, tokenizer, record | {"engine": "ours"}
+        return
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from gptqlora.eval.generate import eos_token_ids
+    from gptqlora.eval.vllm import open_vllm
+    from gptqlora.lora.adapter import adapter_record
+    from gptqlora.models import local_model_dir
+    from gptqlora.provenance import base_record
+
+    source = Path(quantized) if quantized else local_model_dir(mc.model, mc.cache_dir)
+    plan = vllm_plan(mc, quantized, adapter, source)
+    tokenizer = AutoTokenizer.from_pretrained(plan.model)
+    try:
+        generation = GenerationConfig.from_pretrained(plan.model)
+    except OSError:  # no generation_config.json
+        generation = None
+    eos = eos_token_ids(None, tokenizer, generation)
+    record = {"base": base_record(source if source is not None else mc.model), "adapter": None}
+    if adapter:
+        record["adapter"] = adapter_record(adapter)
+    with open_vllm(plan, tokenizer, eos, device=run.device, seed=run.seed, url=engine.engine_url,
+                   python=engine.vllm_python, tensor_parallel_size=engine.tensor_parallel_size) as (served, extra):
+        yield served, tokenizer, record | extra
+
+
 def print_line(line: str) -> None:
     """An evaluation's progress line (one per question), flushed: progress shows even when stdout is a file."""
     print(line, flush=True)
@@ -104,30 +170,32 @@ def evaluate_loaded(model, tokenizer, entries: list[dict], exemplars: list[dict]
     Args:
         rerank: scores the sampled solutions (``gptqlora.eval.rerank.Rerank``, e.g. a ``VerifierRerank``).
     """
+    from gptqlora.eval.engine import as_engine
     from gptqlora.eval.gsm8k_eval import evaluate_gsm8k
-    from gptqlora.eval.perplexity import gsm8k_answer_loss
 
     summary = evaluate_gsm8k(model, tokenizer, entries, ec, style=style, exemplars=exemplars, out_dir=out_dir,
                              log=log or print_line, seed=seed, split=split, resume=resume, provenance=provenance,
                              rerank=rerank)
-    loss = gsm8k_answer_loss(model, tokenizer, entries, style=style, batch_size=ec.eval_batch_size)
+    loss = as_engine(model, tokenizer).answer_loss(entries, style, ec.eval_batch_size)
     return summary | {"answer_loss": loss["loss"], "answer_perplexity": loss["perplexity"]}
 
 
 def evaluate_model(run: RunContext, mc: ModelConfig, quantized: str | None, adapter: str | None,
                    verifier: str | Path | None, entries: list[dict], exemplars: list[dict], ec: EvalConfig,
-                   style: str, out_dir: Path, *, split: str = "test", resume: bool = False) -> dict:
-    """Load the scored model (``load_scored_model``) onto ``run.device`` and, with ``verifier``, a verifier to rerank
-    its samples, then ``evaluate_loaded`` with ``run.seed`` into ``out_dir`` (claimed by the caller); the models are
-    freed on return. Returns the summary (on every rank)."""
+                   style: str, out_dir: Path, *, split: str = "test", resume: bool = False,
+                   engine: EngineConfig | None = None) -> dict:
+    """Open the scored model (``open_scored_model``: loaded onto ``run.device``, or served by vLLM) and, with
+    ``verifier``, load a verifier to rerank its samples, then ``evaluate_loaded`` with ``run.seed`` into ``out_dir``
+    (claimed by the caller); the models are freed (a server stopped) on return. Returns the summary (on every
+    rank)."""
     from gptqlora.verifier.load import VerifierRerank, load_verifier
 
-    model, tokenizer, record = load_scored_model(mc, quantized, adapter, run.device)
-    rerank = None
-    if verifier:  # loads its own copy of its base (no adapter swapping): memory for a second base
-        loaded = load_verifier(verifier, dtype=mc.dtype, kernel=mc.kernel, device=run.device,
-                               scored_base=record["base"])  # warns, naming both, over another base
-        rerank = VerifierRerank(loaded, ec.eval_batch_size)
-        record["verifier"] = rerank.record  # a resume with another verifier is refused
-    return evaluate_loaded(model, tokenizer, entries, exemplars, ec, style, run.seed, out_dir, split=split,
-                           resume=resume, provenance=record, rerank=rerank)
+    with open_scored_model(run, mc, quantized, adapter, engine) as (model, tokenizer, record):
+        rerank = None
+        if verifier:  # loads its own copy of its base (no adapter swapping): memory for a second base
+            loaded = load_verifier(verifier, dtype=mc.dtype, kernel=mc.kernel, device=run.device,
+                                   scored_base=record["base"])  # warns, naming both, over another base
+            rerank = VerifierRerank(loaded, ec.eval_batch_size)
+            record["verifier"] = rerank.record  # a resume with another verifier is refused
+        return evaluate_loaded(model, tokenizer, entries, exemplars, ec, style, run.seed, out_dir, split=split,
+                               resume=resume, provenance=record, rerank=rerank)
