@@ -3,6 +3,10 @@
 
 Every completion request is recorded; a streamed one whose script holds :data:`HOLD` stops there until the client
 closes the connection (then the request is recorded as aborted) or 10 s pass (then it sends the rest).
+
+As a program (``python fake_vllm.py -m vllm.entrypoints.openai.api_server --model DIR --port P ...``, what
+``gptqlora.eval.vllm.VLLMServer`` runs) it serves DIR as ``base`` and any ``--lora-modules NAME=PATH``, after writing
+its pid and arguments to ``$FAKE_VLLM_RECORD``; ``$FAKE_VLLM_FAIL=start`` makes it exit with an error instead.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ HOLD = object()  # in a script: wait here for the client to close the stream
 
 class FakeVLLM:
     def __init__(self, models: list[dict], script: Callable[[dict], list], *,
-                 logprob: Callable[[int, int], float] = lambda position, token: -1.0, version: str = "0.0.0-fake"):
+                 logprob: Callable[[int, int], float] = lambda position, token: -1.0, version: str = "0.0.0-fake",
+                 port: int = 0):
         self.models, self.script, self.logprob, self.version = models, script, logprob, version
         self.requests: list[dict] = []
         self.aborted: list[bool] = []
@@ -81,7 +86,7 @@ class FakeVLLM:
                 with fake._lock:
                     fake.aborted.append(aborted)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -103,3 +108,30 @@ def _closed_within(conn: socket.socket, seconds: float) -> bool:
         return conn.recv(1, socket.MSG_PEEK) == b""
     except OSError:
         return True
+
+
+def main(argv: list[str]) -> None:
+    import os
+    import sys
+
+    def value(flag: str) -> str:
+        return argv[argv.index(flag) + 1]
+
+    with open(os.environ["FAKE_VLLM_RECORD"], "w") as f:
+        json.dump({"pid": os.getpid(), "argv": argv}, f)
+    if os.environ.get("FAKE_VLLM_FAIL") == "start":
+        print("ValueError: the fake server was told to fail", file=sys.stderr)
+        sys.exit(1)
+    models = [{"id": "base", "root": value("--model"), "parent": None}]
+    if "--lora-modules" in argv:
+        name, path = value("--lora-modules").split("=", 1)
+        models.append({"id": name, "root": path, "parent": "base"})
+    script = lambda body: [" So", "\n#### 42\n", HOLD, "rest"]  # noqa: E731
+    with FakeVLLM(models, script, port=int(value("--port"))):
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[3:])  # after -m MODULE

@@ -260,3 +260,81 @@ def test_evaluate_gsm8k_over_the_engine_writes_what_our_loop_writes(tmp_path, gs
     read = [[json.loads(r) for r in (tmp_path / d / "predictions.jsonl").read_text().splitlines()] for d in "vo"]
     assert [sorted(r) for r in read[0]] == [sorted(r) for r in read[1]]
     assert [len(r["samples"]) for r in read[0]] == [2] * 4
+
+
+def seeded_script(body):
+    """A solution whose answer depends on the prompt and, when sampled, on the request's seed."""
+    return [" So", f"\n#### {(len(body['prompt']) + body.get('seed', 0)) % 97}\n", "never read"]
+
+
+@pytest.mark.process
+def test_eval_through_a_server_on_two_ranks_writes_what_one_process_writes(tmp_path, tiny_dir, gsm8k_dir, capsys):
+    from eval.test_distributed_eval import result_of, torchrun
+
+    with FakeVLLM(served(tiny_dir), seeded_script) as fake:
+        common = ["eval", "--engine", "vllm", "--engine-url", fake.url, "--model", str(tiny_dir), "--data",
+                  str(gsm8k_dir), "--limit", "5", "--batch-size", "2", "--max-new-tokens", "12", "--samples", "2",
+                  "--seed", "3", "--dtype", "float32", "--device", "cpu", "--output-dir"]
+        assert cli.main([*common, str(tmp_path / "one")]) == 0
+        one = result_of(capsys.readouterr().out)
+        two = result_of(torchrun(["-m", "gptqlora.cli", *common, str(tmp_path / "two")], tmp_path).stdout)
+    one_file, two_file = (tmp_path / d / "predictions.jsonl" for d in ("one", "two"))
+    assert two_file.read_bytes() == one_file.read_bytes()
+    assert (one["world_size"], two["world_size"]) == (1, 2) and two["answer_loss"] == pytest.approx(one["answer_loss"])
+    records = [json.loads(r) for r in (tmp_path / "one" / "predictions.jsonl").read_text().splitlines()]
+    assert any(len(set(r["samples"])) == 2 for r in records)  # each sample drew with a seed of its own
+
+
+@pytest.fixture
+def fake_vllm_python(tmp_path, monkeypatch):
+    """A "Python of the vLLM environment" that runs ``fake_vllm.py`` as the server, recording its pid and flags."""
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "python"
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} {Path(__file__).parent / 'fake_vllm.py'} \"$@\"\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("FAKE_VLLM_RECORD", str(tmp_path / "server.json"))
+    return script
+
+
+def pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited
+        return f.read().split(") ")[1][0] != "Z"
+
+
+@pytest.mark.process
+def test_the_command_starts_the_server_with_the_plan_and_stops_it(tmp_path, tiny_dir, gsm8k_dir, fake_vllm_python,
+                                                                  capsys):
+    model = make_tiny_llama()
+    inject_lora_layers(model, targets="attn", r=12, alpha=24)
+    adapter = save_adapter(model, tmp_path / "a", str(tiny_dir))
+    argv = ["eval", "--engine", "vllm", "--vllm-python", str(fake_vllm_python), "--model", str(tiny_dir),
+            "--adapter", str(adapter), "--data", str(gsm8k_dir), "--limit", "2", "--max-new-tokens", "8",
+            "--dtype", "float32", "--device", "cpu", "--seed", "5", "--output-dir"]
+    assert cli.main([*argv, str(tmp_path / "e")]) == 0
+    server = json.loads((tmp_path / "server.json").read_text())
+    flags = server["argv"]
+    assert flags[flags.index("--model") + 1] == str(tiny_dir) and flags[flags.index("--dtype") + 1] == "float32"
+    assert flags[flags.index("--lora-modules") + 1] == f"adapter={adapter.resolve()}"
+    assert flags[flags.index("--max-lora-rank") + 1] == "16" and flags[flags.index("--seed") + 1] == "5"
+    assert flags[flags.index("--max-model-len") + 1] == "512" and flags[flags.index("--host") + 1] == "127.0.0.1"
+    records = [json.loads(r) for r in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
+    assert {r["prediction"] for r in records} <= {" So\n#### 42", ""}
+    assert not pid_alive(server["pid"])  # stopped with the command
+
+
+@pytest.mark.process
+def test_a_server_that_fails_to_start_is_one_line_naming_its_error(tmp_path, tiny_dir, gsm8k_dir, fake_vllm_python,
+                                                                   monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_VLLM_FAIL", "start")
+    line = refused(["eval", "--engine", "vllm", "--vllm-python", str(fake_vllm_python), "--model", str(tiny_dir),
+                    "--data", str(gsm8k_dir), "--limit", "2", "--dtype", "float32", "--device", "cpu",
+                    "--output-dir", str(tmp_path / "e")], capsys)
+    assert "exited (1) before serving" in line and "the fake server was told to fail" in line and "its log:" in line

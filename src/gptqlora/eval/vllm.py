@@ -87,7 +87,8 @@ def gptq_unservable(config: dict[str, Any], device_type: str, avx512: bool) -> s
         return "asymmetric GPTQ (sym false, --asym): vLLM's CPU backend serves symmetric GPTQ only"
     if group not in CPU_GROUP_SIZES:
         return f"group size {group}: vLLM's CPU backend serves group sizes {', '.join(map(str, CPU_GROUP_SIZES))}"
-    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads") or config.get("num_attention_heads")
+    heads = config.get("num_attention_heads")
+    kv = config.get("num_key_value_heads") or heads
     hidden = config.get("hidden_size")
     head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
     sizes = {"hidden_size": hidden, "intermediate_size": config.get("intermediate_size"),
@@ -260,8 +261,8 @@ class VLLMServer:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise UsageError(f"the vLLM server exited ({self.proc.returncode}) before serving: {_log_tail(log_path)} "
-                                 f"(its log: {log_path})")
+                raise UsageError(f"the vLLM server exited ({self.proc.returncode}) before serving: "
+                                 f"{_log_tail(log_path)} (its log: {log_path})")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
                     if r.status == 200:

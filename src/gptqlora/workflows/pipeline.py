@@ -184,7 +184,8 @@ class Evaluations:
 # ---------------------------------------------------------------------------------------------- the verifier stage
 
 def verifier_stage(run: RunContext, out: Path, base_dir: Path, adapter: Path, mc: ModelConfig, data: str,
-                   style: str, lc: LoRAConfig, ec: EvalConfig, rc: RunConfig, engine: EngineConfig | None = None) -> Path:
+                   style: str, lc: LoRAConfig, ec: EvalConfig, rc: RunConfig,
+                   engine: EngineConfig | None = None) -> Path:
     """In ``out/verifier``: labelled samples of ``rc.verifier_questions`` train questions from base + adapter
     (``samples``; an interrupted sampling is resumed, a finished one kept), then a verifier trained on them with
     train-verifier's defaults (``model``; kept when already written). Returns its directory.
