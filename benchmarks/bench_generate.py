@@ -1,7 +1,9 @@
-"""Greedy decoding speed: our batched loop on the 4-bit + LoRA model, against transformers' generate on the float one.
+"""Greedy decoding speed: our batched loop on the 4-bit + LoRA model, against transformers' generate on the float one
+and vLLM serving either.
 
-    python benchmarks/bench_generate.py            # 32 GSM8K test prompts, batches of 8, 128 new tokens, 4 rows
+    python benchmarks/bench_generate.py            # 32 GSM8K test prompts, batches of 8, 128 new tokens, every row
     python benchmarks/bench_generate.py --quick    # smoke run (2 prompts x 16 new tokens)
+    python benchmarks/bench_generate.py --rows hf-float,ours-float,vllm-float --threads 2   # some rows
 
 Rows (each in its own fresh process; see ``common.py``):
     hf-float               ``model.generate(do_sample=False)`` on the float model: left padding by the tokenizer
@@ -18,6 +20,15 @@ Rows (each in its own fresh process; see ``common.py``):
     ours-4bit-lora-cached  the same with ``set_kernel(model, 'dense')``: each dense weight
                            is dequantized once and kept (its memory is reported as cache MiB), so the 4-bit memory
                            saving is traded for speed.
+    ours-float-lora        ours-float with the adapter of ours-4bit-lora (the same r, alpha, targets and seeded B) on
+                           the float model: the yardstick of vllm-float-lora.
+    vllm-float             the float model served by vLLM (``gptqlora.eval.vllm``: its OpenAI-compatible server,
+                           started from the vLLM environment ``make vllm-env`` builds) in the float rows' dtype.
+    vllm-float-lora        the same, with ours-float-lora's adapter saved as a PEFT adapter
+                           (``gptqlora.lora.adapter.save_adapter``) and served as the server's LoRA module.
+    vllm-4bit              ours-4bit-lora's 4-bit base saved as a GPTQ checkpoint (``save_quantized``) and served in
+                           bfloat16 (vLLM's GPTQ layers refuse float32; ``--dtype float16`` serves it in float16).
+    vllm-4bit-lora         the same with ours-4bit-lora's adapter as the LoRA module.
 
 ``--synthetic-blocks N`` replaces the model with a LLaMA of N decoder blocks of Llama-2-7B's shapes (hidden 4096, MLP
 11008, 32 heads), random weights, and the embedded model's tokenizer and vocabulary (49,152): the per-step work of a
@@ -47,13 +58,42 @@ CUDA the peak allocation), the peak of the setup before it (loading, quantizing)
 for the cached row, the bytes of the dequantized-weight cache. As in ``bench_train.py``, the weights are copied out of
 the checkpoint's memory map and the peak is reset after setup (``common.MemoryWindow``), and ``--threads`` keeps a
 shared machine from slowing the runs erratically.
+
+The vLLM rows are optional: where the vLLM environment is missing, or vLLM cannot serve the row's model on this machine
+(``gptqlora.eval.vllm.check_servable``: its CPU build runs GPTQ only on an AVX-512 CPU, say), the row is reported as
+skipped with the one-line reason, checked before anything is quantized, and the other rows run. Each starts a server of
+its own in its child (launch to a healthy ``/health`` is ``server_startup_s``, not in the timed run; on a CPU it
+includes compiling the float model with inductor, while with LoRA enabled vLLM runs eagerly) and sends the same prompts
+as token ids (the server does not re-tokenize them), greedy, with the same budget, the eos ids as ``stop_token_ids`` and
+no other stop (``--stop-after-answer-line`` adds ours). Batches are ours: a batch's requests are sent at once, one
+thread each (the server batches them), and the batch is waited for before the next, so ``--batch-size 1`` sends one
+request at a time and 16 sends 16 together (``batch_s``: each batch's seconds). The warmup (a batch decoded for a few
+tokens, untimed; ``warmup_s``) takes vLLM's first-request costs out of the timed run; its prompts are the questions
+after the timed ones, since vLLM's prefix cache (on, as served) would skip the prefill of a prompt it has seen (a prefix
+shared with earlier prompts, such as the chat template's, may still be reused from it, as in serving). Tokens are
+counted as in our rows (the text re-tokenized); decode steps and ms per step use the same formula, as if a batch's
+requests joined the server's running batch at the same step (their HTTP requests arrive within milliseconds).
+``same_as_ours`` counts the prompts whose text equals the ``ours-`` row's of the same model.
+
+``--threads N`` gives the server's worker N unbound OpenMP threads (``VLLM_CPU_OMP_THREADS_BIND=nobind`` and
+``OMP_NUM_THREADS=N``: what ``torch.set_num_threads(N)`` gives our rows); without it vLLM binds its own (``auto``: a
+core per physical core, less one kept for its scheduler). A CPU server's KV cache is ``--vllm-kv-cache-gib``. Memory:
+the server's processes (API server, engine core, worker) are not the child, so a vLLM row's ``peak_rss_mb`` is the peak
+of their summed VmRSS (``/proc/PID/status`` of the server and every descendant, sampled every 0.1 s over warmup + timed
+run; a page two of them map counts twice) and ``setup_peak_rss_mb`` the sum of each one's own peak (VmHWM) when the
+server is ready (an upper bound of its startup's peak); ``end_pss_mb`` is their summed PSS after the timed run
+(``/proc/PID/smaps_rollup``: a shared page split between its processes, so counted once), and ``server_cpu_s`` their CPU
+time over the timed run.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,7 +105,9 @@ import common
 from gptqlora.config import EvalConfig, LoRAConfig, QuantConfig
 
 LORA, QUANT = LoRAConfig(), QuantConfig()  # the library's defaults: LoRA r=16, alpha=32; group size 64
-ROWS = ("hf-float", "hf-float-fp32", "ours-float", "ours-4bit-lora", "ours-4bit-lora-cached")
+VLLM_ROWS = ("vllm-float", "vllm-float-lora", "vllm-4bit", "vllm-4bit-lora")
+ROWS = ("hf-float", "hf-float-fp32", "ours-float", "ours-4bit-lora", "ours-4bit-lora-cached", "ours-float-lora",
+        *VLLM_ROWS)
 LORA_TARGETS = common.LORA_TARGETS
 QUICK = {"prompts": 2, "max_new_tokens": 16, "warmup_new_tokens": 2}
 
@@ -79,6 +121,8 @@ COLUMNS = (  # (key, header, format)
     *common.memory_columns("decode"),
     ("cache_mb", "cache MiB", ".1f"),
     ("same_as_hf", "same text as hf-float", ""),
+    ("same_as_ours", "same text as ours", ""),
+    ("server_startup_s", "server startup s", ".1f"),
     ("retok_diff", "retok diff", ""),
     ("kernels", "kernels", ""),
 )
@@ -93,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="Token budget per prompt.")
     parser.add_argument("--warmup-new-tokens", type=int, default=4,
                         help="Untimed warmup: the first batch decoded for this many tokens.")
-    parser.add_argument("--r", type=int, default=LORA.r, help="LoRA rank (4-bit rows).")
-    parser.add_argument("--alpha", type=float, default=LORA.alpha, help="LoRA alpha (4-bit rows).")
+    parser.add_argument("--r", type=int, default=LORA.r, help="LoRA rank (-lora rows).")
+    parser.add_argument("--alpha", type=float, default=LORA.alpha, help="LoRA alpha (-lora rows).")
     parser.add_argument("--lora-b-std", type=float, default=0.01,
                         help="Std of the random LoRA B (seeded by --seed); 0 keeps B = 0 (the adapter adds nothing).")
     parser.add_argument("--group-size", type=int, default=QUANT.group_size, help="Group size of the 4-bit base.")
@@ -103,13 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Use a random LLaMA of this many Llama-2-7B-shaped blocks instead of --model (0: off).")
     parser.add_argument("--stop-after-answer-line", action="store_true",
                         help="Our rows also stop after a finished '#### <n>' line (the eval default; HF cannot).")
+    parser.add_argument("--vllm-kv-cache-gib", type=int, default=1,
+                        help="KV cache of a vLLM server on a CPU (VLLM_CPU_KVCACHE_SPACE, GiB).")
     return parser
 
 
 # ---------------------------------------------------------------------------------------------- setup
 
-def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, object, dict]:
-    """The row's model in eval mode, its tokenizer, and facts (quantize seconds, weight bytes)."""
+def rtn_config(args: argparse.Namespace) -> QuantConfig:
+    """The 4-bit rows' quantization: every block linear round-to-nearest, 4-bit, ``--group-size``."""
+    return QuantConfig(method="rtn", bits=4, group_size=args.group_size, targets="all")
+
+
+def base_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, object, dict]:
+    """The row's model before any adapter (float, or quantized for a ``4bit`` row), its tokenizer, and facts
+    (quantize seconds, the block linears' weight bytes)."""
     from gptqlora.workflows.base import weight_bytes
     from gptqlora.models import load_model
 
@@ -120,25 +172,37 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, object,
         model, tokenizer = load_model(args.model, dtype, args.device, inference=True)
     facts: dict = {"quantize_s": None}
     if "4bit" in name:
-        from gptqlora.lora.layer import inject_lora_layers, lora_modules
         from gptqlora.quant.driver import quantize_model_weights
-        from gptqlora.quant.linear import set_kernel
 
         start = time.perf_counter()
-        quantize_model_weights(model, None, QuantConfig(method="rtn", bits=4, group_size=args.group_size,
-                                                        targets="all"), progress=False)
+        quantize_model_weights(model, None, rtn_config(args), progress=False)
         facts["quantize_s"] = time.perf_counter() - start
-        facts["linear_weight_mb"] = weight_bytes(model) / common.MiB
-        inject_lora_layers(model, ",".join(LORA_TARGETS), r=args.r, alpha=args.alpha, dropout=0.0)
-        g = torch.Generator().manual_seed(args.seed)
-        with torch.no_grad():
-            for m in lora_modules(model).values():  # B [out, r]: a non-zero adapter, so its branch does real work
-                B = m.lora_B.weight
-                B.copy_(torch.randn(B.shape, generator=g) * args.lora_b_std)
-        if name.endswith("-cached"):
-            set_kernel(model, "dense")
-    else:
-        facts["linear_weight_mb"] = weight_bytes(model) / common.MiB
+    facts["linear_weight_mb"] = weight_bytes(model) / common.MiB
+    return model, tokenizer, facts
+
+
+def add_lora(model: nn.Module, args: argparse.Namespace) -> None:
+    """LoRA on q/k/v/o (``--r``, ``--alpha``), its B drawn from N(0, ``--lora-b-std``^2) seeded by ``--seed``, so the
+    adapter changes the output (B = 0 with ``--lora-b-std 0``)."""
+    from gptqlora.lora.layer import inject_lora_layers, lora_modules
+
+    inject_lora_layers(model, ",".join(LORA_TARGETS), r=args.r, alpha=args.alpha, dropout=0.0)
+    g = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():  # B [out, r]: a non-zero adapter, so its branch does real work
+            B = m.lora_B.weight
+            B.copy_(torch.randn(B.shape, generator=g) * args.lora_b_std)
+
+
+def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, object, dict]:
+    """The row's model in eval mode, its tokenizer, and facts (``base_model``'s)."""
+    from gptqlora.quant.linear import set_kernel
+
+    model, tokenizer, facts = base_model(name, args)
+    if "lora" in name:
+        add_lora(model, args)
+    if name.endswith("-cached"):
+        set_kernel(model, "dense")
     common.materialize(model)  # every row's weights held the same way (see common.materialize)
     return model.eval(), tokenizer, facts
 
@@ -211,6 +275,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     from gptqlora.quant.linear import QuantizedLinear, kernels_used
 
     common.setup_child(args)
+    if name in VLLM_ROWS:
+        return run_vllm(name, args)
     model, tokenizer, facts = build_model(name, args)
     prompts = gsm8k_prompts(tokenizer, args.prompts, args.prompt_style, args.data)
     batches = batches_like_ours(tokenizer, prompts, args.batch_size)
@@ -248,17 +314,230 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
             "kernels": kernels_used(model) or None, "threads": torch.get_num_threads()}
 
 
-def compare_with_hf(results: dict[str, dict]) -> None:
-    """Add ``same_as_hf`` (prompts whose text equals hf-float's) and ``retok_diff`` (count check) to our rows."""
-    hf = results.get("hf-float")
-    if hf is None or "error" in hf:
-        return
-    for name, r in results.items():
-        if name == "hf-float" or "error" in r:
-            continue
-        same = [i for i, (a, b) in enumerate(zip(r["text_sha1"], hf["text_sha1"])) if a == b]
-        r["same_as_hf"] = f"{len(same)}/{len(hf['text_sha1'])}"
-        r["retok_diff"] = sum(abs(r["counts"][i] - hf["counts"][i]) for i in same)
+# ---------------------------------------------------------------------------------------------- vLLM rows
+
+def serve_plan(name: str, args: argparse.Namespace, device: str, tmp: Path):
+    """What a vLLM row's server loads (``gptqlora.eval.vllm.ServePlan``): the float model's directory, or the base
+    and adapter of our rows saved under ``tmp``; checked before anything is quantized.
+
+    Returns:
+        (plan, facts): ``base_model``'s facts where a model was built here, else {}.
+    Raises:
+        UsageError: what vLLM cannot serve on this machine, in one line (``check_servable``).
+    """
+    from gptqlora.eval.vllm import GPTQ_DTYPES, check_servable
+    from gptqlora.files import read_json_object
+    from gptqlora.lora.adapter import save_adapter
+    from gptqlora.models import local_model_dir, resolve_dtype
+    from gptqlora.quant.checkpoint import save_quantized
+
+    source = None if args.synthetic_blocks else local_model_dir(args.model)  # None: a hub id, or none on disk yet
+    dtype = str(resolve_dtype(args.dtype, device, inference=True)).removeprefix("torch.")  # the float rows'
+    if "4bit" in name:
+        dtype = dtype if dtype in GPTQ_DTYPES else "bfloat16"
+        config = read_json_object(source / "config.json") if source is not None else {}
+        q = rtn_config(args)
+        check_servable(f"the 4-bit base of {args.model}", config | {"quantization_config": {
+            "bits": q.bits, "sym": q.sym, "group_size": q.group_size}}, None, device, dtype)
+    facts, adapter = {}, None
+    if "4bit" in name or "lora" in name or args.synthetic_blocks:
+        model, tokenizer, facts = base_model(name, args)
+        if "4bit" in name:
+            source = save_quantized(model, tokenizer, tmp / "base", rtn_config(args))
+        elif args.synthetic_blocks:
+            model.save_pretrained(tmp / "base")
+            tokenizer.save_pretrained(tmp / "base")
+            source = tmp / "base"
+        if "lora" in name:
+            add_lora(model, args)
+            adapter = str(save_adapter(model, tmp / "adapter", str(source or args.model)))
+        del model
+    config = read_json_object(source / "config.json") if source is not None else None
+    return check_servable(str(source or args.model), config, adapter, device, dtype), facts
+
+
+def server_env(args: argparse.Namespace) -> dict[str, str]:
+    """What the server's environment gets: ``--threads N`` as N unbound OpenMP threads in its worker (what
+    ``torch.set_num_threads(N)`` gives our rows; vLLM's CPU worker reads ``VLLM_CPU_OMP_THREADS_BIND``, and with
+    ``nobind`` leaves torch at ``OMP_NUM_THREADS``), and a CPU server's KV cache in GiB."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_cache_gib)}
+    if args.threads:
+        env |= {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(args.threads)}
+    return env
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every descendant alive, from each process's parent in ``/proc/PID/stat``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # after "pid (comm)": state, ppid
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        tree.append(pid := todo.pop())
+        todo += children.get(pid, [])
+    return tree
+
+
+def memory_mb(pids: Sequence[int], field: str, file: str = "status") -> float:
+    """A memory field of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``) or ``smaps_rollup`` (``Pss``), KiB there,
+    summed over ``pids``, in MiB."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/{file}") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith(field + ":")), 0)
+        except OSError:  # gone meanwhile
+            pass
+    return total / 1024
+
+
+def tree_cpu_s(root: int) -> float:
+    """User + system CPU seconds of ``root``'s tree (the processes alive now), from ``/proc/PID/stat``."""
+    ticks = 0
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ticks += sum(int(v) for v in f.read().rsplit(")", 1)[1].split()[11:13])  # utime, stime
+        except (OSError, ValueError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class TreeRSSPeak:
+    """The peak of a process tree's summed VmRSS, sampled every ``interval`` seconds in a thread while entered.
+
+    The tree is read once on entering (a ready vLLM server starts no more processes): reading every process's
+    parent at each sample would cost the client ~10 ms of CPU per sample on a busy machine.
+    """
+
+    def __init__(self, root: int, interval: float = 0.1) -> None:
+        self.root, self.interval, self.peak_mb, self.pids = root, interval, 0.0, [root]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            self.peak_mb = max(self.peak_mb, memory_mb(self.pids, "VmRSS"))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> TreeRSSPeak:
+        self.pids = process_tree(self.root)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, memory_mb(process_tree(self.root), "VmRSS"))
+
+
+def run_vllm(name: str, args: argparse.Namespace) -> dict:
+    """A vLLM row: its server started, warmed up, then every prompt decoded batch by batch; its figures, or
+    ``{"skipped": why}`` where there is no vLLM environment or vLLM cannot serve the row here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from gptqlora.errors import UsageError
+    from gptqlora.eval.generate import eos_token_ids
+    from gptqlora.eval.vllm import ADAPTER_NAME, BASE_NAME, VLLMClient, VLLMServer, vllm_python
+    from gptqlora.models import local_model_dir, resolve_device
+
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
+        try:
+            python = vllm_python(None)
+            plan, facts = serve_plan(name, args, device, Path(tmp))
+        except UsageError as e:
+            reason = str(e).splitlines()[0]
+            print(f"[bench] {name}: skipped: {reason}", file=sys.stderr, flush=True)
+            return {"config": name, "skipped": reason}
+        tokenizer = AutoTokenizer.from_pretrained(plan.model)
+        try:  # the float model's generation config, as our rows' model.generation_config
+            generation = None if args.synthetic_blocks else GenerationConfig.from_pretrained(
+                str(local_model_dir(args.model) or args.model))
+        except OSError:  # no generation_config.json
+            generation = None
+        eos = sorted(eos_token_ids(None, tokenizer, generation))
+        # the timed prompts, then a batch more for the warmup (vLLM's prefix cache would skip a warmed prompt's prefill)
+        n = args.prompts
+        prompts = gsm8k_prompts(tokenizer, n + min(n, args.batch_size), args.prompt_style, args.data)
+        batches, warmup = batches_like_ours(tokenizer, prompts[:n], args.batch_size), [list(range(n, len(prompts)))]
+        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        env = server_env(args)
+        os.environ.update(env)  # VLLMServer hands this process's environment to the server
+
+        start = time.perf_counter()
+        with VLLMServer(python, plan, device=device, seed=args.seed) as server, \
+                ThreadPoolExecutor(max_workers=args.batch_size) as pool:
+            startup_s = time.perf_counter() - start
+            setup_peak_mb = memory_mb(process_tree(server.proc.pid), "VmHWM")
+            client = VLLMClient(server.url)
+            served = ADAPTER_NAME if plan.adapter else BASE_NAME
+
+            def one(i: int, max_new: int) -> str:
+                room = plan.max_model_len - len(prompt_ids[i]) if plan.max_model_len else max_new
+                budget = min(max_new, room)  # clamped to the context, as ours
+                if budget <= 0:  # the prompt fills the context: no tokens, as ours
+                    return ""
+                return client.complete(served, prompt_ids[i], max_tokens=budget, temperature=0.0, stop_token_ids=eos,
+                                       stop_after_answer_line=args.stop_after_answer_line)
+
+            def decode(batch_list: Sequence[Sequence[int]], max_new: int) -> tuple[list[str], list[float]]:
+                texts, batch_s = [""] * len(prompts), []
+                for idx in batch_list:  # a batch's requests at once, then wait for all of them
+                    start = time.perf_counter()
+                    for i, text in zip(idx, list(pool.map(lambda i: one(i, max_new), idx))):
+                        texts[i] = text
+                    batch_s.append(time.perf_counter() - start)
+                return texts, batch_s
+
+            with TreeRSSPeak(server.proc.pid) as rss:
+                warmup_start = time.perf_counter()
+                decode(warmup, args.warmup_new_tokens)
+                warmup_s = time.perf_counter() - warmup_start
+                cpu_before = tree_cpu_s(server.proc.pid)
+                start = time.perf_counter()
+                texts, batch_s = decode(batches, args.max_new_tokens)
+                seconds = time.perf_counter() - start
+                server_cpu_s = tree_cpu_s(server.proc.pid) - cpu_before
+            pss_mb = memory_mb(process_tree(server.proc.pid), "Pss", "smaps_rollup")
+            version = client.version()
+    texts = texts[:n]
+    counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    steps = decode_steps(counts, batches, args.max_new_tokens)
+    return {"config": name, "seconds": seconds, "tokens": sum(counts), "tokens_per_s": sum(counts) / seconds,
+            "decode_steps": steps, "ms_per_step": 1e3 * seconds / steps, "prompts": n, "counts": counts,
+            "counted_by": "re-tokenized text", "text_sha1": [text_digest(t) for t in texts],
+            "batch_s": batch_s, "server_startup_s": startup_s, "warmup_s": warmup_s, "server_cpu_s": server_cpu_s,
+            "peak_rss_mb": rss.peak_mb, "setup_peak_rss_mb": setup_peak_mb, "end_pss_mb": pss_mb,
+            "rss_of": "vLLM server tree: summed VmRSS sampled every 0.1 s; setup: summed VmHWM when ready",
+            **facts, "linear_weight_mb": None, "device": device, "dtype": plan.dtype, "engine": f"vllm {version}",
+            "served": plan.model, "adapter": plan.adapter is not None, "server_env": env, "threads": args.threads}
+
+
+def compare_texts(results: dict[str, dict]) -> None:
+    """Add ``same_as_hf`` (prompts whose text equals hf-float's) and ``retok_diff`` (count check) to the other rows,
+    and to a vLLM row ``same_as_ours`` (prompts whose text equals the ``ours-`` row's of the same model)."""
+    def same(a: dict, b: dict) -> list[int]:
+        return [i for i, (x, y) in enumerate(zip(a["text_sha1"], b["text_sha1"])) if x == y]
+
+    ran = {name: r for name, r in results.items() if "text_sha1" in r}  # neither failed nor skipped
+    hf = ran.get("hf-float")
+    for name, r in ran.items():
+        if hf is not None and name != "hf-float":
+            idx = same(r, hf)
+            r["same_as_hf"] = f"{len(idx)}/{len(hf['text_sha1'])}"
+            r["retok_diff"] = sum(abs(r["counts"][i] - hf["counts"][i]) for i in idx)
+        if name.startswith("vllm-") and (ours := ran.get("ours-" + name.removeprefix("vllm-"))) is not None:
+            r["same_as_ours"] = f"{len(same(r, ours))}/{len(ours['text_sha1'])}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before, started = common.load_average(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results = common.run_children(Path(__file__), names, argv)
     load_after = common.load_average()
-    compare_with_hf(results)
+    compare_texts(results)
     print(f"## Greedy decoding: {args.prompts} GSM8K test prompts ({args.prompt_style}), batches of {args.batch_size}, "
           f"up to {args.max_new_tokens} new tokens, stop at eos"
           f"{' or after the answer line (ours)' if args.stop_after_answer_line else ''}; started {started}, "

@@ -159,7 +159,7 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 def add_common_args(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
     """Flags every benchmark has: the configurations, the child switch, threads, model, device and dtype."""
-    parser.add_argument("--configs", default=",".join(names),
+    parser.add_argument("--configs", "--rows", default=",".join(names),
                         help="Comma list of configurations to compare, in this order.")
     parser.add_argument("--one", choices=names, default=None,
                         help="Run one configuration in this process and print its JSON (what the parent runs in each "
@@ -293,7 +293,7 @@ def markdown_table(rows: dict[str, dict[str, Any]], columns: Sequence[tuple[str,
     """A Markdown table with one row per configuration.
 
     Args:
-        rows: configuration name -> its figures (a row with ``error`` shows the error in its first column).
+        rows: configuration name -> its figures (a row with ``error`` or ``skipped`` shows it in its first column).
         columns: (key in the figures, header, format spec such as ``".2f"`` or ``""``).
     """
     header = ["config", *(h for _, h, _ in columns)]
@@ -301,6 +301,8 @@ def markdown_table(rows: dict[str, dict[str, Any]], columns: Sequence[tuple[str,
     for name, figures in rows.items():
         if "error" in figures:
             cells = [f"FAILED: {figures['error']}", *("" for _ in columns[1:])]
+        elif "skipped" in figures:  # a configuration this machine cannot run, with why
+            cells = [f"skipped: {figures['skipped']}", *("" for _ in columns[1:])]
         else:
             cells = [_cell(figures.get(key), fmt) for key, _, fmt in columns]
         lines.append("| " + " | ".join([name, *cells]) + " |")

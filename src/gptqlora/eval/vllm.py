@@ -234,8 +234,14 @@ class VLLMServer:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB of KV cache on a CPU
-        if self.device.startswith("cuda:"):
+        if self.device == "cpu":
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB of KV cache
+            if "VLLM_CPU_OMP_THREADS_BIND" not in env:  # its automatic binding gave the worker 1 of 2 cores here
+                import torch
+
+                env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # then it runs OMP_NUM_THREADS threads: this rank's
+                env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+        elif self.device.startswith("cuda:"):
             env["CUDA_VISIBLE_DEVICES"] = self.device.removeprefix("cuda:")
         return env
 
