@@ -198,15 +198,42 @@ def context_length(config: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def model_dir_context(model_dir: str | os.PathLike | None) -> int | None:
-    """:func:`context_length` read from a model directory's config.json, without loading anything; None when there
-    is no directory (a hub id) or it has no config.json yet (an embedded model's cache before its conversion).
+def model_dir_config(model_dir: str | os.PathLike | None) -> dict | None:
+    """A model directory's config.json, without loading anything; None when there is no directory (a hub id) or it
+    has no config.json yet (an embedded model's cache before its conversion).
 
     Raises:
         UsageError: a config.json that is not a JSON object.
     """
     path = None if model_dir is None else Path(model_dir).expanduser() / "config.json"
-    return context_length(read_json_object(path)) if path is not None and path.is_file() else None
+    return read_json_object(path) if path is not None and path.is_file() else None
+
+
+def model_dir_context(model_dir: str | os.PathLike | None) -> int | None:
+    """:func:`context_length` read from :func:`model_dir_config`; None without a config.json.
+
+    Raises:
+        UsageError: a config.json that is not a JSON object.
+    """
+    config = model_dir_config(model_dir)
+    return None if config is None else context_length(config)
+
+
+def row_budget(prompt_length: int, max_new_tokens: int, context: int | None) -> int:
+    """The tokens a prompt of ``prompt_length`` may get: the budget, cut where the context ends (0 when it is full)."""
+    return max_new_tokens if context is None else max(0, min(max_new_tokens, context - prompt_length))
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+    """Each prompt's token ids, as every engine is given them.
+
+    Raises:
+        ValueError: a prompt that encodes to no tokens.
+    """
+    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    if empty := [i for i, ids in enumerate(encoded) if not ids]:
+        raise ValueError(f"prompts {empty[:5]} encode to no tokens: give non-empty prompts or add_special_tokens=True")
+    return encoded
 
 
 def check_token_budget(max_new_tokens: int, context: int | None, model: str | os.PathLike = "the model") -> None:
@@ -278,8 +305,7 @@ def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], 
     """
     if stop_checks is not None and len(stop_checks) != len(prompt_ids):
         raise ValueError(f"{len(stop_checks)} stop checks for {len(prompt_ids)} prompts: give one per prompt")
-    budgets = [max_new_tokens if context is None else max(0, min(max_new_tokens, context - len(p)))
-               for p in prompt_ids]
+    budgets = [row_budget(len(p), max_new_tokens, context) for p in prompt_ids]
     max_new_tokens = max(budgets)  # the loop's length: the longest any row may run
     if max_new_tokens == 0:
         return [[] for _ in prompt_ids]
@@ -368,9 +394,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_toke
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token")
     eos_ids = eos_token_ids(model, tokenizer)
-    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-    if empty := [i for i, ids in enumerate(encoded) if not ids]:
-        raise ValueError(f"prompts {empty[:5]} encode to no tokens: give non-empty prompts or add_special_tokens=True")
+    encoded = encode_prompts(tokenizer, prompts, add_special_tokens)
     if context is not None and (clamped := [len(ids) for ids in encoded if len(ids) + max_new_tokens > context]):
         log.warning("%d of %d prompts (the longest: %d tokens) leave fewer than max_new_tokens=%d positions in the "
                     "model's context of %d tokens (max_position_embeddings): their generation stops where the context "

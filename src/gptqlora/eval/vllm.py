@@ -48,7 +48,7 @@ from typing import Any
 from gptqlora import distributed
 from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.eval.engine import Engine
-from gptqlora.eval.generate import stop_cut
+from gptqlora.eval.generate import encode_prompts, row_budget, stop_cut
 from gptqlora.seeding import request_seed
 
 VLLM_PYTHON_ENV = "GPTQLORA_VLLM_PYTHON"
@@ -317,8 +317,8 @@ class VLLMClient:
             return urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                detail = json.loads(detail)["error"]["message"] if "error" in json.loads(detail) else detail
+            with contextlib.suppress(ValueError, KeyError, TypeError):  # vLLM's {"error": {"message": ...}}
+                detail = json.loads(detail)["error"]["message"]
             raise EngineError(f"vLLM at {self.url} refused {path}: {str(detail)[:500]}") from None
         except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as e:
             raise EngineError(f"vLLM at {self.url} cannot be reached ({e}): is the server running?") from None
@@ -382,15 +382,6 @@ class VLLMEngine(Engine):
         self.client, self.model, self.tokenizer = client, model, tokenizer
         self.eos_ids, self.context, self.workers = sorted(eos_ids), context, workers
 
-    def _encode(self, prompts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
-        ids = [self.tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-        if empty := [i for i, p in enumerate(ids) if not p]:
-            raise ValueError(f"prompts {empty[:5]} encode to no tokens")
-        return ids
-
-    def _budget(self, ids: Sequence[int], max_new_tokens: int) -> int:
-        return max_new_tokens if self.context is None else max(0, min(max_new_tokens, self.context - len(ids)))
-
     def _run(self, jobs: list[tuple[list[int], int, dict]]) -> list[str]:
         """Complete every (ids, budget, sampling) job at once: the server batches them (continuous batching)."""
         def one(job):
@@ -403,13 +394,13 @@ class VLLMEngine(Engine):
             return list(pool.map(one, jobs))
 
     def greedy(self, prompts, *, max_new_tokens, batch_size, add_special_tokens):
-        ids = self._encode(prompts, add_special_tokens)
-        return self._run([(p, self._budget(p, max_new_tokens), {"temperature": 0.0}) for p in ids])
+        ids = encode_prompts(self.tokenizer, prompts, add_special_tokens)
+        return self._run([(p, row_budget(len(p), max_new_tokens, self.context), {"temperature": 0.0}) for p in ids])
 
     def samples(self, prompts, *, k, temperature, top_p, seed, max_new_tokens, batch_size, add_special_tokens):
         """Sample ``j`` of the ``i``-th prompt is a request seeded with ``request_seed(seed, i, j)``."""
-        ids = self._encode(prompts, add_special_tokens)
-        jobs = [(p, self._budget(p, max_new_tokens),
+        ids = encode_prompts(self.tokenizer, prompts, add_special_tokens)
+        jobs = [(p, row_budget(len(p), max_new_tokens, self.context),
                  {"temperature": temperature, "top_p": top_p, "seed": request_seed(seed, i, j)})
                 for i, p in enumerate(ids) for j in range(k)]
         texts = self._run(jobs)

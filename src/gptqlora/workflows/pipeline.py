@@ -90,11 +90,11 @@ def check_served_quantization(engine: EngineConfig, mc: ModelConfig, qc: QuantCo
     """
     if engine.engine != "vllm":
         return
+    from gptqlora.eval.generate import model_dir_config
     from gptqlora.eval.vllm import check_servable
     from gptqlora.models import resolve_device
 
-    config = read_json_object(source / "config.json") if source is not None and (source / "config.json").is_file() \
-        else {}
+    config = model_dir_config(source) or {}
     config = config | {"quantization_config": {"bits": qc.bits, "sym": qc.sym, "group_size": qc.group_size}}
     check_servable(f"the {qc.bits}-bit base of {mc.model}", config, None, resolve_device(mc.device), mc.dtype)
 

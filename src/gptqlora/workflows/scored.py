@@ -77,12 +77,11 @@ def vllm_plan(mc: ModelConfig, quantized: str | None, adapter: str | None, sourc
     Raises:
         UsageError: a model or adapter vLLM cannot serve, named with why (``gptqlora.eval.vllm.check_servable``).
     """
+    from gptqlora.eval.generate import model_dir_config
     from gptqlora.eval.vllm import check_servable
-    from gptqlora.files import read_json_object
     from gptqlora.models import resolve_device, resolve_dtype
 
-    config = read_json_object(source / "config.json") if source is not None and (source / "config.json").is_file() \
-        else None
+    config = model_dir_config(source)
     device = resolve_device(mc.device)
     dtype = mc.dtype if quantized else str(resolve_dtype(mc.dtype, device, inference=True)).removeprefix("torch.")
     return check_servable(str(source or mc.model), config, adapter, device, dtype)
