@@ -384,6 +384,8 @@ class EvalConfig:
 
 
 ENGINES = ("ours", "vllm")
+# --compile: our decode step compiled ('on'), eager ('off'), or compiled when the job is long enough ('auto').
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -396,10 +398,17 @@ class EngineConfig:
     vllm_python: str | None = opt(None, "With --engine vllm: the Python of the vLLM environment (default "
                                         "$GPTQLORA_VLLM_PYTHON, else .venv-vllm/bin/python).")
     tensor_parallel_size: int = opt(1, "With --engine vllm on GPUs: the GPUs vLLM splits the model over.")
+    compile: str = opt("auto", "With --engine ours: decode with a compiled step over a static KV cache (torch.compile; "
+                               "'auto' when the job is long enough to pay for compiling, 'on', or 'off' for the eager "
+                               "loop).", choices=COMPILE_CHOICES)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise UsageError(f"engine {self.engine!r} is unknown: use {' or '.join(ENGINES)}")
+        if self.compile not in COMPILE_CHOICES:
+            raise UsageError(f"compile {self.compile!r} is unknown: use {', '.join(COMPILE_CHOICES)}")
+        if self.engine == "vllm" and self.compile != "auto":
+            raise UsageError("--compile is for --engine ours: vLLM compiles its own model")
         if self.engine != "vllm":
             given = [n for n in ("engine_url", "vllm_python") if getattr(self, n)]
             if given or self.tensor_parallel_size != 1:

@@ -146,6 +146,45 @@ def test_copies_share_no_layout_and_compute_the_same():
 
 
 @pytest.mark.parametrize("kernel", ["auto", "dequant-gemm", "dense"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_layer_is_one_opaque_call_equal_to_eager(kernel, bias):
+    torch._dynamo.reset()  # each layer is a recompile of the same forward: start under the limit
+    layer, res, _ = make_layer(bias=bias)
+    layer.set_kernel(kernel)
+    graphs = []
+
+    def backend(gm, example_inputs):  # records what the compiler sees, runs it as traced
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(3, 5, 128)
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+    ops = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert torch.ops.gptqlora.quantized_linear in ops
+    assert not any("matmul" in str(op) or "linear" == str(op) for op in ops)  # the kernel is not traced
+    # training: the gradient of the input through the op's backward equals eager's
+    xg = x.clone().requires_grad_()
+    compiled(xg).pow(2).sum().backward()
+    xe = x.clone().requires_grad_()
+    layer(xe).pow(2).sum().backward()
+    torch.testing.assert_close(xg.grad, xe.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_a_copied_layer_is_a_compiled_call_of_its_own():
+    torch._dynamo.reset()
+    layer, _, _ = make_layer()
+    clone = copy.deepcopy(layer)
+    with torch.no_grad():
+        clone.scales.mul_(2)
+    x = torch.randn(2, 128)
+    assert clone._op_key != layer._op_key
+    out = torch.compile(lambda a: (layer(a), clone(a)), backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(out[1], 2 * out[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dequant-gemm", "dense"])
 def test_layouts_made_under_inference_mode_serve_training_later(kernel):
     from gptqlora.quant.kernels import dequant_gemm
 

@@ -7,7 +7,9 @@ Both take the same prompts and give the same kind of answer, so the records, the
 - ``greedy(prompts, ...)``: one greedy continuation per prompt, stopped after a complete ``#### <number>`` line;
 - ``samples(prompts, k, ...)``: ``k`` sampled continuations per prompt, reproducible from ``seed``;
 - ``answer_loss(entries, style, batch_size)``: the teacher-forced answer-token loss of the gold solutions;
-- ``kernels()``: the quantized layers per backend that ran (ours only).
+- ``kernels()``: the quantized layers per backend that ran (ours only);
+- ``expect(steps)``: the decoding steps the job will run, told before it starts: ours compiles its decode step
+  (``gptqlora.eval.decode``) when its ``compile`` setting is ``on``, or ``auto`` and the job is long enough.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from gptqlora.eval.decode import use_compiled
 from gptqlora.eval.generate import generate, generate_samples
 
 
@@ -39,25 +42,34 @@ class Engine:
     def kernels(self) -> dict[str, int] | None:
         return None
 
+    def expect(self, steps: int) -> None:
+        """The decoding steps (batches x budget, samples included) this engine is about to run on this rank."""
+
 
 class LocalEngine(Engine):
     """Our decoding loop (``gptqlora.eval.generate``) on a model loaded in this process."""
 
     name = "ours"
 
-    def __init__(self, model: nn.Module, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: nn.Module, tokenizer, compile: str = "auto"):
+        """``compile``: 'auto', 'on' or 'off' (``EngineConfig.compile``); decided by :meth:`expect`."""
+        self.model, self.tokenizer, self.compile = model, tokenizer, compile
+        self.compiled = use_compiled(compile, 0)
+
+    def expect(self, steps):
+        self.compiled = use_compiled(self.compile, steps)
 
     def greedy(self, prompts, *, max_new_tokens, batch_size, add_special_tokens):
         return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        stop_after_answer_line=True, add_special_tokens=add_special_tokens)
+                        stop_after_answer_line=True, add_special_tokens=add_special_tokens, compiled=self.compiled)
 
     def samples(self, prompts, *, k, temperature, top_p, seed, max_new_tokens, batch_size, add_special_tokens):
         """One generator seeded with ``seed`` draws every sample of the call, the ``k`` copies of each prompt side by
         side in the batch stream."""
         return generate_samples(self.model, self.tokenizer, prompts, k=k, temperature=temperature, top_p=top_p,
                                 seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                stop_after_answer_line=True, add_special_tokens=add_special_tokens)
+                                stop_after_answer_line=True, add_special_tokens=add_special_tokens,
+                                compiled=self.compiled)
 
     def answer_loss(self, entries, style, batch_size):
         from gptqlora.eval.perplexity import gsm8k_answer_loss
@@ -72,5 +84,5 @@ class LocalEngine(Engine):
 
 
 def as_engine(model: nn.Module | Engine, tokenizer) -> Engine:
-    """``model`` itself when it is an engine, else our loop on it."""
+    """``model`` itself when it is an engine, else our loop on it (``compile='auto'``)."""
     return model if isinstance(model, Engine) else LocalEngine(model, tokenizer)

@@ -14,20 +14,19 @@ check that decodes only a few tokens (:class:`StopChecker`) instead of the whole
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from gptqlora.data.gsm8k import pad_token_id
 from gptqlora.errors import UsageError
+from gptqlora.eval.decode import (CompiledDecode, EagerDecode, contiguous_head_input,  # noqa: F401 (re-exported)
+                                   position_ids_from_mask)
 from gptqlora.files import read_json_object
 
 log = logging.getLogger(__name__)
@@ -142,11 +141,6 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return input_ids, attention_mask
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting real tokens only, so a left-padded prompt is rotated as if unpadded: [B, L] -> [B, L]."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row: argmax when ``temperature == 0``, else temperature + nucleus (top-p) sampling.
@@ -172,11 +166,6 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: flo
     device = generator.device if generator is not None else probs.device
     picked = torch.multinomial(probs.to(device), num_samples=1, generator=generator)  # [B, 1], renormalises
     return picked.squeeze(-1).to(logits.device)
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    # transformers >= 5.x names the cache argument `cache` (`past_key_values` is deprecated); older ones do not.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def eos_token_ids(model: torch.nn.Module | None, tokenizer, generation_config: Any = None) -> set[int]:
@@ -251,36 +240,12 @@ def check_token_budget(max_new_tokens: int, context: int | None, model: str | os
                          f"give --max-new-tokens below {context}")
 
 
-@contextlib.contextmanager
-def contiguous_head_input(model: torch.nn.Module) -> Iterator[None]:
-    """While active, the output head gets a contiguous input.
-
-    With ``logits_to_keep=1`` the head sees the last position of the hidden states, a strided view. torch 2.13's CPU
-    bf16 ``linear`` on a strided input with a frozen weight (``requires_grad=False``: every weight of a LoRA model)
-    converts the whole weight per call: SmolLM2's head took 81 ms and 108 MiB instead of 1.9 ms at prefill, a
-    49152 x 4096 head 15 s. ``.contiguous()`` is not enough: at batch 1 the [1, 1, H] slice counts as contiguous
-    while keeping the prompt's stride, so the input is copied into fresh memory (B x H elements: nothing).
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        yield
-        return
-    def fresh_input(_module, args):
-        return (torch.empty_like(args[0], memory_format=torch.contiguous_format).copy_(args[0]), *args[1:])
-
-    handle = head.register_forward_pre_hook(fresh_input)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @torch.inference_mode()
 def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                    pad_id: int, eos_ids: set[int], temperature: float = 0.0, top_p: float = 1.0,
                    generator: torch.Generator | None = None,
                    stop_checks: Sequence[Callable[[int], bool]] | None = None,
-                   context: int | None = None) -> list[list[int]]:
+                   context: int | None = None, compiled: bool = False) -> list[list[int]]:
     """Decode one left-padded batch step by step with a KV cache.
 
     Each step reads one small tensor from the device, the new tokens: which rows have finished is kept on the
@@ -298,6 +263,8 @@ def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], 
         context: the model's context (:func:`context_length`); a sequence ends when its prompt and new tokens fill
             it, so a row gets ``min(max_new_tokens, context - len(prompt))`` tokens at most (none when its prompt
             fills the context), whatever the batch.
+        compiled: decode over a static cache with the compiled step (``gptqlora.eval.decode.CompiledDecode``)
+            instead of eagerly (``EagerDecode``).
     Returns:
         The generated ids per prompt, in order, without eos.
     Raises:
@@ -312,17 +279,14 @@ def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], 
     device = next(model.parameters()).device
     input_ids, attention_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))  # [B, L]
     batch = input_ids.shape[0]
-    cache = DynamicCache(config=model.config)
-    cache_kw = _cache_kwarg(model)
-    position_ids = position_ids_from_mask(attention_mask)  # [B, L]
+    decode = (CompiledDecode(model, input_ids, attention_mask, max_new_tokens, pad_id, context) if compiled
+              else EagerDecode(model, input_ids, attention_mask))
     out = [[] for _ in range(batch)]
     done = [b == 0 for b in budgets]  # the host's copy of `finished`; a prompt that fills the context gets nothing
     finished = torch.tensor(done, dtype=torch.bool, device=device)  # [B]
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     for step in range(max_new_tokens):
-        with contiguous_head_input(model):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]  # [B, V]
+        logits = decode.logits()  # [B, V]
         token = sample_next_token(logits, temperature, top_p, generator)  # [B]
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens = token.tolist()  # the one device -> host sync of the step
@@ -345,17 +309,14 @@ def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], 
             finished[i] = True  # a host value written to the device: no sync
         if all(done) or step == max_new_tokens - 1:
             break
-        # The new token's position is the count of real tokens before it; finished rows are masked out.
-        position_ids = attention_mask.sum(-1, keepdim=True)  # [B, 1]
-        attention_mask = torch.cat([attention_mask, active[:, None].long()], dim=-1)  # [B, L + step + 1]
-        input_ids = token[:, None]  # [B, 1]
+        decode.advance(token, active)
     return out
 
 
 def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8,
              temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
              stop_strings: Sequence[str] = (), stop_after_answer_line: bool = True,
-             add_special_tokens: bool = False, progress: bool = False) -> list[str]:
+             add_special_tokens: bool = False, progress: bool = False, compiled: bool = False) -> list[str]:
     """Generate a continuation for every prompt, batched, order preserved.
 
     Prompts are sorted by token length (longest first, so memory peaks on the first batch) and batched with left
@@ -375,6 +336,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_toke
             the text after that line.
         add_special_tokens: let the tokenizer add its special tokens (e.g. bos) to each prompt.
         progress: show a tqdm bar over batches.
+        compiled: decode with the compiled step over a static cache (see :func:`generate_batch`).
     Returns:
         The generated text per prompt, decoded with ``skip_special_tokens=True``, without eos.
     Raises:
@@ -419,7 +381,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_toke
                       if stops else None)
             new_ids = generate_batch(model, [encoded[i] for i in idx], max_new_tokens=max_new_tokens, pad_id=pad_id,
                                      eos_ids=eos_ids, temperature=temperature, top_p=top_p, generator=generator,
-                                     stop_checks=checks, context=context)
+                                     stop_checks=checks, context=context, compiled=compiled)
             for i, ids in zip(idx, new_ids):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 cut = stop_cut(text, stop_strings, stop_after_answer_line)

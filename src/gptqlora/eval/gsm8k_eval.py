@@ -38,7 +38,7 @@ from gptqlora.data.gsm8k import (answers_match, build_prompt, extract_answer, go
                                  resolve_style)
 from gptqlora.errors import UsageError
 from gptqlora.eval.engine import Engine, as_engine
-from gptqlora.eval.records import RecordFiles, answer_batches, open_output, record_line
+from gptqlora.eval.records import RecordFiles, answer_batches, open_output, rank_batches, record_line
 from gptqlora.eval.rerank import Rerank, rerank_fields, rerank_scores
 from gptqlora.eval.scoring import majority_vote, score_block
 from gptqlora.files import write_atomic
@@ -302,6 +302,8 @@ def evaluate_gsm8k(model: nn.Module | Engine, tokenizer, entries: Sequence[dict]
                 record |= rerank_fields(record["sample_answers"], scores[j], golds[start + j])
         return scored
 
+    # greedy, then k sampled rows per question in batches of `batch`: 1 + k decodes per batch
+    engine.expect(len(rank_batches(len(entries), batch, resumed_from)) * config.max_new_tokens * (1 + k))
     start_time = time.perf_counter()
     new_records = answer_batches(out, EVAL_FILES, len(entries), batch, resumed_from, answer, log)
     seconds = time.perf_counter() - start_time

@@ -257,6 +257,13 @@ def open_output(out: Path | None, files: RecordFiles, run_config: dict, entries:
     return distributed.from_main(prepare)
 
 
+def rank_batches(n: int, batch_size: int, first: int) -> list[int]:
+    """The first question of each batch this rank answers (of questions ``first`` to ``n - 1``; see
+    :func:`answer_batches`)."""
+    world = distributed.joined()
+    return list(range(first, n, batch_size))[world.rank::world.size]
+
+
 def answer_batches(out: Path | None, files: RecordFiles, n: int, batch_size: int, first: int,
                    answer: Callable[[int], list[tuple[dict, str]]], log: Callable[[str], Any]) -> list[dict]:
     """Answer questions ``first`` to ``n - 1`` in batches, each batch on disk before its lines are logged.
@@ -282,7 +289,7 @@ def answer_batches(out: Path | None, files: RecordFiles, n: int, batch_size: int
     if mine is not None and world.distributed:
         write_atomic(mine, "")
     new: list[dict] = []
-    for start in list(range(first, n, batch_size))[world.rank::world.size]:
+    for start in rank_batches(n, batch_size, first):
         scored = answer(start)
         if mine is not None:  # the batch is on disk before anything else can fail
             append_durable(mine, [record_line(r) for r, _ in scored])

@@ -15,10 +15,17 @@ it from a weight dequantized again in backward, so no dense copy lives between f
 ``torch.utils.checkpoint`` (non-reentrant) the weight dequantized during the recompute is kept for the backward that
 follows it, at most one per layer and only until then, so a checkpointed step dequantizes each weight twice, not three
 times (forward, recompute). The triton backend reads the packed codes in backward too.
+
+Under ``torch.compile`` the layer is one opaque call, ``torch.ops.gptqlora.quantized_linear(x, key, needs_grad)``
+(``key`` names the layer in a table of live layers): the compiler traces neither the kernel choice nor the
+backends' Python, and the call runs this same forward, so compiled and eager pick the same kernel. Its backward is
+``torch.ops.gptqlora.quantized_linear_t``, the backend's ``matmul_t``.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from types import ModuleType
 from typing import Any
 
@@ -69,6 +76,54 @@ class _QuantMatmul(torch.autograd.Function):
         return ctx.impl.matmul_t(grad_out, ctx.state, w), None, None
 
 
+# Live layers by key, for the compiled call (a key is never reused: a copy of a layer gets a new one).
+_LAYERS: weakref.WeakValueDictionary[int, "QuantizedLinear"] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+def _register(layer: "QuantizedLinear") -> None:
+    layer._op_key = next(_KEYS)
+    _LAYERS[layer._op_key] = layer
+
+
+@torch.library.custom_op("gptqlora::quantized_linear", mutates_args=())
+def _quantized_linear_op(x: Tensor, key: int, needs_grad: bool) -> Tensor:
+    """Layer ``key``'s output for x [..., K], computed by its eager forward (the kernel it picks for x)."""
+    layer = _LAYERS[key]
+    with torch.no_grad():  # the gradient is the op's backward below: the kernel runs for inference or training
+        return layer._compute(x, needs_grad)
+
+
+@_quantized_linear_op.register_fake
+def _(x: Tensor, key: int, needs_grad: bool) -> Tensor:
+    return x.new_empty(*x.shape[:-1], _LAYERS[key].out_features)
+
+
+@torch.library.custom_op("gptqlora::quantized_linear_t", mutates_args=())
+def _quantized_linear_t_op(grad_out: Tensor, key: int) -> Tensor:
+    """The input gradient grad_out [..., N] @ W^T of layer ``key`` (its backend's ``matmul_t``)."""
+    layer = _LAYERS[key]
+    g2 = grad_out.reshape(-1, layer.out_features)  # [M, N]
+    name, state = layer._backend(g2, True)
+    return implementation(name).matmul_t(g2, state).view(*grad_out.shape[:-1], layer.in_features)
+
+
+@_quantized_linear_t_op.register_fake
+def _(grad_out: Tensor, key: int) -> Tensor:
+    return grad_out.new_empty(*grad_out.shape[:-1], _LAYERS[key].in_features)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.key = inputs[1]
+
+
+def _backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:
+    return torch.ops.gptqlora.quantized_linear_t(grad_out.contiguous(), ctx.key), None, None
+
+
+_quantized_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 class QuantizedLinear(nn.Module):
     """A frozen linear layer stored as GPTQ v1 packed codes.
 
@@ -108,6 +163,7 @@ class QuantizedLinear(nn.Module):
         self.last_kernel: str | None = None  # the backend that ran the latest call
         self.kernels_seen: set[str] = set()  # the backends that ran since the preference was last set
         self._forget_layouts()
+        _register(self)
 
     @classmethod
     def from_result(cls, result: QuantResult, bits: int, group_size: int, bias: Tensor | None = None
@@ -183,6 +239,10 @@ class QuantizedLinear(nn.Module):
         state.update(_facts=None, _layouts={}, _dispatch={})
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        _register(self)  # a copy is a layer of its own
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(*args, **kwargs)
         self._forget_layouts()
@@ -212,14 +272,20 @@ class QuantizedLinear(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: Tensor) -> Tensor:
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [M, K]
         needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if torch.compiler.is_compiling():  # one opaque call (see the module docstring)
+            return torch.ops.gptqlora.quantized_linear(x, self._op_key, needs_grad)
+        return self._compute(x, needs_grad)
+
+    def _compute(self, x: Tensor, needs_grad: bool) -> Tensor:
+        """y = x @ W (+ bias) for x [..., K] through the backend picked for this call."""
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [M, K]
         name, state = self._backend(x2, needs_grad)
         if self.last_kernel != name:  # nn.Module.__setattr__ is slow enough to matter in decoding
             self.last_kernel = name
             self.kernels_seen.add(name)
         impl = implementation(name)
-        y = _QuantMatmul.apply(x2, impl, state) if needs_grad else impl.matmul(x2, state)  # [M, N]
+        y = _QuantMatmul.apply(x2, impl, state) if needs_grad and torch.is_grad_enabled() else impl.matmul(x2, state)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)

@@ -39,7 +39,7 @@ from gptqlora.data.gsm8k import answers_match, extract_answer, gold_answer, prom
 from gptqlora.errors import InputNotFoundError, UsageError
 from gptqlora.eval.engine import Engine, as_engine
 from gptqlora.eval.gsm8k_eval import build_eval_prompts, eval_settings, json_number
-from gptqlora.eval.records import RecordFiles, answer_batches, open_output
+from gptqlora.eval.records import RecordFiles, answer_batches, open_output, rank_batches
 from gptqlora.eval.scoring import summarize
 from gptqlora.files import read_json_object, write_atomic
 from gptqlora.provenance import base_differences, describe_base
@@ -146,6 +146,7 @@ def sample_gsm8k(model: nn.Module | Engine, tokenizer, entries: Sequence[dict], 
                for j, per_q in enumerate(texts)]
         return [(r, f"[{r['index']}] correct {sum(r['sample_correct'])}/{k}") for r in new]
 
+    engine.expect(len(rank_batches(len(entries), batch, resumed_from)) * config.max_new_tokens * k)
     records += answer_batches(out, SAMPLE_FILES, len(entries), batch, resumed_from, answer, log)
     summary = None
     if world.main:

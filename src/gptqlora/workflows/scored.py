@@ -122,12 +122,15 @@ def open_scored_model(run: RunContext, mc: ModelConfig, quantized: str | None, a
     vllm``, served by a vLLM server this rank starts (or the one at ``--engine-url``) and stopped on exit.
 
     Yields:
-        (model or engine, tokenizer, record): what ``evaluate_loaded`` and ``sample_gsm8k`` take; the record is
+        (engine, tokenizer, record): what ``evaluate_loaded`` and ``sample_gsm8k`` take (ours: a ``LocalEngine``
+        with ``--compile``'s setting, its model as ``.model``); the record is
         ``load_scored_model``'s plus ``"engine"`` (``"ours"``, or ``"vllm VERSION"``).
     """
     if engine is None or engine.engine == "ours":
+        from gptqlora.eval.engine import LocalEngine
+
         model, tokenizer, record = load_scored_model(mc, quantized, adapter, run.device)
-        yield model, tokenizer, record | {"engine": "ours"}
+        yield LocalEngine(model, tokenizer, engine.compile if engine else "auto"), tokenizer, record | {"engine": "ours"}
         return
     from transformers import AutoTokenizer, GenerationConfig
 

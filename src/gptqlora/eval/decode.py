@@ -1,0 +1,211 @@
+"""The model's forward per decoding step: eager over a growing cache, or compiled over a static one.
+
+:func:`gptqlora.eval.generate.generate_batch` owns the loop (sampling, stops, budgets); what it asks of a decoder is
+
+    logits() -> [B, V]            the next-token logits of every row (the prompt's last position at first)
+    advance(token [B], active [B]) feed each row its new token; rows not ``active`` are masked out from now on
+
+:class:`EagerDecode` is the reference: a ``DynamicCache`` and an attention mask that grows a column per step, so no
+shape repeats and nothing is compiled. :class:`CompiledDecode` follows gpt-fast's recipe on the same Hugging Face
+model: a ``StaticCache`` preallocated for the prompt plus the budget, an attention mask of that fixed length written
+a column per step, and the one-token step compiled with ``torch.compile`` (inductor's C++ backend on a CPU; CUDA
+graphs through ``mode="reduce-overhead"`` on a GPU). The prompt (prefill) runs eagerly into the static cache. A
+quantized layer is one opaque call inside the compiled step (``torch.ops.gptqlora.quantized_linear``), so it runs
+the kernel eager decoding would pick.
+
+Shapes are bucketed so a run compiles a few: the rows up to a power of two (extra rows repeat the first prompt and
+are never read), the cache length up to a multiple of :data:`CACHE_BUCKET` (within the model's context). Each new
+shape compiles once per process (:data:`COMPILE_STATS` keeps the seconds, reported apart from decoding);
+inductor's on-disk cache makes a later process's compile of the same shapes shorter.
+
+Compiled and eager decoding give the same tokens up to floating-point reassociation: in float32 on a tiny model
+they are equal (tested); in bf16 a near tie can flip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+from gptqlora.config import COMPILE_CHOICES
+
+log = logging.getLogger(__name__)
+
+# The static cache's length is the prompt plus the budget rounded up to a multiple of this (at most the context).
+CACHE_BUCKET = 256
+# "auto" compiles a job that decodes at least this many steps (batches x budget, samples included): compiling
+# SmolLM2-135M took 40-130 s on two busy cores the first time, and a step saves a few milliseconds to tens of them.
+COMPILE_MIN_STEPS = 4096
+
+
+def use_compiled(setting: str, steps: int) -> bool:
+    """Whether a job of ``steps`` decoding steps compiles its step: ``on``, ``off``, or ``auto`` (long enough to pay).
+
+    Raises:
+        ValueError: an unknown setting.
+    """
+    if setting not in COMPILE_CHOICES:
+        raise ValueError(f"compile={setting!r}: use one of {', '.join(COMPILE_CHOICES)}")
+    return setting == "on" or (setting == "auto" and steps >= COMPILE_MIN_STEPS)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only, so a left-padded prompt is rotated as if unpadded: [B, L] -> [B, L]."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    # transformers >= 5.x names the cache argument `cache` (`past_key_values` is deprecated); older ones do not.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@contextlib.contextmanager
+def contiguous_head_input(model: torch.nn.Module) -> Iterator[None]:
+    """While active, the output head gets a contiguous input.
+
+    With ``logits_to_keep=1`` the head sees the last position of the hidden states, a strided view. torch 2.13's CPU
+    bf16 ``linear`` on a strided input with a frozen weight (``requires_grad=False``: every weight of a LoRA model)
+    converts the whole weight per call: SmolLM2's head took 81 ms and 108 MiB instead of 1.9 ms at prefill, a
+    49152 x 4096 head 15 s. ``.contiguous()`` is not enough: at batch 1 the [1, 1, H] slice counts as contiguous
+    while keeping the prompt's stride, so the input is copied into fresh memory (B x H elements: nothing).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+
+    def fresh_input(_module, args):
+        return (torch.empty_like(args[0], memory_format=torch.contiguous_format).copy_(args[0]), *args[1:])
+
+    handle = head.register_forward_pre_hook(fresh_input)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class EagerDecode:
+    """The reference decoder: a ``DynamicCache`` and an attention mask [B, L + steps] that grows a column per step.
+
+    Args:
+        model: a causal LM taking input_ids, attention_mask, position_ids and a cache; returns ``.logits``.
+        input_ids, attention_mask: the left-padded prompts [B, L], on the model's device.
+    """
+
+    def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.model, self.input_ids, self.attention_mask = model, input_ids, attention_mask
+        self.position_ids = position_ids_from_mask(attention_mask)  # [B, L]
+        self.cache = {cache_kwarg(model): DynamicCache(config=model.config)}
+
+    def logits(self) -> torch.Tensor:
+        with contiguous_head_input(self.model):
+            return self.model(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                              position_ids=self.position_ids, use_cache=True, logits_to_keep=1,
+                              **self.cache).logits[:, -1]  # [B, V]
+
+    def advance(self, token: torch.Tensor, active: torch.Tensor) -> None:
+        # The new token's position is the count of real tokens before it; finished rows are masked out.
+        self.position_ids = self.attention_mask.sum(-1, keepdim=True)  # [B, 1]
+        self.attention_mask = torch.cat([self.attention_mask, active[:, None].long()], dim=-1)  # [B, L + step + 1]
+        self.input_ids = token[:, None]  # [B, 1]
+
+
+def bucket_rows(rows: int) -> int:
+    """The compiled batch for ``rows`` rows: the next power of two."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+def bucket_length(length: int, context: int | None) -> int:
+    """The static cache's length for ``length`` positions: up to a multiple of :data:`CACHE_BUCKET`, within
+    ``context`` (never below ``length``)."""
+    rounded = math.ceil(length / CACHE_BUCKET) * CACHE_BUCKET
+    return max(length, min(rounded, context)) if context is not None else rounded
+
+
+@dataclass
+class CompileStats:
+    """Seconds spent on the first call of each compiled shape (compiling, then one step), per (rows, length)."""
+
+    seconds: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.seconds.values())
+
+
+COMPILE_STATS = CompileStats()
+
+
+def _decode_step(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor, cache_position: torch.Tensor, cache: dict) -> torch.Tensor:
+    """One token per row through ``model`` over its static cache: [B, 1] ids -> [B, V] logits."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 cache_position=cache_position, use_cache=True, logits_to_keep=1, **cache).logits[:, -1]
+
+
+@functools.cache
+def compiled_step(device_type: str):
+    """The compiled :func:`_decode_step` for a device type (one per process: dynamo keeps a graph per model and
+    shape, guarded, so a second model or shape compiles its own)."""
+    mode = "reduce-overhead" if device_type == "cuda" else None  # CUDA graphs on a GPU
+    return torch.compile(_decode_step, dynamic=False, mode=mode)
+
+
+class CompiledDecode:
+    """The compiled decoder: a static cache of ``bucket_length(L + budget)`` positions for ``bucket_rows(B)`` rows.
+
+    Args:
+        model, input_ids, attention_mask: as :class:`EagerDecode`.
+        max_new_tokens: the most steps any row runs (the loop's length).
+        pad_id: fed to the bucket's extra rows after the prompt.
+        context: the model's context (:func:`gptqlora.eval.generate.context_length`), or None.
+    """
+
+    def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int, pad_id: int, context: int | None):
+        rows, length = input_ids.shape
+        self.model, self.rows, self.pad_id = model, rows, pad_id
+        extra = bucket_rows(rows) - rows  # rows that repeat the first prompt: a mask with real tokens, never read
+        input_ids = torch.cat([input_ids, input_ids[:1].expand(extra, -1)])  # [Bb, L]
+        attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(extra, -1)])  # [Bb, L]
+        size = bucket_length(length + max_new_tokens, context)
+        self.mask = attention_mask.new_zeros(len(input_ids), size)  # [Bb, S]: written a column per step
+        self.mask[:, :length] = attention_mask
+        self.cache = {cache_kwarg(model): StaticCache(config=model.config, max_cache_len=size)}
+        self.at = length  # the cache position of the next token
+        self.positions = attention_mask.sum(-1, keepdim=True)  # [Bb, 1]: the next token's position per row
+        self.shape = (len(input_ids), size)
+        with contiguous_head_input(model):  # the prompt, eagerly
+            self._logits = model(input_ids=input_ids, attention_mask=self.mask,
+                                 position_ids=position_ids_from_mask(attention_mask),
+                                 cache_position=torch.arange(length, device=input_ids.device), use_cache=True,
+                                 logits_to_keep=1, **self.cache).logits[:, -1]  # [Bb, V]
+
+    def logits(self) -> torch.Tensor:
+        return self._logits[:self.rows]
+
+    def advance(self, token: torch.Tensor, active: torch.Tensor) -> None:
+        extra = self.shape[0] - self.rows
+        token = torch.cat([token, token.new_full((extra,), self.pad_id)])[:, None]  # [Bb, 1]
+        self.mask[:, self.at] = torch.cat([active, active.new_zeros(extra)])
+        step = compiled_step(token.device.type)
+        first = self.shape not in COMPILE_STATS.seconds
+        start = time.perf_counter()
+        with torch._dynamo.config.patch(recompile_limit=64):  # a shape per bucket, not per call
+            self._logits = step(self.model, token, self.mask, self.positions,
+                                torch.tensor([self.at], device=token.device), self.cache)
+        if first:
+            COMPILE_STATS.seconds[self.shape] = time.perf_counter() - start
+            log.info("compiled the decode step for %d rows x %d positions in %.1f s", *self.shape,
+                     COMPILE_STATS.seconds[self.shape])
+        self.positions = self.positions + self.mask[:, self.at:self.at + 1]  # rows masked out keep their position
+        self.at += 1

@@ -1,0 +1,113 @@
+"""The compiled decode step (static cache, torch.compile) against the eager loop: the same tokens, a few shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_tokenizer
+from eval.test_generate import EOS, PROMPTS, chaotic_llama, encode
+
+from gptqlora.eval import decode
+from gptqlora.eval.decode import bucket_length, bucket_rows, use_compiled
+from gptqlora.eval.engine import LocalEngine
+from gptqlora.eval.generate import generate, generate_batch
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()  # each test's model compiles its own graphs
+    yield
+    torch._dynamo.reset()
+
+
+def test_buckets():
+    assert [bucket_rows(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
+    assert bucket_length(1, None) == 256 and bucket_length(257, None) == 512
+    assert bucket_length(300, 400) == 400 and bucket_length(400, 400) == 400  # within the context, never below
+
+
+def test_auto_compiles_long_jobs_only():
+    assert not use_compiled("auto", decode.COMPILE_MIN_STEPS - 1) and use_compiled("auto", decode.COMPILE_MIN_STEPS)
+    assert use_compiled("on", 0) and not use_compiled("off", 10**9)
+    with pytest.raises(ValueError, match="compile"):
+        use_compiled("sometimes", 1)
+
+
+def test_compiled_greedy_equals_eager_on_a_tiny_fp32_model(tok):
+    """Five prompts of different lengths (left padding), a row that ends at eos mid-batch, 3 rows bucketed to 4."""
+    model = chaotic_llama()
+    enc = encode(tok, PROMPTS)
+    eager = generate_batch(model, enc, max_new_tokens=30, pad_id=EOS, eos_ids={EOS})
+    compiled = generate_batch(model, enc, max_new_tokens=30, pad_id=EOS, eos_ids={EOS}, compiled=True)
+    assert compiled == eager
+    assert any(len(s) < 30 for s in eager) and len({tuple(s) for s in eager}) == len(PROMPTS)  # not vacuous
+    three = generate_batch(model, enc[:3], max_new_tokens=30, pad_id=EOS, eos_ids={EOS}, compiled=True)
+    assert three == eager[:3]
+    assert {(8, 256), (4, 256)} <= set(decode.COMPILE_STATS.seconds)
+
+
+def test_compiled_decoding_stops_at_the_context(tok):
+    model = chaotic_llama()
+    enc = encode(tok, PROMPTS)
+    context = len(enc[2]) + 10  # the longest prompt gets 10 tokens
+    model.config.max_position_embeddings = context
+    eager = generate_batch(model, enc, max_new_tokens=30, pad_id=EOS, eos_ids={EOS}, context=context)
+    compiled = generate_batch(model, enc, max_new_tokens=30, pad_id=EOS, eos_ids={EOS}, context=context,
+                              compiled=True)
+    assert compiled == eager and len(eager[2]) == 10
+
+
+def test_compiled_sampling_draws_as_eager(tok):
+    model = chaotic_llama()
+    kw = dict(max_new_tokens=12, batch_size=2, stop_after_answer_line=False, temperature=1.0)
+    eager = generate(model, tok, PROMPTS[:3], generator=torch.Generator().manual_seed(1), **kw)
+    compiled = generate(model, tok, PROMPTS[:3], generator=torch.Generator().manual_seed(1), compiled=True, **kw)
+    assert compiled == eager
+
+
+def test_compiled_4bit_lora_model_calls_our_op_and_equals_eager(tok, monkeypatch):
+    from gptqlora.config import QuantConfig
+    from gptqlora.lora import inject_lora_layers
+    from gptqlora.quant.driver import quantize_model_weights
+
+    model = chaotic_llama()
+    quantize_model_weights(model, None, QuantConfig(method="rtn", bits=4, group_size=32, targets="all"),
+                           progress=False)
+    torch.manual_seed(1)
+    inject_lora_layers(model, "all", r=4, alpha=8.0, dropout=0.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)  # an adapter that changes the output
+    enc = encode(tok, PROMPTS[:2])
+    eager = generate_batch(model, enc, max_new_tokens=20, pad_id=EOS, eos_ids={EOS})
+    graphs = []
+
+    def backend(gm, example_inputs):  # inductor, recording what it was given
+        graphs.append(gm)
+        return torch._inductor.compile(gm, example_inputs)
+
+    monkeypatch.setattr(decode, "compiled_step", lambda device_type: torch.compile(decode._decode_step,
+                                                                                 backend=backend, dynamic=False))
+    compiled = generate_batch(model, enc, max_new_tokens=20, pad_id=EOS, eos_ids={EOS}, compiled=True)
+    calls = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.gptqlora.quantized_linear]
+    assert compiled == eager
+    assert len(calls) == 7 * 2  # every block linear of both blocks is one opaque call in the graph
+
+
+def test_local_engine_compiles_when_told_a_long_job(tok, monkeypatch):
+    seen = []
+    monkeypatch.setattr("gptqlora.eval.engine.generate", lambda *a, **kw: seen.append(kw["compiled"]) or ["x"])
+    engine = LocalEngine(object(), tok)
+    engine.greedy(["p"], max_new_tokens=4, batch_size=1, add_special_tokens=False)
+    engine.expect(decode.COMPILE_MIN_STEPS)
+    engine.greedy(["p"], max_new_tokens=4, batch_size=1, add_special_tokens=False)
+    off = LocalEngine(object(), tok, compile="off")
+    off.expect(10**9)
+    off.greedy(["p"], max_new_tokens=4, batch_size=1, add_special_tokens=False)
+    assert seen == [False, True, False]
