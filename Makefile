@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export GSM8K_DIR ?= $(abspath ../shared/data/gsm8k)
 OUT ?= runs/demo
 
-.PHONY: setup vllm-env lm-eval-env demo test test-fast bench clean
+.PHONY: setup yardsticks vllm-env lm-eval-env demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,6 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# The benchmarks' yardsticks (bitsandbytes, torchao, llama-cpp-python; torch stays pinned): llama-cpp-python compiles
+# llama.cpp from source, which takes minutes. Not part of setup or test.
+yardsticks: setup
+	$(PY) -m pip install -q -e ".[yardsticks]" torch==2.13.0
 
 # vLLM in an environment of its own (`--engine vllm`): it pins torch 2.13.0+cpu and transformers<5.20, ours runs
 # 5.25. pip also pulls CUDA builds of torchvision/torchaudio/torchcodec beside the CPU torch, which break `import vllm`

@@ -6,10 +6,15 @@ first ``--ppl-limit`` GSM8K test solutions. Rows are ``<method>-<all|attn>`` (se
 defaults, ``gptq-plain`` the solver before issue 9). With ``--gptqmodel-python`` (a Python whose environment has
 gptqmodel) the yardstick quantizes the same windows with gptqmodel's defaults, and our loader reads its checkpoint.
 The row ``layer-7b-down`` measures the solver alone: peak RSS and time of solving and packing one Llama-2-7B
-down_proj (K = 11008).
+down_proj (K = 11008). The rows ``bnb-nf4`` and ``torchao-nf4`` are QLoRA's 4-bit base, the yardsticks of
+``bench_train.py`` built by its own functions: every block linear in NF4 (blocks of 64, the absmax double-quantized;
+bitsandbytes' ``Linear4bit`` and torchao's ``NF4Tensor``), computing in the model's dtype as the other rows do; each
+is skipped with a note when its package (the ``yardsticks`` extra) is missing. Their "RTN gap closed" is against
+``rtn-all``.
 
     python benchmarks/bench_quantize.py [--configs float,gptq-all,...] [--damp-percent 0.05] [--calib-calculator]
     python benchmarks/bench_quantize.py --configs layer-7b-down
+    python benchmarks/bench_quantize.py --configs float,rtn-all,gptq-all,bnb-nf4,torchao-nf4 --ppl-limit 100
 
 Prints a Markdown table, then the figures as one JSON object on the last line.
 """
@@ -17,6 +22,7 @@ Prints a Markdown table, then the figures as one JSON object on the last line.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -40,8 +46,12 @@ METHODS = {
     "gptq-act": dict(method="gptq", act_order=True, static_groups=False),  # desc_act: g_idx permuted
     "gptq-actstatic": dict(method="gptq", act_order=True, static_groups=True),  # act-order, grids up front
 }
-NAMES = ["float"] + [f"{m}-{t}" for t in ("all", "attn") for m in METHODS] + ["gptqmodel-all", "layer-7b-down"]
-DEFAULT_CONFIGS = ["float"] + [f"{m}-{t}" for t in ("all", "attn") for m in ("rtn", "gptq", "gptq-plain", "gptq-act")]
+# NF4 of every block linear, QLoRA's grid, built as bench_train's yardsticks are (blocks of 64): row -> its package.
+NF4_ROWS = {"bnb-nf4": "bitsandbytes", "torchao-nf4": "torchao"}
+NAMES = (["float"] + [f"{m}-{t}" for t in ("all", "attn") for m in METHODS] + list(NF4_ROWS)
+         + ["gptqmodel-all", "layer-7b-down"])
+DEFAULT_CONFIGS = (["float"] + [f"{m}-{t}" for t in ("all", "attn") for m in ("rtn", "gptq", "gptq-plain", "gptq-act")]
+                   + list(NF4_ROWS))
 
 GPTQMODEL_SCRIPT = r"""
 import json, os, sys, time
@@ -71,6 +81,7 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     from safetensors.torch import load_file
 
+    from bench_train import block_weight_bytes
     from gptqlora.workflows.base import weight_bytes
     from gptqlora.config import QuantConfig
     from gptqlora.eval.perplexity import gsm8k_answer_loss
@@ -101,7 +112,16 @@ def child(args: argparse.Namespace) -> dict:
         model, tokenizer = load_model(args.model)
         materialize(model)  # copy out of the file's memory map so RSS is the model as held
         row["weight_bytes_before"] = weight_bytes(model)
-        if name != "float":
+        if name in NF4_ROWS:
+            from bench_train import to_bnb_nf4, to_torchao_nf4
+
+            # NF4 computing in the model's dtype, as our rows do: the rows then differ by their 4-bit grids alone.
+            reset_peak_rss()
+            start = time.perf_counter()
+            to_bnb_nf4(model, next(model.parameters()).dtype) if name == "bnb-nf4" else to_torchao_nf4(model)
+            row["quantize_s"] = time.perf_counter() - start
+            row["peak_rss_mb_quantize"] = peak_rss_mb()
+        elif name != "float":
             method, targets = name.rsplit("-", 1)
             fields = METHODS[method]
             if args.damp_percent is not None and method != "gptq-plain":
@@ -115,7 +135,7 @@ def child(args: argparse.Namespace) -> dict:
             quantize_model_weights(model, calib if config.method == "gptq" else None, config, progress=False)
             row["quantize_s"] = time.perf_counter() - start
             row["peak_rss_mb_quantize"] = peak_rss_mb()
-    row["weight_bytes_after"] = weight_bytes(model)
+    row["weight_bytes_after"] = block_weight_bytes(model)  # weight_bytes, NF4's statistics counted too
     with torch.no_grad():
         result = gsm8k_answer_loss(model, tokenizer, source=args.data, split="test", limit=args.ppl_limit,
                                    batch_size=8, max_length=512)
@@ -200,14 +220,16 @@ def main() -> int:
         calib_file = str(Path(workdir) / "calib.safetensors")
         save_file({"input_ids": calib.contiguous()}, calib_file)
         argv = sys.argv[1:] + ["--calib-file", calib_file, "--workdir", workdir]
-        rows = {name: run_child(__file__, name, argv) for name in names}
+        rows = {name: ({"skipped": f"{NF4_ROWS[name]} is not installed (make yardsticks)"}
+                       if name in NF4_ROWS and importlib.util.find_spec(NF4_ROWS[name]) is None
+                       else run_child(__file__, name, argv)) for name in names}
 
     float_ppl = rows.get("float", {}).get("perplexity")
     for name, r in rows.items():
         if float_ppl is None or "perplexity" not in r or name == "float":
             continue
         r["ppl_increase"] = r["perplexity"] - float_ppl
-        rtn = rows.get("rtn-" + name.rsplit("-", 1)[1], {})
+        rtn = rows.get("rtn-" + ("all" if name in NF4_ROWS else name.rsplit("-", 1)[1]), {})
         if "perplexity" in rtn and rtn["perplexity"] > float_ppl and not name.startswith("rtn-"):
             r["gap_closed_vs_rtn"] = 1 - r["ppl_increase"] / (rtn["perplexity"] - float_ppl)
     print(markdown_table(rows, [("perplexity", "perplexity", ".4f"), ("ppl_increase", "increase over float", "+.4f"),

@@ -1,6 +1,6 @@
-"""Training speed and memory of LoRA over our 4-bit base, over the float base, and of PEFT's LoRA over the float base.
+"""Training speed and memory of LoRA over our 4-bit and float bases, beside PEFT's LoRA and QLoRA as users run it.
 
-    python benchmarks/bench_train.py                       # all three, side by side, ~10 timed steps each
+    python benchmarks/bench_train.py                       # all five, side by side, ~10 timed steps each
     python benchmarks/bench_train.py --quick               # smoke run (1 warmup + 2 timed steps)
     python benchmarks/bench_train.py --profile ours-4bit   # where the time of one configuration goes
     python benchmarks/bench_train.py --interleave --configs ours-float,peft-float   # a ratio on a busy machine
@@ -11,6 +11,20 @@ Configurations (each in its own fresh process; see ``common.py``):
                 decides the codes; the layer and its dequantize-and-matmul kernel are the ones a GPTQ model runs.
     ours-float  our LoRALinear over the float model.
     peft-float  peft.get_peft_model with LoraConfig(r, lora_alpha, lora_dropout, q/k/v/o, bias="none") over it.
+    peft-bnb-nf4  QLoRA as users run it: every block linear of the float model swapped for bitsandbytes' Linear4bit
+                (NF4, blocks of 64, double-quantized absmax, computing in bf16 under --bf16), then the same
+                get_peft_model call as peft-float. These are the layers transformers builds from
+                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+                quantized from the float model in memory (``to_bnb_nf4``) so every configuration loads alike;
+                prepare_model_for_kbit_training is left out: what it does (float non-quantized weights, only LoRA
+                trainable, checkpointing) the rules below already do, for all.
+    torchao-nf4 torchtune's QLoRA recipe: every block linear's weight as torchao's NF4Tensor (``to_nf4``, blocks of 64,
+                scalers quantized in blocks of 256, or of 64 where the count of blocks does not divide by 256, as in
+                this model's 576-wide attention layers) applied by ``linear_nf4`` as torchtune's FrozenNF4Linear does,
+                and on q/k/v/o torchtune's LoRALinear forward over it (``NF4LoRALinear``, written here: torchtune is
+                not a dependency).
+    The last two need the ``yardsticks`` extra (``make yardsticks``); without their package they are skipped with a
+    note, not failed.
 
 Identical for all: LoRA r=16, alpha=32, dropout 0.05 on q/k/v/o; bf16 autocast (``torch.autocast(device, bf16)``,
 the weights stay in the model's dtype); activation checkpointing switched on by the same call the training loop
@@ -36,12 +50,15 @@ cores every small op waits for a preempted thread and steps slow down erraticall
 time (``common.cpu_seconds``) is recorded beside its wall time, and the load average before and after the run.
 ``--interleave`` builds the configurations in one process instead and alternates them step by step (the order
 reversed every other step), so the load of a shared machine falls on all alike; it reports each one's median step
-and the median of the per-step ratios to the last configuration (the yardstick), not memory.
+and the median of the per-step ratios to the last configuration (the yardstick), not memory; configurations skipped
+for a missing package are left out of it, so the yardstick is the last one that runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
 import statistics
 import sys
 import time
@@ -57,7 +74,11 @@ from gptqlora.config import LoRAConfig, QuantConfig, TrainConfig
 # The library's defaults (LoRA r=16, alpha=32, dropout 0.05; batch 2 x 256; lr 2e-4; group size 64) are the
 # benchmark's defaults, written once in gptqlora.config.
 LORA, TRAIN, QUANT = LoRAConfig(), TrainConfig(), QuantConfig()
-CONFIGS = ("ours-4bit", "ours-float", "peft-float")
+CONFIGS = ("ours-4bit", "ours-float", "peft-float", "peft-bnb-nf4", "torchao-nf4")
+# Each yardstick's own package (the ``yardsticks`` extra); without it the configuration is skipped, not failed.
+YARDSTICK_PACKAGES = {"peft-bnb-nf4": "bitsandbytes", "torchao-nf4": "torchao"}
+# QLoRA's NF4 block (bitsandbytes' default, torchtune's to_nf4 default) and torchtune's scaler block.
+NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE = 64, 256
 LORA_TARGETS = common.LORA_TARGETS
 QUICK = {"warmup_steps": 1, "steps": 2, "profile_steps": 1}
 
@@ -113,6 +134,146 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---------------------------------------------------------------------------------------------- NF4 yardsticks
+
+def missing_yardstick(name: str) -> str | None:
+    """Why configuration ``name`` cannot run here, in one line (its package is not installed); None when it can."""
+    package = YARDSTICK_PACKAGES.get(name)
+    if package is None or importlib.util.find_spec(package) is not None:
+        return None
+    return f"{package} is not installed (make yardsticks)"
+
+
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(full name, layer) of every plain ``nn.Linear`` inside the decoder blocks (never lm_head)."""
+    return [(name, m) for name, m in model.named_modules()
+            if name.startswith("model.layers.") and type(m) is nn.Linear]
+
+
+@torch.no_grad()
+def to_bnb_nf4(model: nn.Module, compute_dtype: torch.dtype, block_size: int = NF4_BLOCK_SIZE) -> None:
+    """Swap every block linear of ``model`` for bitsandbytes' ``Linear4bit``, in place: QLoRA's layer.
+
+    NF4 codes in blocks of ``block_size``, their absmax quantized again (double quantization, QLoRA's default), the
+    matmul in ``compute_dtype``. bitsandbytes quantizes each weight as ``from_pretrained`` with
+    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`` does; here
+    from the float model in memory, so that the yardstick loads through the same ``load_model`` as the others.
+    """
+    import bitsandbytes as bnb
+
+    for name, linear in block_linears(model):
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                  device="meta")  # meta: no float weight allocated only to be replaced
+        weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, blocksize=block_size,
+                                   compress_statistics=True, quant_type="nf4", module=layer)
+        layer.weight = weight._quantize(linear.weight.device)  # [N * K / 2, 1] uint8 codes + weight.quant_state
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        model.set_submodule(name, layer)
+
+
+def _torchao_nf4():
+    """torchao's ``(to_nf4, linear_nf4)``: under ``torchao.quantization`` in 0.18, ``torchao.dtypes`` in older ones."""
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
+    except ImportError:
+        from torchao.dtypes.nf4tensor import linear_nf4, to_nf4
+    return to_nf4, linear_nf4
+
+
+class FrozenNF4Linear(nn.Module):
+    """torchtune's ``FrozenNF4Linear``: a frozen weight held as torchao's ``NF4Tensor``, applied by ``linear_nf4``
+    (which dequantizes it to the input's dtype in forward and again in backward).
+
+    Args:
+        linear: the float layer (no bias: LLaMA blocks have none, nor does torchtune's layer).
+        block_size, scaler_block_size: ``to_nf4``'s; the scaler block falls to the largest power of two that
+            divides the number of blocks (``to_nf4`` asserts it divides; a 576 x 576 weight has 5,184 blocks of 64,
+            which 256 does not divide, 64 does).
+    """
+
+    def __init__(self, linear: nn.Linear, block_size: int = NF4_BLOCK_SIZE,
+                 scaler_block_size: int = NF4_SCALER_BLOCK_SIZE) -> None:
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("FrozenNF4Linear takes a linear without bias, as torchtune's does")
+        to_nf4, self._linear_nf4 = _torchao_nf4()
+        n_blocks = linear.weight.numel() // block_size
+        scaler_block_size = math.gcd(scaler_block_size, n_blocks)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(to_nf4(linear.weight.detach(), block_size, scaler_block_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return self._linear_nf4(x, self.weight)
+
+
+class NF4LoRALinear(nn.Module):
+    """torchtune's ``LoRALinear(quantize_base=True)`` forward, over a ``FrozenNF4Linear`` by composition:
+    ``base(x) + (alpha / r) * lora_b(lora_a(dropout(x)))``, lora_a Kaiming-uniform and lora_b zero as torchtune's."""
+
+    def __init__(self, base: FrozenNF4Linear, r: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.base, self.scaling = base, alpha / r
+        self.dropout = nn.Dropout(dropout)
+        self.lora_a = nn.Linear(base.in_features, r, bias=False)  # [r, in]
+        self.lora_b = nn.Linear(r, base.out_features, bias=False)  # [out, r]
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return self.base(x) + self.scaling * self.lora_b(self.lora_a(self.dropout(x)))
+
+
+def to_torchao_nf4(model: nn.Module) -> None:
+    """Swap every block linear of ``model`` for a ``FrozenNF4Linear``, in place: torchtune's QLoRA base."""
+    for name, linear in block_linears(model):
+        model.set_submodule(name, FrozenNF4Linear(linear))
+
+
+def add_nf4_lora(model: nn.Module, targets: tuple[str, ...], r: int, alpha: float, dropout: float) -> None:
+    """Wrap the ``FrozenNF4Linear`` layers named ``*.<target>`` in ``NF4LoRALinear`` and make only LoRA trainable."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    chosen = [name for name, m in model.named_modules()
+              if isinstance(m, FrozenNF4Linear) and name.rsplit(".", 1)[-1] in targets]
+    for name in chosen:
+        model.set_submodule(name, NF4LoRALinear(model.get_submodule(name), r, alpha, dropout))
+
+
+def stored_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``t``: a torchao ``NF4Tensor``'s codes and scalers, a bitsandbytes
+    ``Params4bit``'s codes and its quantization state (absmax, and when double-quantized their own absmax and
+    code book), else ``t`` itself."""
+    if hasattr(t, "__tensor_flatten__"):  # a wrapper subclass (NF4Tensor): its storage is its inner tensors'
+        names, _ = t.__tensor_flatten__()
+        return [inner for n in names for inner in stored_tensors(getattr(t, n))]
+    state = getattr(t, "quant_state", None)
+    if state is None:
+        return [t]
+    nested = [state.offset, state.state2.absmax, state.state2.code] if state.nested else []
+    return [t, state.absmax, state.code, *nested]
+
+
+def held_bytes(tensors) -> int:
+    """Bytes that hold ``tensors`` (``common.tensor_bytes`` over each one's ``stored_tensors``)."""
+    return common.tensor_bytes([inner for t in tensors for inner in stored_tensors(t)])
+
+
+def block_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the decoder blocks' linear weights as stored: packed buffers for ours, NF4 codes and statistics for
+    the yardsticks, float weights otherwise. Called before LoRA is added, so LoRA's own weights are not counted."""
+    from gptqlora.quant.linear import QuantizedLinear
+
+    tensors = []
+    for m in model.model.layers.modules():
+        if isinstance(m, QuantizedLinear):
+            tensors += list(m.buffers())
+        elif isinstance(m, (nn.Linear, FrozenNF4Linear)):  # bitsandbytes' Linear4bit is an nn.Linear
+            tensors += list(m.parameters(recurse=False))
+    return held_bytes(tensors)
+
+
 # ---------------------------------------------------------------------------------------------- setup
 
 def long_batches(tokenizer, n_batches: int, batch_size: int, seq_len: int, style: str, source: str | None
@@ -146,25 +307,34 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, nn.Modu
     Returns:
         (model to call, the Hugging Face model inside it, tokenizer, facts: quantize seconds, weight bytes).
     """
-    from gptqlora.workflows.base import weight_bytes
     from gptqlora.models import load_model
 
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     facts: dict = {"quantize_s": None}
+    if name in YARDSTICK_PACKAGES:  # before the swap: NF4Tensor.clone dequantizes and quantizes again (default blocks)
+        common.materialize(model)
+    start = time.perf_counter()
     if name == "ours-4bit":
         from gptqlora.quant.driver import quantize_model_weights
 
-        start = time.perf_counter()
         quantize_model_weights(model, None, QuantConfig(method="rtn", bits=4, group_size=args.group_size,
                                                         targets="all"), progress=False)
+    elif name == "peft-bnb-nf4":  # bitsandbytes computes in its own dtype: bf16 where the others autocast to it
+        to_bnb_nf4(model, torch.bfloat16 if args.bf16 else next(model.parameters()).dtype)
+    elif name == "torchao-nf4":
+        to_torchao_nf4(model)
+    if name in ("ours-4bit", *YARDSTICK_PACKAGES):
         facts["quantize_s"] = time.perf_counter() - start
-    common.materialize(model)  # before any wrapper, so every configuration's weights are held the same way
-    facts["linear_weight_mb"] = weight_bytes(model) / common.MiB  # measured before LoRA adds its own linears
+    if name not in YARDSTICK_PACKAGES:  # before any wrapper, so every configuration's weights are held the same way
+        common.materialize(model)
+    facts["linear_weight_mb"] = block_weight_bytes(model) / common.MiB  # before LoRA adds its own linears
     hf_model = model
     if name.startswith("ours"):
         from gptqlora.lora.layer import inject_lora_layers
 
         inject_lora_layers(model, ",".join(LORA_TARGETS), r=args.r, alpha=args.alpha, dropout=args.dropout)
+    elif name == "torchao-nf4":
+        add_nf4_lora(model, LORA_TARGETS, r=args.r, alpha=args.alpha, dropout=args.dropout)
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -214,7 +384,7 @@ def setup(name: str, args: argparse.Namespace, n_batches: int):
     common.setup_child(args)
     model, hf_model, tokenizer, facts = build_model(name, args)
     batches = long_batches(tokenizer, n_batches, args.batch_size, args.seq_len, args.prompt_style, args.data)
-    facts |= {"model_mb": common.model_bytes(model) / common.MiB,
+    facts |= {"model_mb": held_bytes([*model.parameters(), *model.buffers()]) / common.MiB,
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     return Trainer(model, hf_model, args), batches, facts
 
@@ -315,14 +485,23 @@ def main(argv: list[str] | None = None) -> int:
         common.emit_json(run_one(args.one, args))
         return 0
     if args.profile is not None:
+        if note := missing_yardstick(args.profile):
+            raise SystemExit(f"--profile {args.profile}: {note}")
         common.emit_json(profile_one(args.profile, args))
         return 0
     names = common.config_names(args, CONFIGS)
+    skipped = {n: {"config": n, "skipped": note} for n in names if (note := missing_yardstick(n))}
+    runnable = [n for n in names if n not in skipped]
+    for name, row in skipped.items():
+        print(f"[bench] {name} skipped: {row['skipped']}", file=sys.stderr)
     load_before, started = common.load_average(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    if args.interleave:
-        results, columns = run_interleaved(names, args), INTERLEAVED_COLUMNS
+    if not runnable:
+        results, columns = {}, COLUMNS
+    elif args.interleave:
+        results, columns = run_interleaved(runnable, args), INTERLEAVED_COLUMNS
     else:
-        results, columns = common.run_children(Path(__file__), names, argv), COLUMNS
+        results, columns = common.run_children(Path(__file__), runnable, argv), COLUMNS
+    results = {n: results.get(n) or skipped[n] for n in names}  # in the order asked for, skipped ones noted
     load_after = common.load_average()
     print(f"## LoRA training: {args.batch_size} x {args.seq_len} tokens per step, {args.steps} timed steps after "
           f"{args.warmup_steps} warmup, r={args.r}, bf16 autocast {'on' if args.bf16 else 'off'}, checkpointing "
