@@ -32,10 +32,12 @@ def test_buckets():
 
 
 def test_auto_compiles_long_jobs_only():
-    assert not use_compiled("auto", decode.COMPILE_MIN_STEPS - 1) and use_compiled("auto", decode.COMPILE_MIN_STEPS)
-    assert use_compiled("on", 0) and not use_compiled("off", 10**9)
+    long, small = decode.COMPILE_MIN_STEPS, decode.COMPILE_MAX_ROWS
+    assert not use_compiled("auto", long - 1, 1) and use_compiled("auto", long, small)
+    assert not use_compiled("auto", long, small + 1)  # where the compiled step was measured slower
+    assert use_compiled("on", 0, 64) and not use_compiled("off", 10**9, 1)
     with pytest.raises(ValueError, match="compile"):
-        use_compiled("sometimes", 1)
+        use_compiled("sometimes", 1, 1)
 
 
 def test_compiled_greedy_equals_eager_on_a_tiny_fp32_model(tok):
@@ -105,9 +107,9 @@ def test_local_engine_compiles_when_told_a_long_job(tok, monkeypatch):
     monkeypatch.setattr("gptqlora.eval.engine.generate", lambda *a, **kw: seen.append(kw["compiled"]) or ["x"])
     engine = LocalEngine(object(), tok)
     engine.greedy(["p"], max_new_tokens=4, batch_size=1, add_special_tokens=False)
-    engine.expect(decode.COMPILE_MIN_STEPS)
+    engine.expect(decode.COMPILE_MIN_STEPS, 1)
     engine.greedy(["p"], max_new_tokens=4, batch_size=1, add_special_tokens=False)
     off = LocalEngine(object(), tok, compile="off")
-    off.expect(10**9)
+    off.expect(10**9, 1)
     off.greedy(["p"], max_new_tokens=4, batch_size=1, add_special_tokens=False)
     assert seen == [False, True, False]

@@ -42,20 +42,30 @@ log = logging.getLogger(__name__)
 
 # The static cache's length is the prompt plus the budget rounded up to a multiple of this (at most the context).
 CACHE_BUCKET = 256
-# "auto" compiles a job that decodes at least this many steps (batches x budget, samples included): compiling
-# SmolLM2-135M took 40-130 s on two busy cores the first time, and a step saves a few milliseconds to tens of them.
+# "auto" compiles a job that decodes at least this many steps (batches x budget, samples included) in batches of at
+# most COMPILE_MAX_ROWS rows. Measured on SmolLM2-135M in float32, one thread, on an AVX2 CPU without native bf16
+# (2 busy cores, 2026-12-07):
+# compiling took 100-145 s the first time (30 s from inductor's on-disk cache), and a step's CPU time went from 80 to
+# 65 ms at batch 1, 132 to 126 ms at batch 4, but 248 to 368 ms at batch 16 (the static cache's attention and its
+# update cost more than the Python they save).
 COMPILE_MIN_STEPS = 4096
+COMPILE_MAX_ROWS = 2
 
 
-def use_compiled(setting: str, steps: int) -> bool:
-    """Whether a job of ``steps`` decoding steps compiles its step: ``on``, ``off``, or ``auto`` (long enough to pay).
+def use_compiled(setting: str, steps: int, rows: int) -> bool:
+    """Whether a job compiles its decode step: ``on``, ``off``, or ``auto``: at least :data:`COMPILE_MIN_STEPS`
+    steps in batches of at most :data:`COMPILE_MAX_ROWS` rows (where compiling paid, see above).
 
+    Args:
+        setting: ``auto``, ``on`` or ``off`` (``--compile``).
+        steps: the decoding steps the job will run (batches x budget).
+        rows: rows per decoding batch.
     Raises:
         ValueError: an unknown setting.
     """
     if setting not in COMPILE_CHOICES:
         raise ValueError(f"compile={setting!r}: use one of {', '.join(COMPILE_CHOICES)}")
-    return setting == "on" or (setting == "auto" and steps >= COMPILE_MIN_STEPS)
+    return setting == "on" or (setting == "auto" and steps >= COMPILE_MIN_STEPS and rows <= COMPILE_MAX_ROWS)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@ Both take the same prompts and give the same kind of answer, so the records, the
 - ``samples(prompts, k, ...)``: ``k`` sampled continuations per prompt, reproducible from ``seed``;
 - ``answer_loss(entries, style, batch_size)``: the teacher-forced answer-token loss of the gold solutions;
 - ``kernels()``: the quantized layers per backend that ran (ours only);
-- ``expect(steps)``: the decoding steps the job will run, told before it starts: ours compiles its decode step
-  (``gptqlora.eval.decode``) when its ``compile`` setting is ``on``, or ``auto`` and the job is long enough.
+- ``expect(steps, rows)``: the decoding steps and batch rows of the job, told before it starts: ours compiles its
+  decode step (``gptqlora.eval.decode``) when its ``compile`` setting is ``on``, or ``auto`` and compiling pays.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ class Engine:
     def kernels(self) -> dict[str, int] | None:
         return None
 
-    def expect(self, steps: int) -> None:
-        """The decoding steps (batches x budget, samples included) this engine is about to run on this rank."""
+    def expect(self, steps: int, rows: int) -> None:
+        """The decoding steps (batches x budget, samples included) this engine is about to run on this rank, in
+        batches of ``rows`` rows."""
 
 
 class LocalEngine(Engine):
@@ -54,10 +55,10 @@ class LocalEngine(Engine):
     def __init__(self, model: nn.Module, tokenizer, compile: str = "auto"):
         """``compile``: 'auto', 'on' or 'off' (``EngineConfig.compile``); decided by :meth:`expect`."""
         self.model, self.tokenizer, self.compile = model, tokenizer, compile
-        self.compiled = use_compiled(compile, 0)
+        self.compiled = use_compiled(compile, 0, 1)
 
-    def expect(self, steps):
-        self.compiled = use_compiled(self.compile, steps)
+    def expect(self, steps, rows):
+        self.compiled = use_compiled(self.compile, steps, rows)
 
     def greedy(self, prompts, *, max_new_tokens, batch_size, add_special_tokens):
         return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,

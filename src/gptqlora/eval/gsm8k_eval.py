@@ -303,7 +303,7 @@ def evaluate_gsm8k(model: nn.Module | Engine, tokenizer, entries: Sequence[dict]
         return scored
 
     # greedy, then k sampled rows per question in batches of `batch`: 1 + k decodes per batch
-    engine.expect(len(rank_batches(len(entries), batch, resumed_from)) * config.max_new_tokens * (1 + k))
+    engine.expect(len(rank_batches(len(entries), batch, resumed_from)) * config.max_new_tokens * (1 + k), batch)
     start_time = time.perf_counter()
     new_records = answer_batches(out, EVAL_FILES, len(entries), batch, resumed_from, answer, log)
     seconds = time.perf_counter() - start_time

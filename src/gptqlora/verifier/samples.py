@@ -146,7 +146,7 @@ def sample_gsm8k(model: nn.Module | Engine, tokenizer, entries: Sequence[dict], 
                for j, per_q in enumerate(texts)]
         return [(r, f"[{r['index']}] correct {sum(r['sample_correct'])}/{k}") for r in new]
 
-    engine.expect(len(rank_batches(len(entries), batch, resumed_from)) * config.max_new_tokens * k)
+    engine.expect(len(rank_batches(len(entries), batch, resumed_from)) * config.max_new_tokens * k, batch)
     records += answer_batches(out, SAMPLE_FILES, len(entries), batch, resumed_from, answer, log)
     summary = None
     if world.main:
