@@ -1,5 +1,6 @@
 """The answer-token loss: matches a manual computation, ignores prompt and padding, token-weighted; the training
-NLL is the evaluation's; a world of one's shard is the whole batch."""
+NLL is the evaluation's; the head run on the label positions alone, in chunks, gives the loss and the LoRA gradients
+of the full logits; a world of one's shard is the whole batch."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from gptqlora.distributed import World
-from gptqlora.loss import answer_token_loss, label_count, label_nll, label_nll_sum, rank_shard
+from contextlib import nullcontext
+
+from gptqlora import loss as loss_module
+from gptqlora.loss import (answer_token_loss, label_count, label_nll, linear_cross_entropy, plain_head,
+                           rank_shard)
 
 
 def make_batch(seqs: list[list[int]], prompt_lens: list[int], pad_id: int = 258) -> dict[str, torch.Tensor]:
@@ -72,16 +77,127 @@ def test_prompt_and_padding_do_not_count(tiny_llama, data):
     assert out["tokens"] == base["tokens"] and out["loss"] == pytest.approx(base["loss"], rel=1e-5)
 
 
-def test_label_nll_sum_matches_cross_entropy():
+def full_logits_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The plain formula: logits at every position from the model's forward, cross-entropy over the label positions."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+    keep = batch["labels"][:, 1:] != -100  # [B, T-1]
+    return F.cross_entropy(logits[:, :-1][keep].float(), batch["labels"][:, 1:][keep], reduction="sum")
+
+
+def lora_llama(seed: int = 0):
+    """The tiny LLaMA with LoRA on q/k/v/o whose B is random (B = 0 would give A no gradient to compare)."""
+    from conftest import make_tiny_llama
+    from gptqlora.lora import inject_lora_layers
+
+    model = make_tiny_llama(seed=seed)
+    inject_lora_layers(model, "attn", r=4, alpha=8.0, dropout=0.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def lora_grads(model, loss_fn) -> tuple[float, dict[str, torch.Tensor]]:
+    """The loss and the LoRA gradients of the training step's mean (the summed NLL over a token count)."""
+    model.zero_grad(set_to_none=True)
+    nll = loss_fn()
+    (nll / 23).backward()
+    return nll.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("chunk_rows", [1024, 5], ids=["one-chunk", "chunks-of-5"])
+def test_label_nll_and_its_lora_gradients_equal_the_full_logits_formula(data, monkeypatch, bf16, chunk_rows):
+    seqs, prompt_lens = data
+    # Right padding, prompts of different lengths, and a row without any label (a prompt only).
+    batch = make_batch(seqs + [seqs[0][:6]], prompt_lens + [6])
+    assert not (batch["labels"][-1] != -100).any() and batch["attention_mask"][1].sum() < batch["input_ids"].shape[1]
+    model = lora_llama().train()
+    assert plain_head(model) is model.lm_head
+    monkeypatch.setattr(loss_module, "CHUNK_ROWS", chunk_rows)  # 23 label tokens: 5 chunks of 5 rows, or 1
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
+
+    def ours():
+        with autocast():
+            return label_nll(model, batch)
+
+    def reference():
+        with autocast():
+            return full_logits_nll(model, batch)
+
+    nll, grads = lora_grads(model, ours)
+    ref_nll, ref_grads = lora_grads(model, reference)
+    assert len(grads) == 16 and grads.keys() == ref_grads.keys()
+    rel = 2e-3 if bf16 else 1e-6  # bf16: the head's logits round to 8 bits, per row alike in both
+    assert nll == pytest.approx(ref_nll, rel=rel)
+    for name, g in grads.items():
+        ref = ref_grads[name]
+        assert ref.abs().max() > 0, name
+        # bf16 rounds the logits' gradient before the head's backward, at another scale: the reference rounds it
+        # divided by the token count, ours undivided (scaled after), so the two differ by about 1% of the tensor's
+        # norm, each about 2% from the float32 gradient; measured as the whole tensor's error, not every entry's.
+        assert (g - ref).norm() <= (3e-2 if bf16 else 1e-5) * ref.norm(), name
+
+
+def test_linear_cross_entropy_in_chunks_equals_cross_entropy_and_its_gradients():
     g = torch.Generator().manual_seed(1)
-    logits = torch.randn(3, 6, 11, generator=g).bfloat16()
-    labels = torch.randint(0, 11, (3, 6), generator=g)
-    labels[:, :2] = -100
-    labels[2, 4:] = -100
-    total, n = label_nll_sum(logits, labels, chunk_rows=2)  # chunks of 2 rows: several cross-entropy calls
-    ref = F.cross_entropy(logits[:, :-1].float().reshape(-1, 11), labels[:, 1:].reshape(-1), reduction="sum")
-    assert n == int((labels[:, 1:] != -100).sum()) == 3 * 4 - 2
-    assert total == pytest.approx(ref.item(), rel=1e-6)
+    hidden = torch.randn(11, 8, generator=g, requires_grad=True)  # [N, H]
+    weight = torch.randn(13, 8, generator=g, requires_grad=True)  # [V, H]: a trainable head too
+    targets = torch.randint(0, 13, (11,), generator=g)
+    ours = linear_cross_entropy(hidden, weight, targets, chunk_rows=4)  # chunks of 4, 4 and 3 rows
+    (ours * 0.5).backward()  # the backward scales the gradients made in the forward
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    ref = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    (ref * 0.5).backward()
+    assert ours.dtype == torch.float32 and ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(got[0], hidden.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], weight.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # without gradients: the same forward, to the bit
+        assert linear_cross_entropy(hidden, weight, targets, chunk_rows=4).item() == ours.item()
+    frozen = linear_cross_entropy(hidden.detach().requires_grad_(), weight.detach(), targets, chunk_rows=4)
+    assert frozen.item() == ours.item()
+
+
+def test_a_model_whose_logits_are_not_its_heads_takes_the_full_path():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0,
+                          pad_token_id=258)
+    model = Gemma2ForCausalLM(config).eval()
+    assert plain_head(model) is None  # its logits are tanh-capped after the head
+    seqs = [[1, 5, 9, 13, 17, 21, 25], [2, 4, 6, 8, 10]]
+    batch = make_batch(seqs, [3, 2])
+    with torch.no_grad():
+        assert label_nll(model, batch).item() == pytest.approx(full_logits_nll(model, batch).item(), rel=1e-6)
+
+
+def test_a_peft_model_gets_the_lean_path_and_the_same_loss(tiny_llama, data):
+    from peft import LoraConfig, get_peft_model
+
+    seqs, prompt_lens = data
+    batch = make_batch(seqs, prompt_lens)
+    with torch.no_grad():
+        before = label_nll(tiny_llama, batch).item()
+    peft_model = get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert plain_head(peft_model) is tiny_llama.lm_head
+    with torch.no_grad():  # B = 0: the adapter changes nothing yet
+        assert label_nll(peft_model, batch).item() == pytest.approx(before, rel=1e-6)
+        assert before == pytest.approx(full_logits_nll(tiny_llama, batch).item(), rel=1e-6)
+
+
+def test_answer_token_loss_under_autocast_matches_the_full_logits_formula(tiny_llama, data):
+    seqs, prompt_lens = data
+    batch = make_batch(seqs, prompt_lens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = answer_token_loss(tiny_llama, [batch])
+        with torch.no_grad():
+            ref = full_logits_nll(tiny_llama, batch).item() / label_count(batch)
+    assert out["loss"] == pytest.approx(ref, rel=2e-3)
 
 
 def test_restores_mode_and_rejects_no_labels(tiny_llama, data):
