@@ -74,3 +74,21 @@ def test_on_cuda(bits, act_order, dtype):
     layer = random_layer(n=256, k=576, bits=bits, group_size=64, act_order=act_order, bias=True)
     for m in (1, 300):
         check_on_cuda("dequant-gemm", layer, dtype, m=m)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_runs_its_gemm_in_fp32_where_the_cpu_emulates_bf16(monkeypatch, native):
+    """Without native bf16 the product is the fp32 one rounded to bf16 (a bf16 GEMM is emulated there, several
+    times slower); with it, a bf16 GEMM."""
+    monkeypatch.setattr(dequant_gemm, "cpu_has_native_bf16", lambda: native)
+    layer = random_layer(n=64, k=256, bits=4, group_size=64)
+    state = dequant_gemm.repack(layer.gptq_weight(), torch.bfloat16)
+    assert state.dtype == (torch.bfloat16 if native else torch.float32)
+    x = torch.randn(5, 256).bfloat16()
+    y = dequant_gemm.matmul(x, state)
+    assert y.dtype == torch.bfloat16
+    if not native:
+        w = dequant.dense_weight(dequant.repack(layer.gptq_weight(), torch.float32))  # [K, N] in the layer's order
+        torch.testing.assert_close(y, (x.float() @ w).bfloat16(), rtol=0, atol=0)
+        dy = torch.randn(5, 64).bfloat16()
+        assert dequant_gemm.matmul_t(dy, state).dtype == torch.bfloat16
