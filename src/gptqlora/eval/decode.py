@@ -194,6 +194,8 @@ class CompiledDecode:
         self.at = length  # the cache position of the next token
         self.positions = attention_mask.sum(-1, keepdim=True)  # [Bb, 1]: the next token's position per row
         self.shape = (len(input_ids), size)
+        self.step = compiled_step(input_ids.device.type)
+        self.stepped = False  # a batch's first step is where anything (re)compiles: its shapes and guards stay
         with contiguous_head_input(model):  # the prompt, eagerly
             self._logits = model(input_ids=input_ids, attention_mask=self.mask,
                                  position_ids=position_ids_from_mask(attention_mask),
@@ -207,15 +209,17 @@ class CompiledDecode:
         extra = self.shape[0] - self.rows
         token = torch.cat([token, token.new_full((extra,), self.pad_id)])[:, None]  # [Bb, 1]
         self.mask[:, self.at] = torch.cat([active, active.new_zeros(extra)])
-        step = compiled_step(token.device.type)
-        first = self.shape not in COMPILE_STATS.seconds
-        start = time.perf_counter()
-        with torch._dynamo.config.patch(recompile_limit=64):  # a shape per bucket, not per call
-            self._logits = step(self.model, token, self.mask, self.positions,
-                                torch.tensor([self.at], device=token.device), self.cache)
-        if first:
-            COMPILE_STATS.seconds[self.shape] = time.perf_counter() - start
-            log.info("compiled the decode step for %d rows x %d positions in %.1f s", *self.shape,
-                     COMPILE_STATS.seconds[self.shape])
+        args = (self.model, token, self.mask, self.positions, torch.tensor([self.at], device=token.device), self.cache)
+        if self.stepped:
+            self._logits = self.step(*args)
+        else:
+            self.stepped = True
+            start = time.perf_counter()
+            with torch._dynamo.config.patch(recompile_limit=64):  # a graph per bucket and model, not per call
+                self._logits = self.step(*args)
+            if self.shape not in COMPILE_STATS.seconds:
+                COMPILE_STATS.seconds[self.shape] = time.perf_counter() - start
+                log.info("compiled the decode step for %d rows x %d positions in %.1f s", *self.shape,
+                         COMPILE_STATS.seconds[self.shape])
         self.positions = self.positions + self.mask[:, self.at:self.at + 1]  # rows masked out keep their position
         self.at += 1
