@@ -26,6 +26,10 @@ Configurations (each in its own fresh process; see ``common.py``):
     The last two need the ``yardsticks`` extra (``make yardsticks``); without their package they are skipped with a
     note, not failed.
 
+Ours run the training loop's step decisions: ``--dequantize-once`` (auto: each quantized weight dequantized once
+per step when the dense copies fit, ``gptqlora.train.run.resolve_dequantize_once``) and ``--compile-blocks`` (off
+by default, as in the loop).
+
 Identical for all: LoRA r=16, alpha=32, dropout 0.05 on q/k/v/o; bf16 autocast (``torch.autocast(device, bf16)``,
 the weights stay in the model's dtype); activation checkpointing switched on by the same call the training loop
 makes (``gptqlora.train.loop._enable_checkpointing``: non-reentrant); the loss of the training loop
@@ -69,7 +73,7 @@ import torch
 from torch import nn
 
 import common
-from gptqlora.config import LoRAConfig, QuantConfig, TrainConfig
+from gptqlora.config import AUTO_ON_OFF, LoRAConfig, QuantConfig, TrainConfig
 
 # The library's defaults (LoRA r=16, alpha=32, dropout 0.05; batch 2 x 256; lr 2e-4; group size 64) are the
 # benchmark's defaults, written once in gptqlora.config.
@@ -122,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast.")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="Activation (gradient) checkpointing, for every configuration alike.")
+    parser.add_argument("--dequantize-once", default=TRAIN.dequantize_once, choices=AUTO_ON_OFF,
+                        help="ours-*: keep each quantized weight dense for the step (the training loop's option).")
+    parser.add_argument("--compile-blocks", action="store_true",
+                        help="ours-*: compile each decoder block, as the training loop's --compile-blocks does.")
     parser.add_argument("--prompt-style", default="chat", choices=("plain", "chat"), help="GSM8K prompt format.")
     parser.add_argument("--profile", choices=CONFIGS, default=None,
                         help="Instead of comparing: profile this configuration here with torch.profiler and print "
@@ -347,16 +355,25 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, nn.Modu
 class Trainer:
     """One configuration's training step: autocast, label NLL / label tokens, backward, clip, AdamW."""
 
-    def __init__(self, model: nn.Module, hf_model: nn.Module, args: argparse.Namespace) -> None:
-        from gptqlora.train.loop import _enable_checkpointing
+    def __init__(self, name: str, model: nn.Module, hf_model: nn.Module, args: argparse.Namespace) -> None:
+        from gptqlora.quant.linear import dequantize_once
+        from gptqlora.train.loop import _compile_blocks, _enable_checkpointing
+        from gptqlora.train.run import resolve_dequantize_once
 
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = next(model.parameters()).device
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr)
         self.bf16 = args.bf16
-        if args.checkpointing:
-            _enable_checkpointing(hf_model)  # the training loop's own call, on the HF model inside any wrapper
+        ours = name.startswith("ours")
+        # The training loop's own decisions and calls, on the HF model inside any wrapper
+        self.dequantize_once = ours and resolve_dequantize_once(args.dequantize_once, model, self.device)
+        self.step_weights = dequantize_once if self.dequantize_once else nullcontext
+        self.compiled = ours and args.compile_blocks
+        if self.compiled:
+            _compile_blocks(hf_model, args.checkpointing)
+        elif args.checkpointing:
+            _enable_checkpointing(hf_model)
         model.train()
 
     def autocast(self):
@@ -369,10 +386,11 @@ class Trainer:
 
         batch = {k: v.to(self.device) for k, v in batch.items()}  # [B, T] each
         n_labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        with torch.profiler.record_function("train/forward+loss"), self.autocast():
-            nll = label_nll(self.model, batch)
-        with torch.profiler.record_function("train/backward"):
-            (nll / n_labels).backward()
+        with self.step_weights():
+            with torch.profiler.record_function("train/forward+loss"), self.autocast():
+                nll = label_nll(self.model, batch)
+            with torch.profiler.record_function("train/backward"):
+                (nll / n_labels).backward()
         with torch.profiler.record_function("train/clip+adamw"):
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.optimizer.step()
@@ -386,7 +404,7 @@ def setup(name: str, args: argparse.Namespace, n_batches: int):
     batches = long_batches(tokenizer, n_batches, args.batch_size, args.seq_len, args.prompt_style, args.data)
     facts |= {"model_mb": held_bytes([*model.parameters(), *model.buffers()]) / common.MiB,
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    return Trainer(model, hf_model, args), batches, facts
+    return Trainer(name, model, hf_model, args), batches, facts
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -409,6 +427,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
             "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_step / timing["mean_s"],
             "steps": len(seconds), "step_s": seconds, "step_cpu_s": cpu, "step_cpu_s_median": statistics.median(cpu),
             "loss_first": losses[0], "loss_last": losses[-1], **facts, **window.report(), "bf16": trainer.bf16,
+            "dequantize_once": trainer.dequantize_once, "compiled": trainer.compiled,
             "device": str(trainer.device), "threads": torch.get_num_threads(), "load_start": load_start,
             "load_end": common.load_average()}
 
@@ -432,7 +451,7 @@ def run_interleaved(names: list[str], args: argparse.Namespace) -> dict:
         if batches is None:
             batches = long_batches(tokenizer, args.warmup_steps + args.steps, args.batch_size, args.seq_len,
                                    args.prompt_style, args.data)
-        trainers[name] = Trainer(model, hf_model, args)
+        trainers[name] = Trainer(name, model, hf_model, args)
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for i, batch in enumerate(batches):
@@ -446,7 +465,8 @@ def run_interleaved(names: list[str], args: argparse.Namespace) -> dict:
                    "step_cpu_s_median": statistics.median(cpu[name]),
                    "ratio_median": statistics.median(a / b for a, b in zip(wall[name], wall[ref])),
                    "cpu_ratio_median": statistics.median(a / b for a, b in zip(cpu[name], cpu[ref])),
-                   "step_s": wall[name], "step_cpu_s": cpu[name]} for name in names}
+                   "step_s": wall[name], "step_cpu_s": cpu[name], "dequantize_once": trainers[name].dequantize_once,
+                   "compiled": trainers[name].compiled} for name in names}
 
 
 def profile_one(name: str, args: argparse.Namespace) -> dict:

@@ -286,6 +286,10 @@ class LoRAConfig:
         parse_targets(self.lora_targets)
 
 
+# A switch that can also be left to the library: 'auto' decides from the job and the hardware.
+AUTO_ON_OFF = ("auto", "on", "off")
+
+
 @dataclass
 class TrainConfig:
     out: str = opt("checkpoints", "Output directory: quantized_base/, lora_adapter/, training checkpoints and logs.")
@@ -306,6 +310,15 @@ class TrainConfig:
     save_every: int = opt(50, "Steps between training checkpoints.")
     log_every: int = opt(1, "Steps between metric lines in metrics.jsonl.")
     gradient_checkpointing: bool = opt(True, "Recompute block activations in the backward pass to save memory.")
+    dequantize_once: str = opt("auto", "Over a quantized base: keep each layer's dense weight from its first forward of "
+                                       "a step to the step's end, so it is dequantized once per step, not twice "
+                                       "(forward and checkpointed recompute). 'on', 'off', or 'auto': on when those "
+                                       "dense copies take at most an eighth of the free memory. Same results.",
+                               choices=AUTO_ON_OFF)
+    compile_blocks: bool = opt(False, "Compile each decoder block (torch.compile), checkpointed as without: the same "
+                                      "steps up to float rounding. For GPUs, where it fuses the blocks' elementwise "
+                                      "work; on a CPU the step is matmul-bound and was no faster "
+                                      "(benchmarks/RESULTS.md).")
     bf16: bool | None = opt(None, "bf16 autocast (default: when the hardware supports it).")
     resume: bool = opt(False, "Continue from the last training checkpoint in --out.")
     fsdp: bool = opt(False, "Under torchrun (2 or more processes): shard the model with FSDP2 instead of "
@@ -320,6 +333,10 @@ class TrainConfig:
                 raise UsageError(f"{name}={getattr(self, name)} must be positive")
         if self.max_steps is not None and self.max_steps <= 0:
             raise UsageError(f"max_steps={self.max_steps} must be positive")
+        if self.compile_blocks and self.fsdp:
+            raise UsageError("--compile-blocks with --fsdp is not supported: compile with DDP (leave out --fsdp)")
+        if self.dequantize_once not in AUTO_ON_OFF:
+            raise UsageError(f"dequantize_once {self.dequantize_once!r} is unknown: use {', '.join(AUTO_ON_OFF)}")
         if self.epochs <= 0:
             raise UsageError(f"epochs={self.epochs} must be positive")
         if not self.lr > 0:
@@ -385,7 +402,7 @@ class EvalConfig:
 
 ENGINES = ("ours", "vllm")
 # --compile: our decode step compiled ('on'), eager ('off'), or compiled when the job is long enough ('auto').
-COMPILE_CHOICES = ("auto", "on", "off")
+COMPILE_CHOICES = AUTO_ON_OFF
 
 
 @dataclass

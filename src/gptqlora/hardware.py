@@ -32,6 +32,21 @@ def release_free_heap() -> bool:
     return True
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes this process could still allocate on ``device``: the GPU's free memory, or the host's ``MemAvailable``
+    (Linux); None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024  # "123456 kB"
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def resolve_bf16(requested: bool | None, device: torch.device) -> bool:
     """Whether to autocast to bf16: ``requested`` when given, else when the hardware runs bf16 natively.
 

@@ -1,4 +1,5 @@
 import collections
+import contextlib
 import copy
 import weakref
 
@@ -287,6 +288,74 @@ def test_a_train_step_dequantizes_each_weight_at_most_twice(monkeypatch, kernel,
     # A dense weight is kept only from a block's recompute to its backward: never more than one block's (7) at once.
     assert most_alive[0] <= (7 if checkpointing else 1)
     assert grads and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def _count_dequantizations(monkeypatch) -> list[int]:
+    """The qweight storage of each dequantization from now on (dequant-gemm's and the reference's)."""
+    from gptqlora.quant.kernels import dequant, dequant_gemm
+
+    calls: list[int] = []
+
+    def counting(fn, qweight_of):
+        def wrapper(*args, **kwargs):
+            calls.append(qweight_of(*args).data_ptr())
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(dequant_gemm, "dequantize_into", counting(dequant_gemm.dequantize_into, lambda s, o: s.qweight))
+    monkeypatch.setattr(dequant, "dequantize_packed", counting(dequant.dequantize_packed, lambda q, *a: q))
+    return calls
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dequant"])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_dequantize_once_dequantizes_each_weight_once_per_step_with_the_same_gradients(monkeypatch, kernel,
+                                                                                      micro_batches):
+    from gptqlora.quant import linear
+    from gptqlora.quant.linear import dequantize_once, set_kernel
+
+    def step(once: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = _tiny_quantized_lora_model()
+        set_kernel(model, kernel)
+        calls.clear()
+        with dequantize_once() if once else contextlib.nullcontext():
+            for _ in range(micro_batches):  # gradient accumulation: one step, several forwards and backwards
+                grads = _train_step(model, checkpointing=True)
+        return grads, collections.Counter(calls)
+
+    calls = _count_dequantizations(monkeypatch)
+    plain, plain_calls = step(once=False)
+    kept, kept_calls = step(once=True)
+    assert set(plain_calls.values()) == {2 * micro_batches}  # forward and recompute, per micro-batch
+    assert len(kept_calls) == 14 and set(kept_calls.values()) == {1}  # 7 linears x 2 blocks, once each
+    assert linear._STEP_WEIGHTS is None  # dropped at the step's end
+    assert plain.keys() == kept.keys()
+    for name in plain:  # the same dense values: the same gradients, bit for bit
+        assert torch.equal(kept[name], plain[name]), name
+
+
+def test_dequantize_once_serves_the_compiled_op_and_is_not_reentrant(monkeypatch):
+    from gptqlora.quant.linear import dequantize_once
+
+    torch._dynamo.reset()
+    calls = _count_dequantizations(monkeypatch)
+    layer, _, _ = make_layer(bits=4, group_size=32)
+    x = torch.randn(6, 128, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    eager_y = layer(x)
+    (eager_grad,) = torch.autograd.grad(eager_y.sum(), x)
+    calls.clear()
+    with dequantize_once():
+        y = compiled(x)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        with pytest.raises(RuntimeError, match="already active"):
+            with dequantize_once():
+                pass
+    assert len(calls) == 1  # the op's forward made it, its backward reused it
+    torch.testing.assert_close(y, eager_y)
+    torch.testing.assert_close(grad, eager_grad)
+    torch._dynamo.reset()
 
 
 def test_checkpointing_changes_no_gradient():

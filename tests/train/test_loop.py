@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from gptqlora.config import QuantConfig
 from gptqlora.data.gsm8k import IGNORE_INDEX, collate
@@ -18,7 +19,7 @@ from gptqlora.errors import NonFiniteLossError
 from gptqlora.lora import get_adapter_params, inject_lora_layers, load_adapter
 from gptqlora.loss import answer_token_loss, label_nll
 from gptqlora.quant.driver import quantize_model_weights
-from gptqlora.quant.linear import QuantizedLinear
+from gptqlora.quant.linear import QuantizedLinear, dense_copy_bytes
 from gptqlora.seeding import seed_everything
 from gptqlora.train import get_lr, latest_checkpoint, train_lora, trainable_report
 from gptqlora.train.state import ADAPTER_FILE, STATE_FILE, read_state
@@ -99,6 +100,77 @@ def test_only_lora_parameters_change(tmp_path, quantized):
     assert all(torch.equal(before_frozen[k], after[k]) for k in after), "a frozen tensor changed"
     changed = {k: not torch.equal(before_lora[k], p) for k, p in get_adapter_params(model).items()}
     assert all(changed.values()), f"LoRA tensors that did not train: {[k for k, c in changed.items() if not c]}"
+
+
+def test_dequantize_once_trains_the_same_adapter_and_follows_its_setting(tmp_path, monkeypatch):
+    from gptqlora.train import run as train_run
+
+    tok, train, held_out = tiny_data()
+
+    def trained(setting: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        model = make_tiny_llama()
+        quantize_model_weights(model, None, QuantConfig(method="rtn", targets="all", group_size=32), progress=False)
+        inject_lora_layers(model, "all", r=4, alpha=8.0, dropout=0.1)  # dropout: the recompute's masks matter too
+        out = tmp_path / setting
+        summary = train_lora(model, tok, train, held_out, tiny_config(out, max_steps=3, grad_accum=2,
+                                                                      gradient_checkpointing=True,
+                                                                      dequantize_once=setting), progress=False)
+        return summary, load_file(str(out / "lora_adapter" / "adapter_model.safetensors"))
+
+    runs = {setting: trained(setting) for setting in ("off", "on")}
+    assert [runs[s][0]["dequantize_once"] for s in ("off", "on")] == [False, True]
+    assert all(torch.equal(runs["on"][1][k], runs["off"][1][k]) for k in runs["off"][1])  # bit for bit
+    # auto: on while the dense copies fit an eighth of the free memory, else off; off for a float base.
+    need = dense_copy_bytes(_tiny_quantized())
+    assert need > 0
+    for free, keeps in ((8 * need, True), (8 * need - 1, False), (None, False)):
+        monkeypatch.setattr(train_run, "free_memory", lambda device, free=free: free)
+        assert train_run.resolve_dequantize_once("auto", _tiny_quantized(), torch.device("cpu")) is keeps, free
+    assert not train_run.resolve_dequantize_once("on", make_tiny_llama(), torch.device("cpu"))
+
+
+def _block_gradients(compiled: bool, checkpointing: bool, dropout: float) -> dict[str, torch.Tensor]:
+    """The LoRA gradients of one forward and backward of a tiny 4-bit LoRA model, its blocks compiled or not."""
+    from gptqlora.train.loop import _compile_blocks, _enable_checkpointing
+
+    torch._dynamo.reset()
+    model = _tiny_quantized()
+    torch.manual_seed(1)
+    inject_lora_layers(model, "all", r=4, alpha=8.0, dropout=dropout)
+    for p in get_adapter_params(model).values():
+        nn.init.normal_(p, std=0.1)  # B != 0: every LoRA gradient is non-zero and depends on the masks
+    undo = (_compile_blocks(model, checkpointing) if compiled
+            else _enable_checkpointing(model) if checkpointing else lambda: None)
+    model.train()
+    ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(0))  # [2, 24]
+    torch.manual_seed(2)  # the dropout masks' draws
+    label_nll(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}).backward()
+    undo()
+    assert all("forward" not in vars(m) for m in model.modules())  # the blocks' own forward again
+    torch._dynamo.reset()
+    return {k: p.grad for k, p in get_adapter_params(model).items()}
+
+
+@pytest.mark.slow  # compiling takes about a minute per run here
+def test_compiled_blocks_give_the_eager_gradients_and_recompute_their_own_dropout():
+    eager = _block_gradients(compiled=False, checkpointing=True, dropout=0.0)
+    compiled = _block_gradients(compiled=True, checkpointing=True, dropout=0.0)
+    assert compiled.keys() == eager.keys() and len(eager) == 28  # A and B of 14 layers
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-6)
+    # With dropout the compiled graph draws its masks from inductor's generator (seeded from torch's): the
+    # checkpoint's recompute must draw the masks the forward drew, as without checkpointing.
+    kept = _block_gradients(compiled=True, checkpointing=False, dropout=0.3)
+    recomputed = _block_gradients(compiled=True, checkpointing=True, dropout=0.3)
+    for k in kept:
+        torch.testing.assert_close(recomputed[k], kept[k], rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(kept[k], eager[k], rtol=1e-2) for k in kept)  # the masks mattered
+
+
+def _tiny_quantized():
+    model = make_tiny_llama()
+    quantize_model_weights(model, None, QuantConfig(method="rtn", targets="all", group_size=32), progress=False)
+    return model
 
 
 def test_grad_accumulation_weighs_every_label_token_equally(tmp_path):

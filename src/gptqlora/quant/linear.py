@@ -14,7 +14,10 @@ Backward: the layer is frozen, so its weight needs no gradient, but the input do
 it from a weight dequantized again in backward, so no dense copy lives between forward and backward; under
 ``torch.utils.checkpoint`` (non-reentrant) the weight dequantized during the recompute is kept for the backward that
 follows it, at most one per layer and only until then, so a checkpointed step dequantizes each weight twice, not three
-times (forward, recompute). The triton backend reads the packed codes in backward too.
+times (forward, recompute). Inside ``dequantize_once()`` (a training step, when memory allows) each layer's first
+dense weight of the step is kept until the step ends and serves every later forward, recompute and backward: once
+per step, for the memory of a dense copy of the quantized layers. The triton backend reads the packed codes in
+backward too.
 
 Under ``torch.compile`` the layer is one opaque call, ``torch.ops.gptqlora.quantized_linear(x, key, needs_grad)``
 (``key`` names the layer in a table of live layers): the compiler traces neither the kernel choice nor the
@@ -24,8 +27,10 @@ backends' Python, and the call runs this same forward, so compiled and eager pic
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -56,17 +61,58 @@ def _under_checkpoint() -> bool:
     return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
 
 
+# The dense weights of the current ``dequantize_once`` step, by id of the backend state they were made from (the
+# state is kept beside its weight, so an id is never reused while the step lasts); None outside such a step.
+_STEP_WEIGHTS: dict[int, tuple[Any, Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def dequantize_once() -> Iterator[None]:
+    """While active, each quantized layer dequantizes its weight once: the dense weight made at the layer's first
+    call that needs an input gradient is kept, and every later forward, checkpoint recompute and backward inside the
+    context reuses it (the same values: only the work is saved). Everything kept is dropped on exit.
+
+    For one training step, grad accumulation included. It holds a dense copy of every quantized layer the step runs
+    (their weights in the compute dtype) from the forward to the step's end, so the caller decides whether memory
+    allows it (``gptqlora.train.run``). Backends without ``dense_weight`` (triton) are not affected. Not reentrant.
+    """
+    global _STEP_WEIGHTS
+    if _STEP_WEIGHTS is not None:
+        raise RuntimeError("dequantize_once() is already active")
+    _STEP_WEIGHTS = {}
+    try:
+        yield
+    finally:
+        _STEP_WEIGHTS = None
+
+
+def _step_weight(impl: ModuleType, state: Any) -> Tensor | None:
+    """The dense weight kept for this state in the current ``dequantize_once`` step (made now if it is the first
+    call), or None outside one or for a backend that makes no dense weight."""
+    dense_weight = getattr(impl, "dense_weight", None)
+    if _STEP_WEIGHTS is None or dense_weight is None:
+        return None
+    hit = _STEP_WEIGHTS.get(id(state))
+    if hit is None:
+        with torch.no_grad():
+            hit = _STEP_WEIGHTS[id(state)] = (state, dense_weight(state))
+    return hit[1]
+
+
 class _QuantMatmul(torch.autograd.Function):
     """y = x @ W through a backend; the input gradient through the same backend's ``matmul_t``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, impl: ModuleType, state: Any) -> Tensor:  # type: ignore[override]
         ctx.impl, ctx.state = impl, state
-        dense_weight = getattr(impl, "dense_weight", None)
-        ctx.kept = dense_weight is not None and _under_checkpoint()
-        if not ctx.kept:
-            return impl.matmul(x, state)
-        w = dense_weight(state)
+        w = _step_weight(impl, state)  # kept for the whole step: saving it costs nothing more
+        if w is None:
+            dense_weight = getattr(impl, "dense_weight", None)
+            if dense_weight is None or not _under_checkpoint():
+                ctx.kept = False
+                return impl.matmul(x, state)
+            w = dense_weight(state)
+        ctx.kept = True
         ctx.save_for_backward(w)
         return impl.matmul(x, state, w)
 
@@ -105,7 +151,8 @@ def _quantized_linear_t_op(grad_out: Tensor, key: int) -> Tensor:
     layer = _LAYERS[key]
     g2 = grad_out.reshape(-1, layer.out_features)  # [M, N]
     name, state = layer._backend(g2, True)
-    return implementation(name).matmul_t(g2, state).view(*grad_out.shape[:-1], layer.in_features)
+    impl = implementation(name)
+    return impl.matmul_t(g2, state, _step_weight(impl, state)).view(*grad_out.shape[:-1], layer.in_features)
 
 
 @_quantized_linear_t_op.register_fake
@@ -285,7 +332,10 @@ class QuantizedLinear(nn.Module):
             self.last_kernel = name
             self.kernels_seen.add(name)
         impl = implementation(name)
-        y = _QuantMatmul.apply(x2, impl, state) if needs_grad and torch.is_grad_enabled() else impl.matmul(x2, state)
+        if needs_grad and torch.is_grad_enabled():
+            y = _QuantMatmul.apply(x2, impl, state)
+        else:  # the compiled op's forward passes needs_grad under no_grad: a dequantize_once step's weight serves it
+            y = impl.matmul(x2, state, _step_weight(impl, state) if needs_grad else None)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
@@ -320,6 +370,12 @@ def check_quantized(model: nn.Module) -> int:
         raise UsageError(f"the model ({type(model).__name__}) holds no QuantizedLinear layers: pass a directory "
                          "written by `gptqlora quantize` (or leave out --quantized to evaluate a float model)")
     return n
+
+
+def dense_copy_bytes(model: nn.Module) -> int:
+    """The most memory dense copies of all of ``model``'s quantized layers can take (4 bytes per weight, the widest
+    dtype a backend dequantizes a half-precision layer in): what ``dequantize_once`` keeps in a step."""
+    return sum(4 * m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
 
 
 def set_kernel(model: nn.Module, name: str) -> int:

@@ -5,6 +5,10 @@ checkpoint), ``train_step`` (one optimizer step: ``gptqlora.train.step``), ``sav
 (the adapter and the loss curve), with the held-out ``evaluate`` between steps. The start, the checkpoint and the
 finish, and what a run decides once (``TrainRun``), are ``gptqlora.train.run``'s.
 
+Over a quantized base a step dequantizes each weight once when memory allows (``run.step_weights``, the
+``--dequantize-once`` decision made once per run), and ``--compile-blocks`` compiles each decoder block under the same
+checkpointing (``_compile_blocks``).
+
 The data order is a permutation per epoch, ``seeding.permutation(n, seed + epoch)``, so the run's position is just
 (epoch, micro-batch index) and a resumed run reads exactly the micro-batches that come next.
 A fresh run seeds every global generator from ``seed`` (LoRA dropout draws from torch's); a resumed run restores
@@ -31,8 +35,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from gptqlora.config import TrainConfig
 from gptqlora.data.gsm8k import collate
@@ -90,6 +96,29 @@ def _enable_checkpointing(model: nn.Module) -> Callable[[], None]:
     return undo
 
 
+def _compile_blocks(model: nn.Module, checkpointing: bool) -> Callable[[], None]:
+    """Compile each decoder block's forward with ``torch.compile``, checkpointed (non-reentrant) when asked; returns
+    the undo.
+
+    Hugging Face's checkpointing wraps the block class's own forward, which would bypass a compiled one, so here
+    the block's compiled forward is what is checkpointed, in place of theirs (their hooks stay outside, as theirs
+    do). Quantized layers are one opaque op inside the graph (``quant.linear``), whose backward is the backend's.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise UsageError(f"--compile-blocks: {type(model).__name__} has no decoder blocks that transformers marks "
+                         "as such (GradientCheckpointingLayer)")
+    for block in blocks:
+        forward = torch.compile(block.forward)  # one graph per block shape: the blocks share it
+        block.forward = functools.partial(checkpoint, forward, use_reentrant=False) if checkpointing else forward
+
+    def undo() -> None:
+        for block in blocks:
+            del block.forward  # the class's forward again
+
+    return undo
+
+
 def train_step(run: TrainRun, model: nn.Module, batches: Iterator[tuple[dict[str, torch.Tensor], int, int]]
                ) -> dict[str, Any]:
     """One optimizer step over the next ``grad_accum`` global micro-batches, logged; returns its record.
@@ -110,7 +139,8 @@ def train_step(run: TrainRun, model: nn.Module, batches: Iterator[tuple[dict[str
     if n_labels == 0:
         raise UsageError(f"step {state.step + 1} has no label tokens: check the dataset's label masking "
                          "(or raise --max-length: every answer may have been truncated away)")
-    loss = accumulate_gradients(model, [b for b, _, _ in micro], n_labels, run.world, run.device, run.autocast)
+    with run.step_weights():  # each quantized weight dequantized once in the step, when the run keeps them
+        loss = accumulate_gradients(model, [b for b, _, _ in micro], n_labels, run.world, run.device, run.autocast)
     grad_norm = apply_update(run.optimizer, run.params.values(), lr=lr, loss=loss, max_grad_norm=config.max_grad_norm,
                              step=state.step + 1, last_checkpoint=lambda: latest_checkpoint(run.out / STATE_DIR))
     _, state.epoch, state.batch_index = micro[-1]
@@ -183,7 +213,8 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
                           overwrite=overwrite, on_metrics=on_metrics)
     state = run.state
     was_training = model.training
-    undo_checkpointing = _enable_checkpointing(model) if config.gradient_checkpointing else lambda: None
+    undo_checkpointing = (_compile_blocks(model, config.gradient_checkpointing) if config.compile_blocks
+                          else _enable_checkpointing(model) if config.gradient_checkpointing else lambda: None)
     model.train()  # LoRA dropout active; a frozen base in train mode changes nothing else for LLaMA
     # What the training forward runs through: DDP's wrapper, or the model (FSDP's hooks are on it; one process).
     trained = data_parallel(model) if run.world.distributed and not config.fsdp else model

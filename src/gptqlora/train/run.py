@@ -34,9 +34,10 @@ from gptqlora.config import TrainConfig
 from gptqlora.data.gsm8k import collate, pad_token_id
 from gptqlora.errors import OutputExistsError, UsageError
 from gptqlora.files import append_durable, write_atomic
-from gptqlora.hardware import resolve_bf16
+from gptqlora.hardware import free_memory, resolve_bf16
 from gptqlora.lora.adapter import save_adapter
 from gptqlora.lora.layer import adapter_state_dict, get_adapter_params, is_linear, lora_modules
+from gptqlora.quant.linear import dense_copy_bytes, dequantize_once
 from gptqlora.seeding import seed_everything
 from gptqlora.train.parallel import check_fsdp, fully_sharded
 from gptqlora.train.plot import plot_loss_curve
@@ -58,6 +59,21 @@ TRAJECTORY_FIELDS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "w
 RESUME_MAY_CHANGE = {"lr": ("lower only", lambda saved, now: now <= saved),
                      "max_grad_norm": ("any value", lambda saved, now: True),
                      "fsdp": ("on or off", lambda saved, now: True)}
+
+
+# --dequantize-once auto: keep a step's dense weights when they take at most this share of the free memory.
+DEQUANTIZE_ONCE_SHARE = 1 / 8
+
+
+def resolve_dequantize_once(setting: str, model: nn.Module, device: torch.device) -> bool:
+    """Whether each step keeps its quantized layers' dense weights (``quant.linear.dequantize_once``): ``on``, ``off``,
+    or ``auto``: when the model has quantized layers whose dense copies take at most :data:`DEQUANTIZE_ONCE_SHARE` of
+    ``device``'s free memory (not when that cannot be read)."""
+    need = dense_copy_bytes(model)
+    if setting != "auto" or need == 0:
+        return setting == "on" and need > 0
+    free = free_memory(device)
+    return free is not None and need <= DEQUANTIZE_ONCE_SHARE * free
 
 
 def earlier_run(out: Path) -> list[str]:
@@ -138,6 +154,7 @@ class TrainRun:
     device: torch.device
     pad_id: int
     bf16: bool
+    dequantize_once: bool  # each step keeps its dense weights (``resolve_dequantize_once``)
     total_steps: int
     params: dict[str, nn.Parameter]  # the trained ones (FSDP's DTensors when sharded)
     optimizer: torch.optim.Optimizer
@@ -155,6 +172,10 @@ class TrainRun:
     def autocast(self) -> AbstractContextManager:
         """The forward's autocast: bf16 when the run uses it."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def step_weights(self) -> AbstractContextManager:
+        """A step's context for its quantized layers: ``dequantize_once`` when the run keeps dense weights."""
+        return dequantize_once() if self.dequantize_once else nullcontext()
 
     def elapsed(self) -> float:
         """Seconds of training so far, earlier segments of a resumed run included."""
@@ -215,8 +236,9 @@ def start_or_resume(model: nn.Module, tokenizer, train_dataset: Dataset, eval_da
     if eval_dataset is not None and len(eval_dataset) > 0:
         held_out = DataLoader(eval_dataset, batch_size=global_batch,
                               collate_fn=functools.partial(collate, pad_id=pad_id))
-    run = TrainRun(config, world, device, pad_id, bf16, total_steps, params, optimizer, fingerprint, TrainState(),
-                   held_out, on_metrics)
+    once = resolve_dequantize_once(config.dequantize_once, model, device)
+    run = TrainRun(config, world, device, pad_id, bf16, once, total_steps, params, optimizer, fingerprint,
+                   TrainState(), held_out, on_metrics)
 
     changed: dict[str, tuple[Any, Any]] = {}
     if config.resume:
@@ -280,7 +302,7 @@ def finish(run: TrainRun, model: nn.Module, base_model_name_or_path: str | None,
             "eval_loss_before": eval_losses[0] if eval_losses else None,
             "eval_loss_after": eval_losses[-1] if eval_losses else None,
             "seconds": seconds, "tokens": state.tokens, "tokens_per_s": state.tokens / max(seconds, 1e-9),
-            "bf16": run.bf16, "resumed_from": run.resumed_from, "trainable": trainable_report(model),
+            "bf16": run.bf16, "dequantize_once": run.dequantize_once, "resumed_from": run.resumed_from, "trainable": trainable_report(model),
             "adapter": str(adapter_dir), "metrics": str(out / METRICS_FILE), "loss_curve": str(curve),
             "train_state": str(out / STATE_DIR),
             "provenance": str(out / PROVENANCE_FILE) if (out / PROVENANCE_FILE).is_file() else None,
