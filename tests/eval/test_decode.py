@@ -1,12 +1,14 @@
-"""The compiled decode step (static cache, torch.compile) against the eager loop: the same tokens, a few shapes."""
+"""The eager decoder drops finished rows and decodes as before; the compiled step (static cache, torch.compile)
+against the eager loop: the same tokens, a few shapes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import make_tiny_tokenizer
-from eval.test_generate import EOS, PROMPTS, chaotic_llama, encode
+from eval.test_generate import EOS, PROMPTS, KeepingRows, chaotic_llama, encode
 
+import gptqlora.eval.generate as generate_module
 from gptqlora.eval import decode
 from gptqlora.eval.decode import bucket_length, bucket_rows, use_compiled
 from gptqlora.eval.engine import LocalEngine
@@ -23,6 +25,44 @@ def fresh_dynamo():
     torch._dynamo.reset()  # each test's model compiles its own graphs
     yield
     torch._dynamo.reset()
+
+
+def dropped_and_kept(monkeypatch, model, run):
+    """``run()`` with the eager decoder, which drops finished rows, then with one that keeps them (pad under a 0
+    mask); and the rows each forward pass of the first computed."""
+    rows = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(len(kw["input_ids"])), with_kwargs=True)
+    dropped = run()
+    hook.remove()
+    with monkeypatch.context() as m:
+        m.setattr(generate_module, "EagerDecode", KeepingRows)
+        kept = run()
+    return dropped, kept, rows
+
+
+def test_eager_greedy_drops_finished_rows_and_decodes_as_before(tok, monkeypatch):
+    """Rows that end at eos after 5, 5, 11, 15 and 26 tokens (token 7 is a second eos) are each computed up to the
+    step that draws their eos, and the tokens equal those of the decoder that keeps them."""
+    model = chaotic_llama()
+    enc = encode(tok, PROMPTS)
+    dropped, kept, rows = dropped_and_kept(monkeypatch, model, lambda: generate_batch(
+        model, enc, max_new_tokens=30, pad_id=EOS, eos_ids={EOS, 7}))
+    assert dropped == kept
+    assert [len(s) for s in dropped] == [26, 5, 5, 15, 11]  # all end at eos, at different steps
+    assert rows == [5] * 6 + [3] * 6 + [2] * 4 + [1] * 11  # a forward pass per step, the prefill first
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_eager_sampling_draws_as_before_when_rows_are_dropped(tok, monkeypatch, top_p):
+    """A seeded generator draws for every row of the batch, dropped or not (zero logits): the same samples."""
+    model = chaotic_llama()
+    enc = encode(tok, PROMPTS)
+    eos = {EOS} | set(range(0, 259, 16))  # often drawn: rows end at different steps
+    dropped, kept, rows = dropped_and_kept(monkeypatch, model, lambda: generate_batch(
+        model, enc, max_new_tokens=30, pad_id=EOS, eos_ids=eos, temperature=1.0, top_p=top_p,
+        generator=torch.Generator().manual_seed(0)))
+    assert dropped == kept
+    assert len({len(s) for s in dropped}) >= 4 and len(set(rows)) >= 4  # rows ended, and were dropped, apart
 
 
 def test_buckets():

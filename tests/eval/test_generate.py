@@ -14,6 +14,7 @@ from conftest import make_tiny_llama, make_tiny_tokenizer
 
 import gptqlora.eval.generate as generate_module
 from gptqlora.errors import UsageError
+from gptqlora.eval.decode import EagerDecode
 from gptqlora.eval.generate import (
     ANSWER_LINE_RE,
     StopChecker,
@@ -202,7 +203,8 @@ def test_stop_cut():
 
 class ScriptedLM(torch.nn.Module):
     """A fake causal LM that writes a fixed script per prompt (chosen by the prompt's last token) and records
-    what the loop feeds it."""
+    what the loop feeds it. Its cache holds each row's place in the batch, so it follows the rows a decoder keeps,
+    as a real model's cache would."""
 
     def __init__(self, tok, scripts: dict[str, str]):
         super().__init__()
@@ -210,31 +212,51 @@ class ScriptedLM(torch.nn.Module):
         self.config, self.tok = None, tok
         self.scripts = {tok.convert_tokens_to_ids(k): tok(v, add_special_tokens=False)["input_ids"] + [EOS]
                         for k, v in scripts.items()}
-        self.calls = []
+        self.calls = []  # per forward: input_ids, attention_mask, position_ids, the batch rows computed
 
     def forward(self, input_ids, attention_mask, position_ids, cache=None, use_cache=True, logits_to_keep=0):
-        self.calls.append((input_ids.clone(), attention_mask.clone(), position_ids.clone()))
-        if len(self.calls) == 1:
+        if not self.calls:
             self.rows = [self.scripts[int(t)] for t in input_ids[:, -1]]
+            place = torch.arange(len(input_ids), dtype=torch.float)[:, None, None, None]  # [B, 1, 1, 1]
+            cache.update(place, place, 0)
+        rows = cache.layers[0].keys[:, 0, 0, 0].long().tolist()
+        self.calls.append((input_ids.clone(), attention_mask.clone(), position_ids.clone(), rows))
         step = len(self.calls) - 1
         logits = torch.zeros(input_ids.shape[0], 1, 300)
-        for i, script in enumerate(self.rows):
+        for i, row in enumerate(rows):
+            script = self.rows[row]
             logits[i, 0, script[min(step, len(script) - 1)]] = 1.0
         return SimpleNamespace(logits=logits)
 
 
-def test_stops_eos_answer_line_and_masks_finished(tok):
+class KeepingRows(EagerDecode):
+    """Eager decoding as it was before finished rows were dropped: they stay, fed pad under a 0 mask."""
+
+    def drop(self, rows):
+        pass
+
+
+@pytest.mark.parametrize("decoder", ["drops", "keeps"])
+def test_stops_eos_answer_line_and_drops_or_masks_finished(tok, monkeypatch, decoder):
+    if decoder == "keeps":
+        monkeypatch.setattr(generate_module, "EagerDecode", KeepingRows)
     scripts = {"a": "x = 2\n#### 42\nQuestion: more text", "b": "yy", "c": "sixteen chars ok and more"}
     lm = ScriptedLM(tok, scripts)
     out = generate(lm, tok, ["a", "b", "c"], max_new_tokens=16, batch_size=3)
     assert out == ["x = 2\n#### 42", "yy", "sixteen chars ok"]
-    # "b" finished at its eos (3rd token); afterwards it is fed pad with a 0 mask, while "c" stays unmasked.
+    # "b" finished at its eos (3rd token). Dropped, it is computed no more; kept, it is fed its eos once more, then
+    # pad with a 0 mask. "c" stays unmasked either way.
     row_b = next(i for i, t in enumerate(lm.calls[0][0][:, -1].tolist()) if t == tok.convert_tokens_to_ids("b"))
-    for ids, mask, pos in lm.calls[4:]:
-        assert ids[row_b, -1] == EOS and mask[row_b, -1] == 0
-    final_ids, final_mask, final_pos = lm.calls[-1]
+    if decoder == "drops":
+        assert all(row_b in rows for *_, rows in lm.calls[:3]) and all(row_b not in rows for *_, rows in lm.calls[3:])
+    else:
+        assert all(rows == [0, 1, 2] for *_, rows in lm.calls)
+        for ids, mask, pos, rows in lm.calls[4:]:
+            assert ids[row_b, -1] == EOS and mask[row_b, -1] == 0
+    final_ids, final_mask, final_pos, final_rows = lm.calls[-1]
     row_c = next(i for i, t in enumerate(lm.calls[0][0][:, -1].tolist()) if t == tok.convert_tokens_to_ids("c"))
-    assert final_mask[row_c].all() and final_pos[row_c, -1] == final_mask.shape[1] - 1
+    c = final_rows.index(row_c)
+    assert final_mask[c].all() and final_pos[c, -1] == final_mask.shape[1] - 1
     assert len(lm.calls) == 16  # "c" runs the whole budget; no forward after the last token
 
 

@@ -71,7 +71,8 @@ class ScriptedLM(nn.Module):
     """A fake causal LM for our decoding loop: on a batch's first forward it reads each row's prompt ids and asks
     ``script(prompt_ids)`` for the ids to write; each later forward emits the next scripted id per row (eos after).
 
-    It has a config (the loop builds a KV cache from it) and one parameter (the loop reads the device from it).
+    It has a config (the loop builds a KV cache from it) and one parameter (the loop reads the device from it). Its
+    cache holds each row's place in the batch, so it follows the rows the decoder still computes.
     """
 
     def __init__(self, script: Callable[[list[int]], list[int]]):
@@ -83,11 +84,14 @@ class ScriptedLM(nn.Module):
         self.scripts: list[list[int]] = []
         self.step = 0
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> SimpleNamespace:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, **kwargs) -> SimpleNamespace:
         if input_ids.shape[1] == attention_mask.shape[1]:  # the prompt pass: later passes feed one token
             self.scripts = [self.script(row[mask.bool()].tolist()) for row, mask in zip(input_ids, attention_mask)]
             self.step = 0
-        next_ids = [s[self.step] if self.step < len(s) else EOS for s in self.scripts]
+            place = torch.arange(len(input_ids), dtype=torch.float)[:, None, None, None]  # [B, 1, 1, 1]
+            cache.update(place, place, 0)
+        scripts = [self.scripts[row] for row in cache.layers[0].keys[:, 0, 0, 0].long().tolist()]
+        next_ids = [s[self.step] if self.step < len(s) else EOS for s in scripts]
         self.step += 1
         logits = torch.full((len(next_ids), 1, VOCAB), -1e4)  # [B, 1, V]
         logits[torch.arange(len(next_ids)), 0, next_ids] = 0.0

@@ -283,6 +283,7 @@ def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], 
               else EagerDecode(model, input_ids, attention_mask))
     out = [[] for _ in range(batch)]
     done = [b == 0 for b in budgets]  # the host's copy of `finished`; a prompt that fills the context gets nothing
+    decode.drop([i for i in range(batch) if done[i]])
     finished = torch.tensor(done, dtype=torch.bool, device=device)  # [B]
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     for step in range(max_new_tokens):
@@ -290,25 +291,28 @@ def generate_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], 
         token = sample_next_token(logits, temperature, top_p, generator)  # [B]
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens = token.tolist()  # the one device -> host sync of the step
-        stopped = []
+        ended, stopped = [], []  # the rows that finished at this step; those of them ended by a stop or the budget
         for i in range(batch):
             if done[i]:
                 continue
             if tokens[i] in eos_ids:
-                done[i] = True
+                ended.append(i)
                 continue
             out[i].append(tokens[i])
             if (stop_checks is not None and stop_checks[i](tokens[i])) or len(out[i]) == budgets[i]:
-                done[i] = True
+                ended.append(i)
                 stopped.append(i)
-        # A sequence that just finished feeds its last token once more, unmasked (its outputs are no longer read);
-        # from the next step on it is fed pad under a 0 mask.
+        for i in ended:
+            done[i] = True
+        # A decoder may stop computing the rows that finished (EagerDecode drops them); one that keeps them feeds
+        # each its last token once more, unmasked (its outputs are no longer read), then pad under a 0 mask.
         active = ~finished
         finished = finished | torch.isin(token, eos)  # eos rows, on the device
         for i in stopped:
             finished[i] = True  # a host value written to the device: no sync
         if all(done) or step == max_new_tokens - 1:
             break
+        decode.drop(ended)
         decode.advance(token, active)
     return out
 
