@@ -246,21 +246,32 @@ def _train_step(model, checkpointing: bool) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kernel", ["auto", "dequant"])
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_a_train_step_dequantizes_each_weight_at_most_twice(monkeypatch, kernel, checkpointing):
+def _count_dequantizations(monkeypatch) -> list[int]:
+    """The qweight storage of each dequantization from now on (dequant-gemm's and the reference's)."""
     from gptqlora.quant.kernels import dequant, dequant_gemm
-    from gptqlora.quant.linear import set_kernel
 
-    calls: list[int] = []  # qweight storage of each dequantization
-    alive: list[weakref.ref] = []
-    most_alive = [0]
+    calls: list[int] = []
 
     def counting(fn, qweight_of):
         def wrapper(*args, **kwargs):
             calls.append(qweight_of(*args).data_ptr())
             return fn(*args, **kwargs)
         return wrapper
+
+    monkeypatch.setattr(dequant_gemm, "dequantize_into", counting(dequant_gemm.dequantize_into, lambda s, o: s.qweight))
+    monkeypatch.setattr(dequant, "dequantize_packed", counting(dequant.dequantize_packed, lambda q, *a: q))
+    return calls
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dequant"])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_a_train_step_dequantizes_each_weight_at_most_twice(monkeypatch, kernel, checkpointing):
+    from gptqlora.quant.kernels import dequant, dequant_gemm
+    from gptqlora.quant.linear import set_kernel
+
+    calls = _count_dequantizations(monkeypatch)
+    alive: list[weakref.ref] = []
+    most_alive = [0]
 
     def tracking(fn):
         def wrapper(state):
@@ -270,8 +281,6 @@ def test_a_train_step_dequantizes_each_weight_at_most_twice(monkeypatch, kernel,
             return w
         return wrapper
 
-    monkeypatch.setattr(dequant_gemm, "dequantize_into", counting(dequant_gemm.dequantize_into, lambda s, o: s.qweight))
-    monkeypatch.setattr(dequant, "dequantize_packed", counting(dequant.dequantize_packed, lambda q, *a: q))
     monkeypatch.setattr(dequant_gemm, "dense_weight", tracking(dequant_gemm.dense_weight))
     monkeypatch.setattr(dequant, "dense_weight", tracking(dequant.dense_weight))
     model = _tiny_quantized_lora_model()
@@ -288,23 +297,6 @@ def test_a_train_step_dequantizes_each_weight_at_most_twice(monkeypatch, kernel,
     # A dense weight is kept only from a block's recompute to its backward: never more than one block's (7) at once.
     assert most_alive[0] <= (7 if checkpointing else 1)
     assert grads and all(torch.isfinite(g).all() for g in grads.values())
-
-
-def _count_dequantizations(monkeypatch) -> list[int]:
-    """The qweight storage of each dequantization from now on (dequant-gemm's and the reference's)."""
-    from gptqlora.quant.kernels import dequant, dequant_gemm
-
-    calls: list[int] = []
-
-    def counting(fn, qweight_of):
-        def wrapper(*args, **kwargs):
-            calls.append(qweight_of(*args).data_ptr())
-            return fn(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(dequant_gemm, "dequantize_into", counting(dequant_gemm.dequantize_into, lambda s, o: s.qweight))
-    monkeypatch.setattr(dequant, "dequantize_packed", counting(dequant.dequantize_packed, lambda q, *a: q))
-    return calls
 
 
 @pytest.mark.parametrize("kernel", ["auto", "dequant"])
