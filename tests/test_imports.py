@@ -232,3 +232,21 @@ def test_no_cycle_between_packages(graph):
 def test_every_import_goes_down_a_layer(graph):
     """Each edge goes to a lower layer, or stays within its package; commands never import each other."""
     assert layer_violations(graph) == {}
+
+
+@pytest.mark.process  # a fresh interpreter: this one has imported everything already
+def test_importing_the_package_imports_triton_only_if_transformers_does():
+    """Triton's interpreter mode (its CPU tests: tests/quant/kernels) is read at its first import, so no module of
+    ours may import it at import time, as transformers.modeling_layers does: only the backend that runs triton
+    kernels does, at first use."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import importlib, pkgutil, sys, transformers, gptqlora; before = 'triton' in sys.modules\n"
+             "for m in pkgutil.walk_packages(gptqlora.__path__, 'gptqlora.'):\n"
+             "    if 'triton' not in m.name: importlib.import_module(m.name)\n"
+             "print(before, 'triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert out.stdout.split()[-2:] in (["False", "False"], ["True", "True"]), out.stdout

@@ -316,8 +316,9 @@ class TrainConfig:
                                        "dense copies take at most an eighth of the free memory. Same results.",
                                choices=AUTO_ON_OFF)
     compile_blocks: bool = opt(False, "Compile each decoder block (torch.compile), checkpointed as without: the same "
-                                      "steps up to float rounding. For GPUs, where it fuses the blocks' elementwise "
-                                      "work; on a CPU the step is matmul-bound and was no faster "
+                                      "steps up to float rounding without LoRA dropout (with it, the compiled blocks "
+                                      "draw their masks from inductor's generator). For GPUs, where it fuses the "
+                                      "blocks' elementwise work; on a CPU the step is matmul-bound and was no faster "
                                       "(benchmarks/RESULTS.md).")
     bf16: bool | None = opt(None, "bf16 autocast (default: when the hardware supports it).")
     resume: bool = opt(False, "Continue from the last training checkpoint in --out.")

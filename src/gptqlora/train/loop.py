@@ -38,7 +38,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from gptqlora.config import TrainConfig
 from gptqlora.data.gsm8k import collate
@@ -104,6 +103,10 @@ def _compile_blocks(model: nn.Module, checkpointing: bool) -> Callable[[], None]
     the block's compiled forward is what is checkpointed, in place of theirs (their hooks stay outside, as theirs
     do). Quantized layers are one opaque op inside the graph (``quant.linear``), whose backward is the backend's.
     """
+    # Imported here: transformers.modeling_layers imports triton where it is installed, which must not happen at
+    # import time (triton's interpreter mode is chosen before its first import: tests/quant/kernels).
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not blocks:
         raise UsageError(f"--compile-blocks: {type(model).__name__} has no decoder blocks that transformers marks "
