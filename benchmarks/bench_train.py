@@ -26,9 +26,9 @@ Configurations (each in its own fresh process; see ``common.py``):
     The last two need the ``yardsticks`` extra (``make yardsticks``); without their package they are skipped with a
     note, not failed.
 
-Ours run the training loop's step decisions: ``--dequantize-once`` (auto: each quantized weight dequantized once
-per step when the dense copies fit, ``gptqlora.train.run.resolve_dequantize_once``) and ``--compile-blocks`` (off
-by default, as in the loop).
+Ours run the training loop's step decisions: ``--dequantize-once`` (each quantized weight dequantized once per step:
+off by default as in the loop; ``auto`` when the dense copies fit, ``gptqlora.train.run.resolve_dequantize_once``)
+and ``--compile-blocks`` (off by default, as in the loop).
 
 Identical for all: LoRA r=16, alpha=32, dropout 0.05 on q/k/v/o; bf16 autocast (``torch.autocast(device, bf16)``,
 the weights stay in the model's dtype); activation checkpointing switched on by the same call the training loop

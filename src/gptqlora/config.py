@@ -310,10 +310,12 @@ class TrainConfig:
     save_every: int = opt(50, "Steps between training checkpoints.")
     log_every: int = opt(1, "Steps between metric lines in metrics.jsonl.")
     gradient_checkpointing: bool = opt(True, "Recompute block activations in the backward pass to save memory.")
-    dequantize_once: str = opt("auto", "Over a quantized base: keep each layer's dense weight from its first forward of "
-                                       "a step to the step's end, so it is dequantized once per step, not twice "
-                                       "(forward and checkpointed recompute). 'on', 'off', or 'auto': on when those "
-                                       "dense copies take at most an eighth of the free memory. Same results.",
+    dequantize_once: str = opt("off", "Over a quantized base: keep each layer's dense weight from its first forward of "
+                                      "a step to the step's end, so it is dequantized once per step, not twice "
+                                      "(forward and checkpointed recompute), for the memory of those dense copies. "
+                                      "'on', 'off', or 'auto': on when they take at most an eighth of the free "
+                                      "memory. Same results. Off by default: on a 2-core CPU it was no faster with "
+                                      "two threads (benchmarks/RESULTS.md).",
                                choices=AUTO_ON_OFF)
     compile_blocks: bool = opt(False, "Compile each decoder block (torch.compile), checkpointed as without: the same "
                                       "steps up to float rounding without LoRA dropout (with it, the compiled blocks "
