@@ -112,7 +112,8 @@ def test_compiled_sampling_draws_as_eager(tok):
     assert compiled == eager
 
 
-def test_compiled_4bit_lora_model_calls_our_op_and_equals_eager(tok, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_4bit_lora_model_calls_our_kernels_and_equals_eager(tok, monkeypatch, dtype):
     from gptqlora.config import QuantConfig
     from gptqlora.lora import inject_lora_layers
     from gptqlora.quant.driver import quantize_model_weights
@@ -126,6 +127,7 @@ def test_compiled_4bit_lora_model_calls_our_op_and_equals_eager(tok, monkeypatch
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)  # an adapter that changes the output
+    model.to(dtype)
     enc = encode(tok, PROMPTS[:2])
     eager = generate_batch(model, enc, max_new_tokens=20, pad_id=EOS, eos_ids={EOS})
     graphs = []
@@ -137,9 +139,24 @@ def test_compiled_4bit_lora_model_calls_our_op_and_equals_eager(tok, monkeypatch
     monkeypatch.setattr(decode, "compiled_step", lambda device_type: torch.compile(decode._decode_step,
                                                                                  backend=backend, dynamic=False))
     compiled = generate_batch(model, enc, max_new_tokens=20, pad_id=EOS, eos_ids={EOS}, compiled=True)
-    calls = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.gptqlora.quantized_linear]
-    assert compiled == eager
-    assert len(calls) == 7 * 2  # every block linear of both blocks is one opaque call in the graph
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes]
+    calls = (targets.count("gptqlora.quantized_linear"), targets.count("aten._weight_int4pack_mm_for_cpu"))
+    if dtype == torch.float32:  # dequant-gemm, the kernel auto picks in fp32: one opaque call per block linear
+        assert calls == (7 * 2, 0)
+        assert compiled == eager
+    else:  # int4-aten, auto's pick for a bf16 token, is traceable: the graph calls it directly
+        assert calls == (0, 7 * 2)
+        # bf16 rounding differs between inductor's fused code and eager's, and this model amplifies it, so the
+        # reference here is the compiled step with every layer the opaque op: the same kernels, called indirectly
+        torch._dynamo.reset()
+        for m in model.modules():
+            if hasattr(m, "_traced"):
+                m._traced.clear()
+        monkeypatch.setattr(decode, "trace_kernels", lambda *args: 0)
+        graphs.clear()
+        opaque = generate_batch(model, enc, max_new_tokens=20, pad_id=EOS, eos_ids={EOS}, compiled=True)
+        assert [str(n.target) for g in graphs for n in g.graph.nodes].count("gptqlora.quantized_linear") == 7 * 2
+        assert compiled == opaque
 
 
 def test_local_engine_compiles_when_told_a_long_job(tok, monkeypatch):

@@ -173,6 +173,50 @@ def test_compiled_layer_is_one_opaque_call_equal_to_eager(kernel, bias):
     torch.testing.assert_close(xg.grad, xe.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel,traceable,op", [("auto", True, "_weight_int4pack_mm_for_cpu"),
+                                                ("dense", True, "linear"), ("dequant-gemm", False, None)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_trace_kernels_lets_a_compiled_inference_call_a_traceable_kernel_directly(kernel, traceable, op, bias):
+    from gptqlora.quant.linear import trace_kernels
+
+    torch._dynamo.reset()
+    layer, _, _ = make_layer(bias=bias)
+    layer.set_kernel(kernel)
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    assert trace_kernels(layer, cpu, bf16, 2) == int(traceable)
+    assert trace_kernels(layer, cpu, bf16, 2) == int(traceable)  # again: nothing changes
+    if traceable:
+        assert layer.kernels_seen == {"int4-aten" if kernel == "auto" else kernel}
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)
+
+    def targets(x):
+        graphs.clear()
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)  # the same kernel as eager
+        return [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+
+    ops = targets(torch.randn(2, 1, 128, dtype=bf16))  # two rows of one token: the prepared call
+    assert ("gptqlora.quantized_linear" not in ops) == traceable
+    assert any(op in t for t in ops) if traceable else True
+    # a call of another shape, or in another dtype, is not prepared: it stays the opaque op
+    for x in torch.randn(3, 128, dtype=bf16), torch.randn(2, 128):
+        assert "gptqlora.quantized_linear" in targets(x)
+    # a call that needs the input gradient stays the opaque op with its backward
+    graphs.clear()
+    xg = torch.randn(2, 128, dtype=bf16, requires_grad=True)
+    compiled(xg).float().pow(2).sum().backward()
+    assert "gptqlora.quantized_linear" in [str(n.target) for g in graphs for n in g.graph.nodes]
+    # a move forgets the prepared calls with the layouts
+    layer.to("cpu", torch.float16)
+    assert not layer._traced
+
+
 def test_a_copied_layer_is_a_compiled_call_of_its_own():
     torch._dynamo.reset()
     layer, _, _ = make_layer()

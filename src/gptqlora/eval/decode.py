@@ -15,8 +15,10 @@ costs) and its logits are zeros from then on (16 GSM8K chat prompts in one batch
 Face model: a ``StaticCache`` preallocated for the prompt plus the budget, an attention mask of that fixed length
 written a column per step, and the one-token step compiled with ``torch.compile`` (inductor's C++ backend on a CPU;
 CUDA graphs through ``mode="reduce-overhead"`` on a GPU). The prompt (prefill) runs eagerly into the static cache. A
-quantized layer is one opaque call inside the compiled step (``torch.ops.gptqlora.quantized_linear``), so it runs
-the kernel eager decoding would pick. Its shapes are static, so it keeps finished rows, fed pad under a 0 mask.
+quantized layer runs the kernel eager decoding would pick for the step's rows: chosen before tracing
+(``gptqlora.quant.linear.trace_kernels``), it is called directly from the graph where the backend is traceable
+(int4-aten) and through the layer's opaque op otherwise. Its shapes are static, so it keeps finished rows, fed pad
+under a 0 mask.
 
 Shapes are bucketed so a run compiles a few: the rows up to a power of two (extra rows repeat the first prompt and
 are never read), the cache length up to a multiple of :data:`CACHE_BUCKET` (within the model's context). Each new
@@ -42,6 +44,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from gptqlora.config import COMPILE_CHOICES
+from gptqlora.quant.linear import trace_kernels
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +227,8 @@ class CompiledDecode:
         self.positions = attention_mask.sum(-1, keepdim=True)  # [Bb, 1]: the next token's position per row
         self.shape = (len(input_ids), size)
         self.step = compiled_step(input_ids.device.type)
+        # The step's quantized layers see one token per row, in the hidden states' dtype (the embeddings')
+        trace_kernels(model, input_ids.device, model.get_input_embeddings().weight.dtype, len(input_ids))
         self.stepped = False  # a batch's first step is where anything (re)compiles: its shapes and guards stay
         with contiguous_head_input(model):  # the prompt, eagerly
             self._logits = model(input_ids=input_ids, attention_mask=self.mask,

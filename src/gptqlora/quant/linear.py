@@ -22,7 +22,10 @@ backward too.
 Under ``torch.compile`` the layer is one opaque call, ``torch.ops.gptqlora.quantized_linear(x, key, needs_grad)``
 (``key`` names the layer in a table of live layers): the compiler traces neither the kernel choice nor the
 backends' Python, and the call runs this same forward, so compiled and eager pick the same kernel. Its backward is
-``torch.ops.gptqlora.quantized_linear_t``, the backend's ``matmul_t``.
+``torch.ops.gptqlora.quantized_linear_t``, the backend's ``matmul_t``. That call costs Python on every step (on
+SmolLM2-135M at batch 1, about as much as the kernels it runs), so a compiled inference step prepared with
+``trace_kernels`` (the compiled decoder does) calls a *traceable* backend's kernel directly: the kernel is still the
+one ``select_backend`` picks for that call, chosen before tracing, and the compiler sees only its torch operator.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ from gptqlora.hardware import release_free_heap
 from gptqlora.quant.grid import QuantResult, num_groups
 from gptqlora.quant.kernels import dequant
 from gptqlora.quant.kernels.dense import DenseState
-from gptqlora.quant.kernels.registry import (GPTQWeight, LayerFacts, check_kernel, implementation, layer_facts,
-                                             select_backend)
+from gptqlora.quant.kernels.registry import (BACKENDS, GPTQWeight, LayerFacts, check_kernel, implementation,
+                                             layer_facts, select_backend)
 from gptqlora.quant.pack import pack_qweight, pack_qzeros
 
 _MAX_DISPATCH = 64  # remembered (preference, device, dtype, M, grad) choices per layer
@@ -233,6 +236,9 @@ class QuantizedLinear(nn.Module):
         self._facts: LayerFacts | None = None
         self._layouts: dict[tuple[str, torch.dtype], Any] = {}
         self._dispatch: dict[tuple, tuple[str, Any]] = {}
+        # (rows, dtype, device) -> (backend module, layout): the inference calls a compiled step makes directly
+        # (``trace_kernels``). Read by key while tracing, so dynamo guards on that key only: adding one recompiles nothing.
+        self._traced: dict[tuple[int, torch.dtype, torch.device], tuple[ModuleType, Any]] = {}
 
     @property
     def facts(self) -> LayerFacts:
@@ -258,11 +264,15 @@ class QuantizedLinear(nn.Module):
 
     def _backend(self, x: Tensor, needs_grad: bool) -> tuple[str, Any]:
         """(backend name, its layout of this layer) for a call on x [M, K]."""
-        key = (self.kernel, x.device, x.dtype, x.shape[0], needs_grad)
+        return self._backend_for(x.device, x.dtype, x.shape[0], needs_grad)
+
+    def _backend_for(self, device: torch.device, dtype: torch.dtype, m: int, needs_grad: bool) -> tuple[str, Any]:
+        """(backend name, its layout of this layer) for a call on M rows in ``dtype`` on ``device``."""
+        key = (self.kernel, device, dtype, m, needs_grad)
         hit = self._dispatch.get(key)
         if hit is None:
-            name = select_backend(self.kernel, self.facts, x.device, x.dtype, x.shape[0], needs_grad)
-            hit = (name, self._layout(name, x.dtype))
+            name = select_backend(self.kernel, self.facts, device, dtype, m, needs_grad)
+            hit = (name, self._layout(name, dtype))
             if len(self._dispatch) >= _MAX_DISPATCH:
                 self._dispatch.clear()
             self._dispatch[key] = hit
@@ -277,13 +287,14 @@ class QuantizedLinear(nn.Module):
             self.kernel = name
             self._layouts.clear()
             self._dispatch.clear()
+            self._traced.clear()
 
     # ------------------------------------------------------------------------------------ torch.nn.Module hooks
 
     def __getstate__(self) -> dict[str, Any]:
         # Copies and pickles carry the checkpoint buffers only; layouts are rebuilt at first use.
         state = self.__dict__.copy()
-        state.update(_facts=None, _layouts={}, _dispatch={})
+        state.update(_facts=None, _layouts={}, _dispatch={}, _traced={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -320,7 +331,12 @@ class QuantizedLinear(nn.Module):
 
     def _forward(self, x: Tensor) -> Tensor:
         needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if torch.compiler.is_compiling():  # one opaque call (see the module docstring)
+        if torch.compiler.is_compiling():  # one opaque call, or a traceable kernel chosen before (module docstring)
+            x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [M, K]
+            traced = None if needs_grad else self._traced.get((x2.shape[0], x.dtype, x.device))
+            if traced is not None:
+                impl, state = traced
+                return self._finish(impl.matmul(x2, state), x)
             return torch.ops.gptqlora.quantized_linear(x, self._op_key, needs_grad)
         return self._compute(x, needs_grad)
 
@@ -336,6 +352,10 @@ class QuantizedLinear(nn.Module):
             y = _QuantMatmul.apply(x2, impl, state)
         else:  # the compiled op's forward passes needs_grad under no_grad: a dequantize_once step's weight serves it
             y = impl.matmul(x2, state, _step_weight(impl, state) if needs_grad else None)
+        return self._finish(y, x)
+
+    def _finish(self, y: Tensor, x: Tensor) -> Tensor:
+        """The layer's output from the kernel's y [M, N] for input x [..., K]: plus the bias, in x's leading shape."""
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
@@ -376,6 +396,27 @@ def dense_copy_bytes(model: nn.Module) -> int:
     """The most memory dense copies of all of ``model``'s quantized layers can take (4 bytes per weight, the widest
     dtype a backend dequantizes a half-precision layer in): what ``dequantize_once`` keeps in a step."""
     return sum(4 * m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
+def trace_kernels(model: nn.Module, device: torch.device, dtype: torch.dtype, rows: int) -> int:
+    """Prepare the model's quantized layers for a compiled inference step whose calls have x of ``rows`` rows in
+    ``dtype`` on ``device``: each layer picks its backend for that call now, as its eager forward would
+    (``select_backend``), and builds the layout; where the backend is traceable, the compiled step will call its
+    kernel directly instead of the opaque op. Calls of other shapes, and calls that need a gradient, stay opaque.
+
+    Returns:
+        The number of layers whose compiled inference calls of that shape are traced.
+    """
+    traced = 0
+    for layer in model.modules():
+        if not isinstance(layer, QuantizedLinear):
+            continue
+        name, state = layer._backend_for(device, dtype, rows, False)
+        if BACKENDS[name].traceable:
+            layer._traced.setdefault((rows, dtype, device), (implementation(name), state))
+            layer.kernels_seen.add(name)  # what the compiled calls will run (they record nothing themselves)
+            traced += 1
+    return traced
 
 
 def set_kernel(model: nn.Module, name: str) -> int:

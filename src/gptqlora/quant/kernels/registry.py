@@ -116,6 +116,9 @@ class Backend:
     dtypes: per device type ("*": any device), the input dtypes it computes in (as a matmul in that dtype would).
     group_sizes: None for any. act_order: handles a permuted g_idx. asym: any zero point, not only 2^(bits-1).
     backward: computes the input gradient. needs: a package that must be importable.
+    traceable: its ``matmul`` is torch operators on its state only, so ``torch.compile`` traces it into the graph of
+    a compiled inference step (inductor calls the operator directly) instead of the opaque per-layer call
+    (``gptqlora.quant.linear.trace_kernels``).
     """
 
     name: str
@@ -127,6 +130,7 @@ class Backend:
     asym: bool = True
     backward: bool = True
     needs: str | None = None
+    traceable: bool = False
     doc: str = field(default="", compare=False)
 
 
@@ -138,12 +142,12 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             frozenset({2, 4, 8}),
             doc="dequantize byte planes straight into a reused buffer (one write per weight), then one GEMM"),
     Backend("int4-aten", "gptqlora.quant.kernels.int4_aten", {"cpu": _FLOATS, "cuda": frozenset({_BF16})},
-            frozenset({4}), group_sizes=frozenset({32, 64, 128, 256}), backward=False,
+            frozenset({4}), group_sizes=frozenset({32, 64, 128, 256}), backward=False, traceable=True,
             doc="torch's int4 weight-only kernels (_weight_int4pack_mm_for_cpu / tinygemm on CUDA)"),
     Backend("triton", "gptqlora.quant.kernels.triton_gptq", {"cuda": _FLOATS, "cpu": _FLOATS},
             frozenset({2, 4, 8}), needs="triton",
             doc="fused dequant-matmul and its transpose in Triton (CUDA; CPU only under TRITON_INTERPRET=1)"),
-    Backend("dense", "gptqlora.quant.kernels.dense", {"*": _ANY_FLOAT}, frozenset({2, 3, 4, 8}),
+    Backend("dense", "gptqlora.quant.kernels.dense", {"*": _ANY_FLOAT}, frozenset({2, 3, 4, 8}), traceable=True,
             doc="the dequantized weight kept per layer (fast, but the 4-bit memory saving is gone)"),
 )}
 
