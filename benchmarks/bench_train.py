@@ -27,8 +27,10 @@ Configurations (each in its own fresh process; see ``common.py``):
     note, not failed.
 
 Ours run the training loop's step decisions: ``--dequantize-once`` (each quantized weight dequantized once per step:
-off by default as in the loop; ``auto`` when the dense copies fit, ``gptqlora.train.run.resolve_dequantize_once``)
-and ``--compile-blocks`` (off by default, as in the loop).
+off by default as in the loop; ``auto`` when the dense copies fit, ``gptqlora.train.run.resolve_dequantize_once``),
+``--checkpoint-every`` (one block in K checkpointed; 1, every block, by default as in the loop) and
+``--compile-blocks`` (off by default, as in the loop). ``--uncheckpointed`` names configurations that run without
+activation checkpointing at all, while the others keep it.
 
 Identical for all: LoRA r=16, alpha=32, dropout 0.05 on q/k/v/o; bf16 autocast (``torch.autocast(device, bf16)``,
 the weights stay in the model's dtype); activation checkpointing switched on by the same call the training loop
@@ -126,8 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast.")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="Activation (gradient) checkpointing, for every configuration alike.")
+    parser.add_argument("--uncheckpointed", default="",
+                        help="Comma list of configurations that run without activation checkpointing while the "
+                             "others keep it (the training loop's --no-gradient-checkpointing): e.g. ours-4bit, "
+                             "whose 4-bit weights leave room for the activations, against PEFT over float.")
     parser.add_argument("--dequantize-once", default=TRAIN.dequantize_once, choices=AUTO_ON_OFF,
                         help="ours-*: keep each quantized weight dense for the step (the training loop's option).")
+    parser.add_argument("--checkpoint-every", type=int, default=TRAIN.checkpoint_every,
+                        help="ours-*: checkpoint one decoder block in this many (the training loop's option).")
     parser.add_argument("--compile-blocks", action="store_true",
                         help="ours-*: compile each decoder block, as the training loop's --compile-blocks does.")
     parser.add_argument("--prompt-style", default="chat", choices=("plain", "chat"), help="GSM8K prompt format.")
@@ -352,6 +360,16 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, nn.Modu
     return model, hf_model, tokenizer, facts
 
 
+def uncheckpointed(args: argparse.Namespace) -> set[str]:
+    """The configurations ``--uncheckpointed`` names, checked against the known ones."""
+    names = {n.strip() for n in args.uncheckpointed.split(",") if n.strip()}
+    unknown = names - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"--uncheckpointed {args.uncheckpointed!r}: unknown {sorted(unknown)}; choose from "
+                         f"{', '.join(CONFIGS)}")
+    return names
+
+
 class Trainer:
     """One configuration's training step: autocast, label NLL / label tokens, backward, clip, AdamW."""
 
@@ -370,10 +388,12 @@ class Trainer:
         self.dequantize_once = ours and resolve_dequantize_once(args.dequantize_once, model, self.device)
         self.step_weights = dequantize_once if self.dequantize_once else nullcontext
         self.compiled = ours and args.compile_blocks
+        self.checkpointing = args.checkpointing and name not in uncheckpointed(args)
+        self.checkpoint_every = args.checkpoint_every if ours and self.checkpointing else 1
         if self.compiled:
-            _compile_blocks(hf_model, args.checkpointing)
-        elif args.checkpointing:
-            _enable_checkpointing(hf_model)
+            _compile_blocks(hf_model, self.checkpointing, self.checkpoint_every)
+        elif self.checkpointing:
+            _enable_checkpointing(hf_model, self.checkpoint_every)
         model.train()
 
     def autocast(self):
@@ -428,7 +448,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
             "steps": len(seconds), "step_s": seconds, "step_cpu_s": cpu, "step_cpu_s_median": statistics.median(cpu),
             "loss_first": losses[0], "loss_last": losses[-1], **facts, **window.report(), "bf16": trainer.bf16,
             "dequantize_once": trainer.dequantize_once, "compiled": trainer.compiled,
-            "device": str(trainer.device), "threads": torch.get_num_threads(), "load_start": load_start,
+            "checkpointing": trainer.checkpointing, "checkpoint_every": trainer.checkpoint_every, "device": str(trainer.device), "threads": torch.get_num_threads(), "load_start": load_start,
             "load_end": common.load_average()}
 
 
@@ -466,7 +486,9 @@ def run_interleaved(names: list[str], args: argparse.Namespace) -> dict:
                    "ratio_median": statistics.median(a / b for a, b in zip(wall[name], wall[ref])),
                    "cpu_ratio_median": statistics.median(a / b for a, b in zip(cpu[name], cpu[ref])),
                    "step_s": wall[name], "step_cpu_s": cpu[name], "dequantize_once": trainers[name].dequantize_once,
-                   "compiled": trainers[name].compiled} for name in names}
+                   "compiled": trainers[name].compiled, "checkpointing": trainers[name].checkpointing,
+                   "checkpoint_every": trainers[name].checkpoint_every}
+            for name in names}
 
 
 def profile_one(name: str, args: argparse.Namespace) -> dict:
@@ -510,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         common.emit_json(profile_one(args.profile, args))
         return 0
     names = common.config_names(args, CONFIGS)
+    uncheckpointed(args)  # a wrong name is refused before any model loads
     skipped = {n: {"config": n, "skipped": note} for n in names if (note := missing_yardstick(n))}
     runnable = [n for n in names if n not in skipped]
     for name, row in skipped.items():
@@ -525,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     load_after = common.load_average()
     print(f"## LoRA training: {args.batch_size} x {args.seq_len} tokens per step, {args.steps} timed steps after "
           f"{args.warmup_steps} warmup, r={args.r}, bf16 autocast {'on' if args.bf16 else 'off'}, checkpointing "
-          f"{'on' if args.checkpointing else 'off'}, threads {args.threads or torch.get_num_threads()}"
+          f"{'on' if args.checkpointing else 'off'}"
+          f"{f' (off for {args.uncheckpointed})' if args.checkpointing and args.uncheckpointed else ''}, threads {args.threads or torch.get_num_threads()}"
           f"{', interleaved in one process' if args.interleave else ''}; started {started}, load average before "
           f"{load_before}, after {load_after}\n")
     print(common.markdown_table(results, columns))

@@ -310,6 +310,10 @@ class TrainConfig:
     save_every: int = opt(50, "Steps between training checkpoints.")
     log_every: int = opt(1, "Steps between metric lines in metrics.jsonl.")
     gradient_checkpointing: bool = opt(True, "Recompute block activations in the backward pass to save memory.")
+    checkpoint_every: int = opt(1, "With gradient checkpointing, checkpoint one decoder block in this many (1: "
+                                   "every block). The others keep their activations for the backward instead of "
+                                   "recomputing them: a faster step for their memory, the same results. Over a "
+                                   "4-bit base the memory its weights save can pay for them (benchmarks/RESULTS.md).")
     dequantize_once: str = opt("off", "Over a quantized base: keep each layer's dense weight from its first forward of "
                                       "a step to the step's end, so it is dequantized once per step, not twice "
                                       "(forward and checkpointed recompute), for the memory of those dense copies. "
@@ -331,7 +335,8 @@ class TrainConfig:
                             "files written.")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_length", "eval_every", "save_every", "log_every"):
+        for name in ("batch_size", "grad_accum", "max_length", "eval_every", "save_every", "log_every",
+                     "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name}={getattr(self, name)} must be positive")
         if self.max_steps is not None and self.max_steps <= 0:

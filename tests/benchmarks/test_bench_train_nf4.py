@@ -95,3 +95,13 @@ def test_a_missing_yardstick_is_skipped_with_a_note(bench, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "skipped: bitsandbytes is not installed" in out
     assert "skipped" in json.loads(out.strip().splitlines()[-1])["results"]["peft-bnb-nf4"]
+
+
+def test_uncheckpointed_configurations_train_without_checkpointing(bench):
+    args = bench.build_parser().parse_args(["--uncheckpointed", "ours-4bit", "--no-bf16"])
+    for name, on in [("ours-4bit", False), ("ours-float", True)]:
+        model = make_tiny_llama()
+        trainer = bench.Trainer(name, model, model, args)
+        assert trainer.checkpointing is on and model.is_gradient_checkpointing is on
+    with pytest.raises(SystemExit, match="unknown"):
+        bench.main(["--uncheckpointed", "ours-4bits", "--quick"])

@@ -15,7 +15,7 @@ from torch import nn
 
 from gptqlora.config import QuantConfig
 from gptqlora.data.gsm8k import IGNORE_INDEX, collate
-from gptqlora.errors import NonFiniteLossError
+from gptqlora.errors import NonFiniteLossError, UsageError
 from gptqlora.lora import get_adapter_params, inject_lora_layers, load_adapter
 from gptqlora.loss import answer_token_loss, label_nll
 from gptqlora.quant.driver import quantize_model_weights
@@ -127,6 +127,35 @@ def test_dequantize_once_trains_the_same_adapter_and_follows_its_setting(tmp_pat
         monkeypatch.setattr(train_run, "free_memory", lambda device, free=free: free)
         assert train_run.resolve_dequantize_once("auto", _tiny_quantized(), torch.device("cpu")) is keeps, free
     assert not train_run.resolve_dequantize_once("on", make_tiny_llama(), torch.device("cpu"))
+
+
+def test_checkpointing_one_block_in_k_trains_the_same_adapter(tmp_path):
+    from gptqlora.train import loop
+
+    tok, train, held_out = tiny_data()
+    forwards = []  # per run, each block's MLP calls: a recomputed block runs it twice per micro-batch
+
+    def trained(name: str, **kw) -> dict[str, torch.Tensor]:
+        model = make_tiny_llama(num_layers=3)
+        quantize_model_weights(model, None, QuantConfig(method="rtn", targets="all", group_size=32), progress=False)
+        inject_lora_layers(model, "all", r=4, alpha=8.0, dropout=0.1)  # dropout: the recompute's masks matter too
+        blocks = loop._blocks(model)
+        calls = [0] * len(blocks)
+        for i, block in enumerate(blocks):
+            block.mlp.register_forward_pre_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+        out = tmp_path / name
+        train_lora(model, tok, train, held_out, tiny_config(out, max_steps=2, grad_accum=2, **kw), progress=False)
+        forwards.append(calls)
+        assert not any(b.gradient_checkpointing for b in blocks)  # undone
+        return load_file(str(out / "lora_adapter" / "adapter_model.safetensors"))
+
+    every = [trained(f"every{k}", gradient_checkpointing=True, checkpoint_every=k) for k in (1, 2)]
+    none = trained("none", gradient_checkpointing=False)
+    base = forwards[-1]
+    assert [[c > b for c, b in zip(calls, base)] for calls in forwards] == [[True] * 3, [True, False, True], [False] * 3]
+    assert all(torch.equal(every[0][k], adapter[k]) for adapter in (every[1], none) for k in every[0])  # bit for bit
+    with pytest.raises(UsageError, match="checkpoint_every"):
+        tiny_config(tmp_path / "x", checkpoint_every=0)
 
 
 def _block_gradients(compiled: bool, checkpointing: bool, dropout: float) -> dict[str, torch.Tensor]:

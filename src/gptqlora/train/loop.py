@@ -70,8 +70,9 @@ def micro_batches(dataset: Dataset, batch_size: int, pad_id: int, seed: int, epo
             yield batch, epoch, batch_index  # the loader ends with (epoch, batch_index) at (next epoch, 0)
 
 
-def _enable_checkpointing(model: nn.Module) -> Callable[[], None]:
-    """Switch on Hugging Face activation (gradient) checkpointing, non-reentrant; returns the undo.
+def _enable_checkpointing(model: nn.Module, every: int = 1) -> Callable[[], None]:
+    """Switch on Hugging Face activation (gradient) checkpointing, non-reentrant, for one decoder block in ``every``
+    (blocks 0, every, 2 * every, ...; the others keep their activations); returns the undo.
 
     Non-reentrant checkpointing passes gradients to parameters inside a block even when the block's input (the
     frozen embedding's output) needs none, so no input-grad hook is needed; transformers >= 5 adds one anyway
@@ -83,6 +84,8 @@ def _enable_checkpointing(model: nn.Module) -> Callable[[], None]:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for i, block in enumerate(_blocks(model)):  # each block reads its own flag at every call
+        block.gradient_checkpointing = i % every == 0
 
     def undo() -> None:
         if hasattr(model, "activation_checkpointing_disable"):
@@ -95,25 +98,31 @@ def _enable_checkpointing(model: nn.Module) -> Callable[[], None]:
     return undo
 
 
-def _compile_blocks(model: nn.Module, checkpointing: bool) -> Callable[[], None]:
-    """Compile each decoder block's forward with ``torch.compile``, checkpointed (non-reentrant) when asked; returns
-    the undo.
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder blocks: the modules transformers checkpoints (``GradientCheckpointingLayer``)."""
+    # Imported here: transformers.modeling_layers imports triton where it is installed, which must not happen at
+    # import time (triton's interpreter mode is chosen before its first import: tests/quant/kernels).
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _compile_blocks(model: nn.Module, checkpointing: bool, every: int = 1) -> Callable[[], None]:
+    """Compile each decoder block's forward with ``torch.compile``, checkpointed (non-reentrant) when asked, one
+    block in ``every`` as ``_enable_checkpointing`` does; returns the undo.
 
     Hugging Face's checkpointing wraps the block class's own forward, which would bypass a compiled one, so here
     the block's compiled forward is what is checkpointed, in place of theirs (their hooks stay outside, as theirs
     do). Quantized layers are one opaque op inside the graph (``quant.linear``), whose backward is the backend's.
     """
-    # Imported here: transformers.modeling_layers imports triton where it is installed, which must not happen at
-    # import time (triton's interpreter mode is chosen before its first import: tests/quant/kernels).
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    blocks = _blocks(model)
     if not blocks:
         raise UsageError(f"--compile-blocks: {type(model).__name__} has no decoder blocks that transformers marks "
                          "as such (GradientCheckpointingLayer)")
-    for block in blocks:
+    for i, block in enumerate(blocks):
         forward = torch.compile(block.forward)  # one graph per block shape: the blocks share it
-        block.forward = functools.partial(checkpoint, forward, use_reentrant=False) if checkpointing else forward
+        checkpointed = checkpointing and i % every == 0
+        block.forward = functools.partial(checkpoint, forward, use_reentrant=False) if checkpointed else forward
 
     def undo() -> None:
         for block in blocks:
@@ -216,8 +225,9 @@ def train_lora(model: nn.Module, tokenizer, train_dataset: Dataset, eval_dataset
                           overwrite=overwrite, on_metrics=on_metrics)
     state = run.state
     was_training = model.training
-    undo_checkpointing = (_compile_blocks(model, config.gradient_checkpointing) if config.compile_blocks
-                          else _enable_checkpointing(model) if config.gradient_checkpointing else lambda: None)
+    every = config.checkpoint_every
+    undo_checkpointing = (_compile_blocks(model, config.gradient_checkpointing, every) if config.compile_blocks
+                          else _enable_checkpointing(model, every) if config.gradient_checkpointing else lambda: None)
     model.train()  # LoRA dropout active; a frozen base in train mode changes nothing else for LLaMA
     # What the training forward runs through: DDP's wrapper, or the model (FSDP's hooks are on it; one process).
     trained = data_parallel(model) if run.world.distributed and not config.fsdp else model
