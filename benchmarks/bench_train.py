@@ -448,7 +448,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
             "steps": len(seconds), "step_s": seconds, "step_cpu_s": cpu, "step_cpu_s_median": statistics.median(cpu),
             "loss_first": losses[0], "loss_last": losses[-1], **facts, **window.report(), "bf16": trainer.bf16,
             "dequantize_once": trainer.dequantize_once, "compiled": trainer.compiled,
-            "checkpointing": trainer.checkpointing, "checkpoint_every": trainer.checkpoint_every, "device": str(trainer.device), "threads": torch.get_num_threads(), "load_start": load_start,
+            "checkpointing": trainer.checkpointing, "checkpoint_every": trainer.checkpoint_every,
+            "device": str(trainer.device), "threads": torch.get_num_threads(), "load_start": load_start,
             "load_end": common.load_average()}
 
 
@@ -549,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## LoRA training: {args.batch_size} x {args.seq_len} tokens per step, {args.steps} timed steps after "
           f"{args.warmup_steps} warmup, r={args.r}, bf16 autocast {'on' if args.bf16 else 'off'}, checkpointing "
           f"{'on' if args.checkpointing else 'off'}"
-          f"{f' (off for {args.uncheckpointed})' if args.checkpointing and args.uncheckpointed else ''}, threads {args.threads or torch.get_num_threads()}"
+          f"{f' (off for {args.uncheckpointed})' if args.checkpointing and args.uncheckpointed else ''}, "
+          f"threads {args.threads or torch.get_num_threads()}"
           f"{', interleaved in one process' if args.interleave else ''}; started {started}, load average before "
           f"{load_before}, after {load_after}\n")
     print(common.markdown_table(results, columns))

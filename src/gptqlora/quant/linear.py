@@ -5,7 +5,8 @@ Buffers (names and layouts are the checkpoint's, and its state_dict): qweight in
 ``.half()``, ``.float()`` move them between devices only (``_apply``), so an fp16 scale such as 1.0009765625 is never
 rounded to bf16; the output is computed in the input's dtype.
 
-Forward is the one place that picks a kernel: it asks ``kernels.registry.select_backend`` for the backend that runs this
+Forward is the one place that picks a kernel (``trace_kernels`` asks the same question for a compiled step's calls,
+before tracing): it asks ``kernels.registry.select_backend`` for the backend that runs this
 call (device, dtype, M = rows of x, whether the input gradient is needed, the layer's preference ``kernel``, 'auto' by
 default; ``set_kernel(model, name)`` below sets it for a whole model). At first use the layer repacks its buffers
 into that backend's layout (kept per backend and dtype, never saved, dropped when buffers are loaded or moved).
@@ -237,7 +238,8 @@ class QuantizedLinear(nn.Module):
         self._layouts: dict[tuple[str, torch.dtype], Any] = {}
         self._dispatch: dict[tuple, tuple[str, Any]] = {}
         # (rows, dtype, device) -> (backend module, layout): the inference calls a compiled step makes directly
-        # (``trace_kernels``). Read by key while tracing, so dynamo guards on that key only: adding one recompiles nothing.
+        # (``trace_kernels``). Read by key while tracing, so dynamo guards on that key only: adding one recompiles
+        # nothing.
         self._traced: dict[tuple[int, torch.dtype, torch.device], tuple[ModuleType, Any]] = {}
 
     @property

@@ -12,8 +12,9 @@ GPTQ v1 buffers, which stay the layer's checkpoint form):
     unsupported(facts, device) -> str | None             (optional) shape limits beyond the table below
 
 and a row in ``BACKENDS`` saying what it supports. ``select_backend`` is the one place that chooses; only
-``QuantizedLinear.forward`` calls it. A preference the layer cannot use (a bit width, dtype, device or shape the backend
-does not support, or a gradient it cannot compute) falls back to ``dequant``, the reference, with a warning: never to
+``QuantizedLinear`` calls it (its forward, and ``trace_kernels`` for the calls of a compiled step, before tracing).
+A preference the layer cannot use (a bit width, dtype, device or shape the backend does not support, or a gradient
+it cannot compute) falls back to ``dequant``, the reference, with a warning: never to
 another answer.
 
 ``auto``'s crossovers, measured on this machine (AMD EPYC Zen 5 with AVX512-BF16, torch 2.13 CPU, 2026-11-28) with
