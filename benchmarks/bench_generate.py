@@ -4,6 +4,7 @@ llama.cpp on the GGUF it came from, and vLLM serving either.
     python benchmarks/bench_generate.py            # 32 GSM8K test prompts, batches of 8, 128 new tokens, every row
     python benchmarks/bench_generate.py --quick    # smoke run (2 prompts x 16 new tokens)
     python benchmarks/bench_generate.py --rows hf-float,ours-float,vllm-float --threads 2   # some rows
+    python benchmarks/bench_generate.py --interleave --rows hf-float,ours-4bit-lora-compiled   # ratios, one process
 
 Rows (each in its own fresh process; see ``common.py``):
     hf-float               ``model.generate(do_sample=False)`` on the float model: left padding by the tokenizer
@@ -113,6 +114,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -134,6 +136,14 @@ ROWS = ("hf-float", "hf-float-fp32", "ours-float", "ours-4bit-lora", "ours-4bit-
 GGUF_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 LORA_TARGETS = common.LORA_TARGETS
 QUICK = {"prompts": 2, "max_new_tokens": 16, "warmup_new_tokens": 2}
+# Rows that decode in another engine or process: not in --interleave.
+SEPARATE_ROWS = ("llamacpp", *VLLM_ROWS)
+INTERLEAVED_COLUMNS = (
+    ("tokens_per_s", "tokens/s", ".1f"),
+    ("ms_per_step", "ms/decode step", ".1f"),
+    ("ratio_median", "ms/step / first row's (median over batches)", ".3f"),
+    ("compile_s", "compile s", ".1f"),
+)
 
 COLUMNS = (  # (key, header, format)
     ("dtype", "dtype", ""),
@@ -176,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gguf", default=None,
                         help="GGUF file of the llamacpp row (default: the embedded model's, whose weights dequantized "
                              "are the float rows' model).")
+    parser.add_argument("--interleave", action="store_true",
+                        help="Build the rows in this one process and alternate them batch by batch on the same "
+                             "prompts (the order reversed every other batch), so a busy or erratic machine slows all "
+                             "alike: each row's ms per step and the median of its per-batch ratio to the first "
+                             "row's (no memory figures; not the llama.cpp or vLLM rows).")
     parser.add_argument("--vllm-kv-cache-gib", type=int, default=1,
                         help="KV cache of a vLLM server on a CPU (VLLM_CPU_KVCACHE_SPACE, GiB).")
     return parser
@@ -298,10 +313,66 @@ def text_digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
+def row_decoder(name: str, model: nn.Module, tokenizer, args: argparse.Namespace):
+    """The row's ``decode(texts, max_new) -> (texts, token counts or None)``: transformers' generate for ``hf``
+    rows, else our loop (compiled for ``-compiled`` rows); None counts are counted after the timer, by re-tokenizing."""
+    from gptqlora.eval.generate import generate
+
+    if name.startswith("hf"):
+        def decode(texts: Sequence[str], max_new: int) -> tuple[list[str], list[int] | None]:
+            ids = hf_generate(model, tokenizer, texts, batches_like_ours(tokenizer, texts, args.batch_size), max_new)
+            return [tokenizer.decode(x, skip_special_tokens=True) for x in ids], [len(x) for x in ids]
+    else:
+        def decode(texts: Sequence[str], max_new: int) -> tuple[list[str], list[int] | None]:
+            out = generate(model, tokenizer, list(texts), max_new_tokens=max_new, batch_size=args.batch_size,
+                           stop_after_answer_line=args.stop_after_answer_line, compiled=name.endswith("-compiled"))
+            return out, None
+    return decode
+
+
+def run_interleaved(names: list[str], args: argparse.Namespace) -> dict:
+    """Every row in this process, alternating batch by batch on the same prompts; per row its tokens/s and ms per
+    decode step over all batches, and the median over batches of its ms per step against the first row's."""
+    from gptqlora.eval.decode import COMPILE_STATS
+
+    common.setup_child(args)
+    rows, prompts, batches = {}, None, None
+    for name in names:
+        model, tokenizer, _ = build_model(name, args)
+        if prompts is None:
+            prompts = gsm8k_prompts(tokenizer, args.prompts, args.prompt_style, args.data)
+            batches = batches_like_ours(tokenizer, prompts, args.batch_size)
+        decode = row_decoder(name, model, tokenizer, args)
+        compile_before = COMPILE_STATS.total_s
+        decode([prompts[i] for i in batches[0]], args.warmup_new_tokens)  # compiles a compiled row's first shape
+        rows[name] = {"decode": decode, "tokenizer": tokenizer, "compile_s": COMPILE_STATS.total_s - compile_before,
+                      "seconds": [], "tokens": [], "steps": []}
+    for b, idx in enumerate(batches):
+        texts = [prompts[i] for i in idx]
+        for name in (names if b % 2 == 0 else names[::-1]):
+            row = rows[name]
+            compile_before = COMPILE_STATS.total_s
+            start = time.perf_counter()
+            out, counts = row["decode"](texts, args.max_new_tokens)
+            seconds = time.perf_counter() - start - (COMPILE_STATS.total_s - compile_before)
+            row["compile_s"] += COMPILE_STATS.total_s - compile_before
+            if counts is None:
+                counts = [len(row["tokenizer"](t, add_special_tokens=False)["input_ids"]) for t in out]
+            row["seconds"].append(seconds)
+            row["tokens"].append(sum(counts))
+            row["steps"].append(decode_steps(counts, [range(len(texts))], args.max_new_tokens))
+    per_step = {n: [s / k for s, k in zip(r["seconds"], r["steps"])] for n, r in rows.items()}
+    return {name: {"config": name, "tokens_per_s": sum(r["tokens"]) / sum(r["seconds"]),
+                   "ms_per_step": 1e3 * sum(r["seconds"]) / sum(r["steps"]),
+                   "ratio_median": statistics.median(a / b for a, b in zip(per_step[name], per_step[names[0]])),
+                   "seconds": sum(r["seconds"]), "tokens": sum(r["tokens"]), "decode_steps": sum(r["steps"]),
+                   "batch_seconds": r["seconds"], "compile_s": r["compile_s"] if name.endswith("-compiled") else None}
+            for name, r in rows.items()}
+
+
 def run_one(name: str, args: argparse.Namespace) -> dict:
     """Warm up, then decode every prompt once with one row's model and decoder; its figures."""
     from gptqlora.eval.decode import COMPILE_STATS
-    from gptqlora.eval.generate import generate
     from gptqlora.quant.linear import QuantizedLinear, kernels_used
 
     common.setup_child(args)
@@ -314,17 +385,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     batches = batches_like_ours(tokenizer, prompts, args.batch_size)
     device = next(model.parameters()).device
     facts["model_mb"] = common.model_bytes(model) / common.MiB
-
     compiled = name.endswith("-compiled")
-    if name.startswith("hf"):
-        def decode(texts: Sequence[str], max_new: int) -> tuple[list[str], list[int] | None]:
-            ids = hf_generate(model, tokenizer, texts, batches_like_ours(tokenizer, texts, args.batch_size), max_new)
-            return [tokenizer.decode(x, skip_special_tokens=True) for x in ids], [len(x) for x in ids]
-    else:
-        def decode(texts: Sequence[str], max_new: int) -> tuple[list[str], list[int] | None]:
-            out = generate(model, tokenizer, list(texts), max_new_tokens=max_new, batch_size=args.batch_size,
-                           stop_after_answer_line=args.stop_after_answer_line, compiled=compiled)
-            return out, None  # counted after the timer, by re-tokenizing
+    decode = row_decoder(name, model, tokenizer, args)
 
     window = common.MemoryWindow(device)
     decode([prompts[i] for i in batches[0]], args.warmup_new_tokens)
@@ -702,15 +764,22 @@ def main(argv: list[str] | None = None) -> int:
         common.emit_json(run_one(args.one, args))
         return 0
     names = common.config_names(args, ROWS)
+    separate = [n for n in names if n in SEPARATE_ROWS]
+    if args.interleave and separate:
+        raise SystemExit(f"--interleave: {', '.join(separate)} decode in another engine; leave them out")
     load_before, started = common.load_average(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    results = common.run_children(Path(__file__), names, argv)
+    if args.interleave:
+        results, columns = run_interleaved(names, args), INTERLEAVED_COLUMNS
+    else:
+        results, columns = common.run_children(Path(__file__), names, argv), COLUMNS
+        compare_texts(results)
     load_after = common.load_average()
-    compare_texts(results)
     print(f"## Greedy decoding: {args.prompts} GSM8K test prompts ({args.prompt_style}), batches of {args.batch_size}, "
           f"up to {args.max_new_tokens} new tokens, stop at eos"
           f"{' or after the answer line (ours)' if args.stop_after_answer_line else ''}; started {started}, "
-          f"load average before {load_before}, after {load_after}\n")
-    print(common.markdown_table(results, COLUMNS))
+          f"load average before {load_before}, after {load_after}"
+          f"{'; rows interleaved batch by batch in one process' if args.interleave else ''}\n")
+    print(common.markdown_table(results, columns))
     print()
     settings = {k: v for k, v in vars(args).items() if k != "one"}
     return common.finish(results, {"benchmark": "generate", "settings": settings, "started": started,

@@ -102,3 +102,35 @@ def test_llamacpp_row_runs_on_the_embedded_gguf(gsm8k_dir):
     assert row["dtype"] == "GGUF Q4_1" and row["counted_by"] == "ids"
     assert all(0 < c <= 8 for c in row["counts"]) and row["tokens"] == sum(row["counts"])
     assert row["same_as_hf"].endswith("/2") and row["tokens_per_s"] > 0
+
+
+def test_interleaved_rows_alternate_batch_by_batch_and_compare_per_step(bench, monkeypatch):
+    clock, order = [0.0], []
+    cost = {"hf-float": 0.1, "ours-4bit-lora": 0.05}  # seconds per decode step on this fake clock
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+    def row_decoder(name, model, tokenizer, args):
+        def decode(texts, max_new):
+            order.append(name)
+            counts = [min(max_new, 3)] * len(texts)  # 3 tokens then eos: 4 steps per batch
+            clock[0] += cost[name] * (min(max_new, 3) + 1)
+            return [" ".join(["w"] * c) for c in counts], None if name.startswith("ours") else counts
+        return decode
+
+    monkeypatch.setattr(bench, "build_model", lambda name, args: (None, Tok(), {}))
+    monkeypatch.setattr(bench, "gsm8k_prompts", lambda tok, n, style, data: [f"q {i}" for i in range(n)])
+    monkeypatch.setattr(bench, "row_decoder", row_decoder)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    args = bench.build_parser().parse_args(["--prompts", "3", "--batch-size", "1", "--max-new-tokens", "8",
+                                            "--interleave"])
+    out = bench.run_interleaved(["hf-float", "ours-4bit-lora"], args)
+    rows = ["hf-float", "ours-4bit-lora"]
+    assert order == rows + rows + rows[::-1] + rows  # warmups, then the order reversed every other batch
+    assert out["ours-4bit-lora"]["ratio_median"] == pytest.approx(0.5)
+    assert out["hf-float"]["ms_per_step"] == pytest.approx(100.0)
+    assert out["ours-4bit-lora"]["tokens"] == 9 and out["ours-4bit-lora"]["decode_steps"] == 12
+    with pytest.raises(SystemExit, match="llamacpp"):
+        bench.main(["--interleave", "--rows", "hf-float,llamacpp", "--quick"])
