@@ -170,3 +170,53 @@ def test_local_engine_compiles_when_told_a_long_job(tok, monkeypatch):
     off.expect(10**9, 1)
     off.greedy(["p"], max_new_tokens=4, batch_size=1, add_special_tokens=False)
     assert seen == [False, True, False]
+
+
+@pytest.mark.parametrize("boolean", [True, False])
+def test_one_query_attention_equals_sdpa(boolean):
+    """Grouped-query heads (6 over 2 key/value heads), a mask with holes, as a boolean or an additive float mask;
+    a longer query is sdpa's own call."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(shape, generator=g) for shape in ([3, 6, 1, 8], [3, 2, 16, 8], [3, 2, 16, 8]))
+    keep = torch.rand(3, 1, 1, 16, generator=g) > 0.3
+    keep[..., 0] = True
+    mask = keep if boolean else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 3, True, False
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    ours, _ = decode.one_query_attention(module, query, key, value, mask, scaling=0.3)
+    theirs, _ = sdpa(module, query, key, value, mask, scaling=0.3)
+    assert ours.shape == theirs.shape == (3, 1, 6, 8)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    unmasked, _ = decode.one_query_attention(module, query, key, value, None, scaling=0.3)
+    assert not torch.allclose(unmasked, ours)  # the mask mattered
+    longer = torch.randn(3, 6, 2, 8, generator=g)
+    assert torch.equal(decode.one_query_attention(module, longer, key, value, None)[0],
+                       sdpa(module, longer, key, value, None)[0])
+
+
+def test_compiled_cpu_step_of_one_row_calls_no_matmul_or_attention_kernel(tok):
+    """At one row, the LoRA products, the projections (dense, all under 2048 wide here) and attention are inductor's
+    own loops: a profiled compiled step calls no aten matmul and no sdpa kernel, which the eager prefill does."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gptqlora.lora import inject_lora_layers
+
+    model = chaotic_llama()
+    inject_lora_layers(model, "all", r=4, alpha=8.0, dropout=0.0)
+    ids = torch.tensor([encode(tok, PROMPTS[:1])[0]])
+    kernels = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+    with profile(activities=[ProfilerActivity.CPU]) as prefill:
+        decoder = decode.CompiledDecode(model, ids, torch.ones_like(ids), max_new_tokens=8, pad_id=EOS,
+                                        context=None)
+    assert {e.key for e in prefill.key_averages()} & set(kernels)  # the eager prompt calls them
+    active = torch.ones(1, dtype=torch.bool)
+    decoder.advance(decoder.logits().argmax(-1), active)  # compiles
+    with profile(activities=[ProfilerActivity.CPU]) as steps:
+        for _ in range(3):
+            decoder.advance(decoder.logits().argmax(-1), active)
+    called = {e.key: e.count for e in steps.key_averages()}
+    assert not {k: called[k] for k in kernels if k in called}
+    assert model.config._attn_implementation == "sdpa"  # restored after each step
