@@ -220,3 +220,29 @@ def test_compiled_cpu_step_of_one_row_calls_no_matmul_or_attention_kernel(tok):
     called = {e.key: e.count for e in steps.key_averages()}
     assert not {k: called[k] for k in kernels if k in called}
     assert model.config._attn_implementation == "sdpa"  # restored after each step
+
+
+def test_compiled_steps_after_a_batchs_first_follow_a_change_between_batches(tok):
+    """A batch's later steps skip the guards its first step passed (only those that tell cached graphs apart run):
+    a change between batches (the adapters' scale, a constant in the graph) is still seen, and with both graphs
+    cached, each batch runs its own."""
+    from gptqlora.lora import LoRALinear, inject_lora_layers
+
+    model = chaotic_llama()
+    inject_lora_layers(model, "all", r=4, alpha=8.0, dropout=0.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    enc = encode(tok, PROMPTS[:1])
+
+    def run(scale, compiled):
+        for m in layers:
+            m.scale = scale
+        return generate_batch(model, enc, max_new_tokens=12, pad_id=EOS, eos_ids={EOS}, compiled=compiled)
+
+    eager = {scale: run(scale, False) for scale in (2.0, 0.0)}
+    assert eager[2.0] != eager[0.0]  # the scale changes the tokens
+    for scale in (2.0, 0.0, 2.0, 0.0):
+        assert run(scale, True) == eager[scale]

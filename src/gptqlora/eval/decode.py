@@ -221,6 +221,44 @@ def one_query_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     return out.to(query.dtype).reshape(rows, 1, heads, dim), None
 
 
+def _scaled_addmm_apart(graph: torch.fx.Graph) -> None:
+    """Rewrite ``addmm(input, a, b, beta=, alpha=)`` with a scale other than 1 as ``beta * input + alpha * mm(a, b)``,
+    in place. Inductor's ``decompose_mm_pass`` (torch 2.13) rewrites a one-row addmm as products and sums and drops
+    its scales; LoRA adds ``scale * B(A x)`` with one addmm's alpha. Run before that pass, it sees the plain mm."""
+    aten = torch.ops.aten
+    for node in graph.find_nodes(op="call_function", target=aten.addmm.default):
+        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+        if alpha == 1 and beta == 1:
+            continue
+        bias, a, b = node.args
+        with graph.inserting_before(node):
+            parts = [graph.call_function(aten.mm.default, (a, b))]
+            parts.append(graph.call_function(aten.mul.Tensor, (parts[0], alpha)))
+            parts.append(graph.call_function(aten.mul.Tensor, (bias, beta)))
+            parts.append(graph.call_function(aten.add.Tensor, (parts[2], parts[1])))
+        values = aten.mm.default(a.meta["val"], b.meta["val"]), alpha, bias.meta["val"] * beta
+        parts[0].meta["val"] = values[0]
+        parts[1].meta["val"] = values[0] * alpha
+        parts[2].meta["val"] = values[2]
+        parts[3].meta["val"] = values[2] + parts[1].meta["val"]
+        node.replace_all_uses_with(parts[3])
+        graph.erase_node(node)
+
+
+def _scaled_addmm_pass():
+    """:func:`_scaled_addmm_apart` as an inductor pre-pass (its uuid keys inductor's on-disk cache); torch._inductor
+    is imported here, when a step first compiles."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class ScaledAddmmApart(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            _scaled_addmm_apart(graph)
+
+        def uuid(self) -> str:
+            return "gptqlora.eval.decode._scaled_addmm_apart/1"
+    return ScaledAddmmApart()
+
+
 # The attention implementation the CPU step runs under (registered with transformers, with sdpa's masks).
 ONE_QUERY_ATTENTION = "gptqlora_one_query"
 
@@ -245,7 +283,7 @@ def compiled_step(device_type: str):
     (SmolLM2-135M, 4-bit + LoRA, bf16, two AVX-512 threads, 2026-12-08): a LoRA rank-16 product took 20-50 us as a
     oneDNN matmul and the sdpa kernel about 200 us a layer over a 256-position cache, together 10 of the step's 36
     ms. So inductor's ``decompose_mm_pass`` writes one-row matmuls up to 2048 wide as products and sums that it
-    fuses, and attention runs :func:`one_query_attention`: 26 ms a step."""
+    fuses (after :func:`_scaled_addmm_apart`), and attention runs :func:`one_query_attention`: 26 ms a step."""
     if device_type == "cuda":
         return torch.compile(_decode_step, dynamic=False, mode="reduce-overhead")
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -254,7 +292,8 @@ def compiled_step(device_type: str):
     AttentionInterface.register(ONE_QUERY_ATTENTION, one_query_attention)
     AttentionMaskInterface.register(ONE_QUERY_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     step = torch.compile(_decode_step, dynamic=False,
-                         options={"post_grad_fusion_options": {"decompose_mm_pass": {}}})
+                         options={"post_grad_custom_pre_pass": _scaled_addmm_pass(),
+                                  "post_grad_fusion_options": {"decompose_mm_pass": {}}})
 
     def cpu_step(model: torch.nn.Module, *args) -> torch.Tensor:
         with attention_implementation(model, ONE_QUERY_ATTENTION):
@@ -307,8 +346,9 @@ class CompiledDecode:
         token = torch.cat([token, token.new_full((extra,), self.pad_id)])[:, None]  # [Bb, 1]
         self.mask[:, self.at] = torch.cat([active, active.new_zeros(extra)])
         args = (self.model, token, self.mask, self.positions, torch.tensor([self.at], device=token.device), self.cache)
-        if self.stepped:
-            self._logits = self.step(*args)
+        if self.stepped:  # the inputs of the batch's first step again, by construction: its guards passed
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):  # only those that tell graphs apart
+                self._logits = self.step(*args)
         else:
             self.stepped = True
             start = time.perf_counter()
