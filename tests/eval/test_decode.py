@@ -246,3 +246,25 @@ def test_compiled_steps_after_a_batchs_first_follow_a_change_between_batches(tok
     assert eager[2.0] != eager[0.0]  # the scale changes the tokens
     for scale in (2.0, 0.0, 2.0, 0.0):
         assert run(scale, True) == eager[scale]
+
+
+def test_cpu_step_options_keep_addmm_scales_and_take_a_wide_head_in_one_pass():
+    """At one row: an addmm with alpha and beta (inductor's own decomposition drops them) and a linear wider than
+    2048 (the head) compile to inductor's loops, no aten matmul, equal to eager."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(0)
+    x, head = torch.randn(1, 64, generator=g), torch.randn(3000, 64, generator=g)  # head: [N, K]
+    bias, a, b = torch.randn(1, 48, generator=g), torch.randn(1, 16, generator=g), torch.randn(16, 48, generator=g)
+
+    def f(x, head, bias, a, b):
+        return torch.nn.functional.linear(x, head), torch.addmm(bias, a, b, beta=0.5, alpha=3.0)
+
+    compiled = torch.compile(f, dynamic=False, options=decode.cpu_step_options())
+    expected = f(x, head, bias, a, b)
+    compiled(x, head, bias, a, b)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = compiled(x, head, bias, a, b)
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+    assert not {e.key for e in prof.key_averages()} & {"aten::mm", "aten::addmm"}
