@@ -198,9 +198,9 @@ def _decode_step(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
 def one_query_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                         **kwargs) -> tuple[torch.Tensor, None]:
-    """Attention of one query per row over the cache, as products and sums in float32 that inductor compiles into
-    the step's own loops (grouped-query heads read their shared key/value head; no copy). Anything else (a longer
-    query, dropout, a sliding window or soft-capping) goes to transformers' sdpa, which the prompt uses.
+    """Attention of one query per row over the cache, as products and sums in float32 (or wider) that inductor
+    compiles into the step's own loops (grouped-query heads read their shared key/value head; no copy). Anything else
+    (a longer query, dropout, a sliding window or soft-capping) goes to transformers' sdpa, which the prompt uses.
 
     Shapes as transformers' attention functions: query [B, H, 1, D], key/value [B, Hkv, S, D], a boolean mask
     [B, 1, 1, S] (True: attend) or None -> ([B, 1, H, D], None)."""
@@ -210,14 +210,14 @@ def one_query_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     if length != 1 or dropout or kwargs.get("sliding_window") or kwargs.get("softcap"):
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, **kwargs)
-    groups = heads // key.shape[1]
-    q = query.view(rows, key.shape[1], groups, 1, dim).float()  # [B, Hkv, G, 1, D]
-    scores = (q * key[:, :, None].float()).sum(-1) * (dim ** -0.5 if scaling is None else scaling)  # [B, Hkv, G, S]
+    groups, wide = heads // key.shape[1], torch.promote_types(query.dtype, torch.float32)
+    q = query.view(rows, key.shape[1], groups, 1, dim).to(wide)  # [B, Hkv, G, 1, D]
+    scores = (q * key[:, :, None].to(wide)).sum(-1) * (dim ** -0.5 if scaling is None else scaling)  # [B, Hkv, G, S]
     if attention_mask is not None:
         mask = attention_mask[..., :key.shape[2]].reshape(rows, 1, 1, -1)  # [B, 1, 1, S]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = scores.softmax(-1)[..., None]  # [B, Hkv, G, S, 1]
-    out = (weights * value[:, :, None].float()).sum(-2)  # [B, Hkv, G, D]
+    out = (weights * value[:, :, None].to(wide)).sum(-2)  # [B, Hkv, G, D]
     return out.to(query.dtype).reshape(rows, 1, heads, dim), None
 
 
@@ -253,8 +253,9 @@ def _one_row_matmuls(graph: torch.fx.Graph) -> None:
         if rows == 1 and max(k, n) > 2048 and w_t.meta["val"].stride() == (1, k):
             with graph.inserting_before(node):
                 weight = _insert(graph, aten.permute.default, w_t, [1, 0])  # [N, K], contiguous
-                products = _insert(graph, aten.mul.Tensor, _insert(graph, cast, weight, torch.float32),
-                                   _insert(graph, cast, x, torch.float32))  # [N, K] * [1, K]
+                wide = torch.promote_types(x.meta["val"].dtype, torch.float32)  # the sums' dtype
+                products = _insert(graph, aten.mul.Tensor, _insert(graph, cast, weight, wide),
+                                   _insert(graph, cast, x, wide))  # [N, K] * [1, K]
                 sums = _insert(graph, aten.sum.dim_IntList, products, [-1])  # [N]
                 node.replace_all_uses_with(_insert(graph, cast, _insert(graph, aten.unsqueeze.default, sums, 0),
                                                    x.meta["val"].dtype))  # [1, N]
