@@ -17,8 +17,8 @@ written a column per step, and the one-token step compiled with ``torch.compile`
 CUDA graphs through ``mode="reduce-overhead"`` on a GPU). The prompt (prefill) runs eagerly into the static cache. A
 quantized layer runs the kernel eager decoding would pick for the step's rows: chosen before tracing
 (``gptqlora.quant.linear.trace_kernels``), it is called directly from the graph where the backend is traceable
-(int4-aten) and through the layer's opaque op otherwise. On a CPU, one-row matmuls of at most 2048 columns (LoRA's
-products) and attention over the cache are written as fused loops (:func:`compiled_step`). Its shapes are static, so
+(int4-aten) and through the layer's opaque op otherwise. On a CPU, a one-row step's matmuls (LoRA's products, the
+head) and its attention over the cache are written as fused loops (:func:`compiled_step`). Its shapes are static, so
 it keeps finished rows, fed pad under a 0 mask.
 
 Shapes are bucketed so a run compiles a few: the rows up to a power of two (extra rows repeat the first prompt and
